@@ -1,0 +1,105 @@
+"""The TreeRPO objective (SPEC.md s.4). Pure torch: tensors in, loss and stats out.
+
+Shapes: B rows (one per trained tree node), T token positions. Every per-token tensor is (B, T) and aligned to
+``input_ids``: position t holds the value for token t (predicted from logits at t - 1), and ``mask`` is 1 exactly
+at the tokens that carry loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean")
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-prob of each token under the model: (B, T, V) logits, (B, T) ids -> (B, T), position 0 gets 0.
+
+    Logits are divided by ``temperature`` so that rho = pi_theta / pi_old compares the same distribution the
+    sampler drew from. Computed as gathered logit minus logsumexp, without materialising a (B, T, V) log-softmax.
+    """
+    logits = logits[:, :-1].float() / temperature
+    picked = torch.gather(logits, -1, input_ids[:, 1:, None]).squeeze(-1)
+    out = picked - torch.logsumexp(logits, dim=-1)
+    return torch.nn.functional.pad(out, (1, 0), value=0.0)
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T, V) -> (B, T) entropy of the next-token distribution, aligned like :func:`token_logprobs`."""
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    return torch.nn.functional.pad(ent, (1, 0), value=0.0)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta (Schulman's k1/k2/k3)."""
+    log_ratio = ref_logprobs - logprobs  # log(pi_ref / pi_theta)
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.exp(log_ratio) - log_ratio - 1.0
+    raise ValueError(f"kl_estimator={estimator!r}; expected one of {KL_ESTIMATORS}")
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token_mean") -> torch.Tensor:
+    """Masked mean of (B, T) values: over all tokens (``token_mean``) or per row then over rows
+    (``seq_mean_token_mean``, original GRPO). Rows without loss tokens are ignored; all-empty gives 0."""
+    if loss_agg == "token_mean":
+        return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    if loss_agg == "seq_mean_token_mean":
+        per_row_count = mask.sum(-1)
+        per_row = (values * mask).sum(-1) / per_row_count.clamp(min=1.0)
+        has = (per_row_count > 0).float()
+        return (per_row * has).sum() / has.sum().clamp(min=1.0)
+    raise ValueError(f"loss_agg={loss_agg!r}; expected one of {LOSS_AGGS}")
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    loss_agg: str = "token_mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate plus KL to a reference policy, aggregated over masked tokens.
+
+    Per token: ``-min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + kl_coef * KL``, rho = exp(logp - old).
+    All inputs (B, T); ``ref_logprobs`` is required when ``kl_coef > 0``.
+    Returns the scalar loss and detached stats: policy_loss, kl, clip_frac (share of tokens where the clipped
+    term was the smaller one), approx_kl (k3 of pi_old vs pi_theta), ratio_mean.
+    """
+    mask = mask.to(logprobs.dtype)
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
+    pg = -torch.minimum(unclipped, clipped)
+    pg_loss = aggregate(pg, mask, loss_agg)
+
+    if kl_coef > 0:
+        if ref_logprobs is None:
+            raise ValueError("kl_coef > 0 needs ref_logprobs (log-probs of the reference model)")
+        kl = aggregate(kl_penalty(logprobs, ref_logprobs, kl_estimator), mask, loss_agg)
+    else:
+        kl = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    loss = pg_loss + kl_coef * kl
+
+    with torch.no_grad():
+        count = mask.sum().clamp(min=1.0)
+        stats = {
+            "policy_loss": pg_loss.detach(),
+            "kl": kl.detach(),
+            "clip_frac": ((clipped < unclipped).to(mask.dtype) * mask).sum() / count,
+            "approx_kl": ((torch.exp(-log_ratio) + log_ratio - 1.0) * mask).sum() / count,
+            "ratio_mean": (ratio * mask).sum() / count,
+        }
+    return loss, stats

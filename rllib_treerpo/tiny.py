@@ -1,0 +1,64 @@
+"""Tiny offline models for the embedded default task and for tests.
+
+Nothing here downloads: the tokenizer is a character-level vocabulary built in memory and the model is a
+randomly initialised Qwen2 built from a transformers config. Both save with ``save_pretrained`` so that every
+later load goes through the real ``from_pretrained(path)`` code that a user's hub model also takes.
+"""
+
+from __future__ import annotations
+
+import string
+
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+PAD, UNK, EOS = "<pad>", "<unk>", "</s>"
+# Every printable ASCII character plus newline and space: covers the arithmetic task and LaTeX answers.
+DEFAULT_CHARSET = "".join(c for c in string.printable if c not in "\t\r\x0b\x0c")
+
+
+def build_char_tokenizer(charset: str = DEFAULT_CHARSET) -> PreTrainedTokenizerFast:
+    """One token per character of ``charset`` plus <pad>, <unk> and </s> (ids 0, 1, 2).
+
+    A BPE model with no merges splits text into characters; the Fuse decoder joins them back without
+    spaces, so ``decode(encode(text)) == text`` for any text over the charset.
+    """
+    chars = list(dict.fromkeys(charset))  # de-duplicate, keep order
+    specials = [PAD, UNK, EOS]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, unk_token=UNK, eos_token=EOS)
+
+
+def build_tiny_model(
+    vocab_size: int,
+    *,
+    hidden_size: int = 96,
+    num_layers: int = 3,
+    num_heads: int = 4,
+    intermediate_size: int = 256,
+    max_positions: int = 512,
+    seed: int = 0,
+    eos_token_id: int = 2,
+    pad_token_id: int = 0,
+) -> Qwen2ForCausalLM:
+    """A randomly initialised Qwen2 causal LM (about 0.45M parameters at the defaults)."""
+    import torch
+
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config)

@@ -1,0 +1,150 @@
+"""The tree data model (SPEC.md s.1) and its flattening into training rows (SPEC.md s.4).
+
+Pure: numpy only. The sampler fills a :class:`Tree` per prompt; :func:`flatten_trees` turns trees plus
+per-node advantages into padded arrays that the learner consumes. Node 0 is the root (the prompt, no tokens of
+its own); parents are always added before their children, so ``parent[i] < i``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Why a node stopped growing its own tokens.
+FINISH_REASONS = ("root", "eos", "delimiter", "length", "env")
+
+
+@dataclass
+class Node:
+    """One reasoning step: at most ``step_tokens`` tokens sampled from pi_old given the path to ``parent``."""
+
+    parent: int
+    depth: int
+    token_ids: np.ndarray  # (n,) int64: this step's own tokens
+    logprobs: np.ndarray  # (n,) float32: log pi_old of each sampled token (at the sampling temperature)
+    finish_reason: str  # one of FINISH_REASONS
+    text: str = ""  # decoded step text (what the env was stepped with)
+    terminal: bool = False  # a leaf by construction: EOS, env end marker or depth D
+    reward: float = float("nan")  # verifier reward, set on leaves only
+    children: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Tree:
+    """All sampled steps for one prompt."""
+
+    prompt_ids: np.ndarray  # (p,) int64
+    prompt_text: str = ""
+    problem_id: str = ""
+    answer: str = ""
+    nodes: list[Node] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.prompt_ids = np.asarray(self.prompt_ids, dtype=np.int64)
+        if not self.nodes:
+            empty_i, empty_f = np.zeros(0, np.int64), np.zeros(0, np.float32)
+            self.nodes.append(Node(parent=-1, depth=0, token_ids=empty_i, logprobs=empty_f, finish_reason="root"))
+
+    def add_node(self, parent: int, token_ids, logprobs, finish_reason: str, text: str = "",
+                 terminal: bool = False) -> int:
+        """Append a child of ``parent`` and return its index."""
+        if not 0 <= parent < len(self.nodes):
+            raise IndexError(f"parent={parent} is not a node of this tree (it has {len(self.nodes)} nodes)")
+        if finish_reason not in FINISH_REASONS[1:]:
+            raise ValueError(f"finish_reason={finish_reason!r}; expected one of {FINISH_REASONS[1:]}")
+        token_ids = np.asarray(token_ids, dtype=np.int64)
+        logprobs = np.asarray(logprobs, dtype=np.float32)
+        if token_ids.shape != logprobs.shape:
+            raise ValueError(f"token_ids {token_ids.shape} and logprobs {logprobs.shape} differ in shape")
+        index = len(self.nodes)
+        self.nodes.append(Node(parent, self.nodes[parent].depth + 1, token_ids, logprobs, finish_reason, text,
+                               terminal))
+        self.nodes[parent].children.append(index)
+        return index
+
+    # --- views used by advantages and metrics -------------------------------------------------
+    def parent_array(self) -> np.ndarray:
+        """(num_nodes,) int64: ``parent[i]``, -1 for the root: the input of ``tree_advantages``."""
+        return np.array([n.parent for n in self.nodes], dtype=np.int64)
+
+    def leaves(self) -> list[int]:
+        return [i for i, n in enumerate(self.nodes) if not n.children and i != 0]
+
+    def leaf_rewards(self) -> np.ndarray:
+        """(num_nodes,) float64: the reward at leaves, NaN elsewhere."""
+        return np.array([n.reward if not n.children else np.nan for n in self.nodes], dtype=np.float64)
+
+    def path(self, index: int) -> list[int]:
+        """Node indices from the root's first child down to ``index`` (empty for the root)."""
+        out = []
+        while index > 0:
+            out.append(index)
+            index = self.nodes[index].parent
+        return out[::-1]
+
+    def path_ids(self, index: int) -> np.ndarray:
+        """Prompt ids followed by the tokens of every step on the path to ``index`` (inclusive)."""
+        return np.concatenate([self.prompt_ids] + [self.nodes[i].token_ids for i in self.path(index)])
+
+    def response_text(self, index: int) -> str:
+        return "".join(self.nodes[i].text for i in self.path(index))
+
+    @property
+    def depth(self) -> int:
+        return max(n.depth for n in self.nodes)
+
+    def num_step_tokens(self) -> int:
+        """Tokens generated for this tree (every node's own tokens, each counted once)."""
+        return int(sum(len(n.token_ids) for n in self.nodes))
+
+
+def flatten_trees(trees: list[Tree], advantages: list[np.ndarray], *, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Training rows: one per node with a finite advantage (SPEC.md s.4).
+
+    Row of node c: ``input_ids = path_ids(parent(c)) ++ tokens(c)``; only c's tokens carry loss. Nodes whose
+    group was filtered (NaN advantage) and the root yield no row, so each generated token is trained at most once.
+
+    Returns right-padded arrays, B rows by T = longest row:
+      input_ids (B, T) int64, attention_mask (B, T) int64,
+      loss_mask (B, T) float32   1 at c's target tokens,
+      advantages (B, T) float32  A(c) at target tokens, 0 elsewhere,
+      old_logprobs (B, T) float32  sampling log-prob of token t at position t (0 where loss_mask is 0),
+      tree_index (B,), node_index (B,) int64: where each row came from.
+    Position t's log-prob is predicted by the logits at t - 1; the learner shifts.
+    """
+    if len(trees) != len(advantages):
+        raise ValueError(f"{len(trees)} trees but {len(advantages)} advantage arrays")
+    rows = []
+    for t, (tree, adv) in enumerate(zip(trees, advantages)):
+        adv = np.asarray(adv, dtype=np.float64)
+        if adv.shape != (len(tree.nodes),):
+            raise ValueError(f"tree {t}: advantages shape {adv.shape}, expected ({len(tree.nodes)},)")
+        for i in range(1, len(tree.nodes)):
+            node = tree.nodes[i]
+            if not np.isfinite(adv[i]) or len(node.token_ids) == 0:
+                continue
+            context = tree.path_ids(node.parent)
+            rows.append((t, i, context, node.token_ids, node.logprobs, adv[i]))
+
+    width = max((len(c) + len(x) for _, _, c, x, _, _ in rows), default=0)
+    b = len(rows)
+    out = {
+        "input_ids": np.full((b, width), pad_id, np.int64),
+        "attention_mask": np.zeros((b, width), np.int64),
+        "loss_mask": np.zeros((b, width), np.float32),
+        "advantages": np.zeros((b, width), np.float32),
+        "old_logprobs": np.zeros((b, width), np.float32),
+        "tree_index": np.zeros(b, np.int64),
+        "node_index": np.zeros(b, np.int64),
+    }
+    for r, (t, i, context, target, logprobs, a) in enumerate(rows):
+        c, n = len(context), len(target)
+        out["input_ids"][r, :c] = context
+        out["input_ids"][r, c:c + n] = target
+        out["attention_mask"][r, :c + n] = 1
+        out["loss_mask"][r, c:c + n] = 1.0
+        out["advantages"][r, c:c + n] = a
+        out["old_logprobs"][r, c:c + n] = logprobs
+        out["tree_index"][r], out["node_index"][r] = t, i
+    return out
