@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import string
 
-from tokenizers import Tokenizer, decoders, models
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 PAD, UNK, EOS = "<pad>", "<unk>", "</s>"
@@ -20,16 +20,34 @@ DEFAULT_CHARSET = "".join(c for c in string.printable if c not in "\t\r\x0b\x0c"
 def build_char_tokenizer(charset: str = DEFAULT_CHARSET) -> PreTrainedTokenizerFast:
     """One token per character of ``charset`` plus <pad>, <unk> and </s> (ids 0, 1, 2).
 
-    A BPE model with no merges splits text into characters; the Fuse decoder joins them back without
-    spaces, so ``decode(encode(text)) == text`` for any text over the charset.
+    A byte-level BPE with no merges: every character is its own token and ``decode(encode(text)) == text``.
+    Byte-level (GPT-2 style, as Qwen2 uses) matters: ``AutoTokenizer.from_pretrained`` on a folder whose
+    config.json says qwen2 rebuilds the tokenizer as Qwen2Tokenizer with a byte-level pre-tokenizer, and a
+    plain character vocabulary would then silently lose spaces and newlines.
     """
+    byte_char = _bytes_to_unicode()
     chars = list(dict.fromkeys(charset))  # de-duplicate, keep order
     specials = [PAD, UNK, EOS]
-    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    vocab = {tok: i for i, tok in enumerate(specials + ["".join(byte_char[b] for b in c.encode()) for c in chars])}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
-    backend.decoder = decoders.Fuse()
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(specials)
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, unk_token=UNK, eos_token=EOS)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (what a byte-level BPE vocabulary is written in)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(
+        range(ord("\xae"), ord("\xff") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
 
 
 def build_tiny_model(

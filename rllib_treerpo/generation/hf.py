@@ -1,0 +1,404 @@
+"""The reference generation backend on transformers (CPU and GPU, fp32/bf16), with prefix sharing.
+
+Cache design (why a tree costs little more than its unique tokens):
+- Every sample returned by ``generate`` keeps its KV cache, keyed by its full token ids (context + new
+  tokens); it covers all of them but the last token (the last sampled token was never fed).
+- A context that equals (or extends) a kept key continues from that cache: only its uncached tail (one token
+  for a tree's next level) is fed; any other context is prefilled. Identical contexts are fed once, then the
+  context's K/V is expanded to its N samples (row copies): a node's prefix is encoded once, at one level.
+- All contexts x samples of one call run in ONE decode loop: per-sample caches of different lengths are
+  merged right-aligned (left padding) with an attention mask and explicit position ids.
+- The K/V of a call live in buffers preallocated for the call (``_SlotLayer``): a decode step writes one slot
+  per row instead of torch.cat-ing the whole cache as DynamicLayer does (O(rows), not O(rows x length)).
+- Rows stop individually. A finished row stays in the batch (masked, its work counted as ``pad_tokens``)
+  until at least ``compact_fraction`` of the batch has finished; then the finished rows' K/V are set aside
+  and the batch is compacted (one row copy). Measured on 2 CPU cores (benchmarks/rollout.py --compaction):
+  compacting at every finish (0) or never (1, masking only) was up to 1.6x / 5x slower than 0.1-0.25.
+- Memory is bounded: only the last call's samples are kept; ``clear_cache()`` / ``load_weights()`` drop them.
+
+KV tensors are ``(batch, kv_heads, slots, head_dim)`` as transformers' DynamicLayer stores them; a "slot" is a
+position along that axis, which differs from the token's position id when a row is left-padded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from .base import GenerationBackend, Sample, SamplingParams, StopStringChecker
+
+Key = tuple[int, ...]
+
+
+# K/V of rows set aside together: per layer (keys, values), each (rows, H, slots, D).
+_KVGroup = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class _CacheEntry:
+    """Where one kept sequence's K/V lives: row ``row`` of ``group``, at ``slots`` (one per cached token)."""
+
+    group: _KVGroup
+    row: int
+    slots: np.ndarray  # (len(key) - 1,) int64, increasing
+
+
+class _SlotLayer(DynamicLayer):
+    """A DynamicLayer over preallocated (B, H, capacity, D) buffers; ``keys``/``values`` view the first ``length``.
+
+    ``update`` writes the new slots in place. The capacity is planned per generate call (cached + tail + new
+    tokens), so it never grows.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        shape = (key_states.shape[0], key_states.shape[1], self.capacity, key_states.shape[3])
+        self.set_buffers(key_states.new_zeros(shape), value_states.new_zeros(shape), 0)
+
+    def set_buffers(self, kbuf: torch.Tensor, vbuf: torch.Tensor, length: int) -> None:
+        self.dtype, self.device, self.is_initialized = kbuf.dtype, kbuf.device, True
+        self._kbuf, self._vbuf, self.length = kbuf, vbuf, length
+        self.keys, self.values = kbuf[:, :, :length], vbuf[:, :, :length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]  # the capacity was planned for the call: no overflow check
+        self._kbuf[:, :, self.length:end] = key_states
+        self._vbuf[:, :, self.length:end] = value_states
+        self.set_buffers(self._kbuf, self._vbuf, end)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep/repeat rows: copies only the ``length`` filled slots (unfilled ones are written before read)."""
+        if self.is_initialized:
+            shape = (len(indices), *self._kbuf.shape[1:])
+            kbuf, vbuf = self._kbuf.new_empty(shape), self._vbuf.new_empty(shape)
+            torch.index_select(self.keys, 0, indices, out=kbuf[:, :, :self.length])
+            torch.index_select(self.values, 0, indices, out=vbuf[:, :, :self.length])
+            self.set_buffers(kbuf, vbuf, self.length)
+
+
+class _SlotCache(DynamicCache):
+    """A DynamicCache whose layers are _SlotLayers (the model only calls update / get_seq_length / mask sizes)."""
+
+    def __init__(self, layers: list[_SlotLayer]) -> None:
+        Cache.__init__(self, layers=layers)
+
+
+def _sample_tokens(logits: torch.Tensor, params: SamplingParams,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row. logits (B, V) -> tokens (B,) int64, log-probs (B,) float32.
+
+    The log-prob is log_softmax(logits / T) at the token, over the full vocabulary (T = 1 for greedy): top-k
+    and top-p restrict what may be drawn but are not renormalised into it (base.py's convention).
+    """
+    scaled = logits.float()
+    if not params.greedy and params.temperature != 1.0:
+        scaled = scaled / params.temperature
+    logp = torch.log_softmax(scaled, dim=-1)
+    if params.greedy:
+        tokens = scaled.argmax(dim=-1)
+    else:
+        filtered = logp
+        vocab = logp.shape[-1]
+        if 0 < params.top_k < vocab:
+            kth = torch.topk(filtered, params.top_k, dim=-1).values[:, -1:]
+            filtered = filtered.masked_fill(filtered < kth, float("-inf")).log_softmax(dim=-1)  # then top-p
+        if params.top_p < 1.0:
+            sorted_lp, order = torch.sort(filtered, dim=-1, descending=True)
+            probs = sorted_lp.exp()
+            # Drop a token when the tokens ranked above it already hold top_p of the mass (the first stays).
+            drop = (probs.cumsum(dim=-1) - probs) > params.top_p
+            sorted_lp = sorted_lp.masked_fill(drop, float("-inf"))
+            filtered = torch.full_like(filtered, float("-inf")).scatter(-1, order, sorted_lp)
+        probs = torch.softmax(filtered, dim=-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+class HFBackend(GenerationBackend):
+    """Hand-written decode loop over ``model(...)`` forward calls with per-sequence KV reuse (see module doc).
+
+    Args:
+        model: a transformers causal LM with full attention on every layer (Qwen2, Llama, ...); put it on
+            its device and dtype first. The backend never trains it (eval mode, inference_mode).
+        tokenizer: used to decode new tokens for ``stop_strings`` and for the pad/EOS ids.
+        eos_token_ids: tokens that end a sample when ``stop_at_eos``; default: the tokenizer's EOS plus the
+            model's generation_config EOS ids.
+        cache_prefixes: keep the last call's sample caches for reuse (False: prefill every context).
+        compact_fraction: compact the batch once this fraction of its rows has finished (0: at every finish).
+    """
+
+    name = "hf"
+
+    def __init__(self, model: Any, tokenizer: Any, *, eos_token_ids: Sequence[int] | None = None,
+                 cache_prefixes: bool = True, compact_fraction: float = 0.25) -> None:
+        super().__init__()
+        config = model.config
+        layer_types = getattr(config, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            raise NotImplementedError(f"the hf backend supports full-attention models only; layer_types={layer_types}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        if eos_token_ids is None:
+            gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+            ids = {tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list | tuple) else [gen_eos])}
+            eos_token_ids = sorted(i for i in ids if i is not None)
+        self.eos_token_ids = [int(i) for i in eos_token_ids]
+        self._eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=self.device)
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else (self.eos_token_ids or [0])[0])
+        self.cache_prefixes = cache_prefixes
+        self.compact_fraction = float(compact_fraction)
+        self._store: dict[Key, _CacheEntry] = {}
+        self._key_lengths: list[int] = []
+
+    # ----------------------------------------------------------------- interface
+    @property
+    def max_length(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def clear_cache(self) -> None:
+        self._store, self._key_lengths = {}, []
+
+    def release(self) -> None:
+        self.clear_cache()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the freed K/V blocks back, e.g. to a learner on the same GPU
+
+    def load_weights(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        tensors = {k: torch.as_tensor(v) for k, v in state_dict.items()}
+        self.model.load_state_dict(tensors, strict=strict)
+        self.clear_cache()  # cached K/V were computed by the old weights
+
+    @torch.inference_mode()
+    def generate(self, contexts: Sequence[Sequence[int]], num_samples: int | Sequence[int],
+                 params: SamplingParams) -> list[list[Sample]]:
+        start = time.perf_counter()
+        counts = self._expand_num_samples(num_samples, len(contexts))
+        keys = [tuple(int(t) for t in c) for c in contexts]
+        self._check_contexts(keys, params.max_new_tokens)
+        self.stats.generate_calls += 1
+        # Identical contexts are fed once: unique context -> its sample rows, in call order.
+        unique: dict[Key, int] = {}
+        row_unique: list[int] = []
+        for key, n in zip(keys, counts, strict=True):
+            if n:
+                row_unique += [unique.setdefault(key, len(unique))] * n
+        if not row_unique:
+            return [[] for _ in contexts]
+        ukeys = list(unique)
+        logits, cache, mask, positions = self._prefill(ukeys, params.max_new_tokens)
+        rows = torch.tensor(row_unique, device=self.device)
+        if len(row_unique) != len(ukeys) or row_unique != list(range(len(ukeys))):
+            cache.batch_select_indices(rows)  # expand each context's K/V to its samples (row copies)
+            logits, mask, positions = logits[rows], mask[rows], positions[rows]
+        new_tokens, new_logps, reasons, entries = self._decode(logits, cache, mask, positions, params)
+        out: list[list[Sample]] = [[] for _ in contexts]
+        store: dict[Key, _CacheEntry] = {}
+        row = 0
+        for i, n in enumerate(counts):
+            for _ in range(n):
+                toks = new_tokens[row]
+                out[i].append(Sample(toks, new_logps[row], reasons[row]))
+                if self.cache_prefixes:
+                    store[keys[i] + tuple(toks)] = entries[row]
+                row += 1
+        self._store = store
+        self._key_lengths = sorted({len(k) for k in store}, reverse=True)
+        self.stats.decode_tokens += sum(len(t) for t in new_tokens)
+        self.stats.seconds += time.perf_counter() - start
+        return out
+
+    # ----------------------------------------------------------------- internals
+    def _lookup(self, key: Key) -> _CacheEntry | None:
+        """The kept entry whose key is the longest prefix of ``key`` (usually ``key`` itself).
+
+        Only kept key lengths shorter than ``key`` are tried, longest first: a prompt costs one dict lookup.
+        """
+        if not self.cache_prefixes or not self._store:
+            return None
+        entry = self._store.get(key)
+        if entry is not None:
+            return entry
+        for n in self._key_lengths:  # descending
+            if n < len(key):
+                entry = self._store.get(key[:n])
+                if entry is not None:
+                    return entry
+        return None
+
+    def _prefill(self, ukeys: list[Key], max_new: int) -> tuple[torch.Tensor, _SlotCache, torch.Tensor, torch.Tensor]:
+        """Feed each unique context's uncached tail on top of its merged cache.
+
+        Layout of row u: [pad | cached c_u slots | pad | tail s_u tokens]; cached parts right-aligned at Cmax,
+        tails right-aligned in the Smax query window. Returns last-token logits (U, V), the cache, the 2D mask
+        (U, Cmax + Smax) bool (True = real token), and the next position id per row (U,).
+        """
+        entries = [self._lookup(k) for k in ukeys]
+        self.clear_cache()  # what is needed is referenced by `entries`; let the rest go before decoding
+        cached = [len(e.slots) if e is not None else 0 for e in entries]
+        hits = sum(e is not None for e in entries)
+        self.stats.cache_hits += hits
+        self.stats.cache_misses += len(entries) - hits
+        n_u, c_max = len(ukeys), max(cached)
+        tails = [k[c:] for k, c in zip(ukeys, cached, strict=True)]
+        s_max = max(len(t) for t in tails)
+        ids = np.full((n_u, s_max), self.pad_token_id, np.int64)
+        pos, mask = np.zeros((n_u, s_max), np.int64), np.zeros((n_u, c_max + s_max), np.bool_)
+        for u, (tail, c) in enumerate(zip(tails, cached, strict=True)):
+            s = len(tail)
+            ids[u, s_max - s:], pos[u, s_max - s:] = tail, np.arange(c, c + s)
+            mask[u, c_max - c:c_max] = mask[u, c_max + s_max - s:] = True
+        full = bool(mask.all())  # no padding: no mask, so SDPA may take its causal fast path
+        ids, pos, mask = (torch.from_numpy(a).to(self.device) for a in (ids, pos, mask))
+        layers = [_SlotLayer(c_max + s_max + max_new) for _ in range(self.model.config.num_hidden_layers)]
+        if c_max:
+            self._merge(entries, c_max, layers)
+        cache = _SlotCache(layers)
+        del entries  # the merged copy is all that is needed: free the previous call's groups
+        fed = sum(len(t) for t in tails)
+        self.stats.prefill_tokens += fed
+        self.stats.tokens_fed += fed
+        self.stats.pad_tokens += n_u * s_max - fed
+        self.stats.forward_calls += 1
+        out = self.model(input_ids=ids, attention_mask=None if full else mask, position_ids=pos,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        next_pos = torch.tensor([len(k) for k in ukeys], device=self.device)
+        return out.logits[:, -1, :], out.past_key_values, mask, next_pos
+
+    def _merge(self, entries: list[_CacheEntry | None], c_max: int, layers: list[_SlotLayer]) -> None:
+        """Fill each layer's buffers (U, H, capacity, D) with the kept entries, right-aligned at slot c_max.
+
+        Rows without an entry and padding slots hold zeros: they are masked. One gather per layer and source
+        group copies exactly the cached slots (holes and stale slots of the source rows are dropped here).
+        """
+        plans: dict[int, tuple[_KVGroup, list]] = {}  # source group -> its (target row, entry) pairs
+        for u, e in enumerate(entries):
+            if e is not None:
+                plans.setdefault(id(e.group), (e.group, []))[1].append((u, e))
+        gathers = []  # (group, target rows (n,), source rows (n, 1), source slots (n, c_max) or a slice)
+        for group, members in plans.values():
+            slots = np.zeros((len(members), c_max), np.int64)
+            for r, (_, e) in enumerate(members):
+                slots[r, c_max - len(e.slots):] = e.slots
+                slots[r, :c_max - len(e.slots)] = e.slots[0]  # any real slot: finite, and masked
+            first = slots[0, 0]
+            if (slots == np.arange(first, first + c_max)).all():  # the usual tree case: one contiguous run
+                idx: torch.Tensor | slice = slice(int(first), int(first) + c_max)
+            else:
+                idx = torch.from_numpy(slots).to(self.device)
+            gathers.append((group, torch.tensor([u for u, _ in members], device=self.device),
+                            torch.tensor([e.row for _, e in members], device=self.device)[:, None], idx))
+        # One group filling every row with one run of slots (a tree's next level): a single row gather per tensor.
+        whole = len(gathers) == 1 and isinstance(gathers[0][3], slice) and len(gathers[0][1]) == len(entries)
+        for index, layer in enumerate(layers):
+            k0, v0 = gathers[0][0][index]
+            shape = (len(entries), k0.shape[1], layer.capacity, k0.shape[3])
+            bufs = (k0.new_empty(shape), v0.new_empty(shape)) if whole else (k0.new_zeros(shape), v0.new_zeros(shape))
+            for group, targets, src, idx in gathers:
+                for buf, source in zip(bufs, group[index], strict=True):
+                    if whole:  # slots past c_max are written before they are read
+                        torch.index_select(source[:, :, idx], 0, src[:, 0], out=buf[:, :, :c_max])
+                    elif isinstance(idx, slice):  # rows, then a slice of slots: no per-slot gather
+                        buf[targets, :, :c_max] = source[src[:, 0], :, idx]
+                    else:  # (rows, H, S, D) -> (rows, S, H, D) view, gather (n, c_max) slots, back
+                        buf[targets, :, :c_max] = source.transpose(1, 2)[src, idx].transpose(1, 2)
+            layer.set_buffers(*bufs, c_max)
+
+    @staticmethod
+    def _set_aside(cache: _SlotCache, mask: torch.Tensor, batch_rows: torch.Tensor | None,
+                   sample_ids: list[int], groups: list) -> None:
+        """Keep the K/V of ``batch_rows`` (all rows when None: no copy) for ``sample_ids`` (same order)."""
+        pick = (lambda t: t) if batch_rows is None else (lambda t: t[batch_rows])
+        layers = [(pick(layer.keys), pick(layer.values)) for layer in cache.layers]
+        mask_rows = pick(mask)
+        valid = mask_rows.cpu().numpy()
+        for r, s in enumerate(sample_ids):
+            groups[s] = _CacheEntry(layers, r, np.flatnonzero(valid[r]))
+
+    def _decode(self, logits: torch.Tensor, cache: _SlotCache, mask: torch.Tensor, positions: torch.Tensor,
+                params: SamplingParams) -> tuple[list[list[int]], list[list[float]], list[str], list[_CacheEntry]]:
+        """The batched decode loop. logits (B, V), mask (B, S) bool, positions (B,) next position ids.
+
+        Returns per sample row: new token ids, their log-probs, finish reason, and where its K/V is kept.
+        """
+        n_rows, max_new, device = logits.shape[0], params.max_new_tokens, self.device
+        generator = torch.Generator(device=device)
+        generator.seed() if params.seed is None else generator.manual_seed(int(params.seed))
+        tok_buf = torch.zeros((n_rows, max_new), dtype=torch.long, device=device)
+        lp_buf = torch.zeros((n_rows, max_new), dtype=torch.float32, device=device)
+        lengths, reasons, entries = [0] * n_rows, [""] * n_rows, [None] * n_rows
+        alive = list(range(n_rows))  # batch position -> sample row
+        alive_t = torch.arange(n_rows, device=device)
+        done = torch.zeros(n_rows, dtype=torch.bool, device=device)  # finished rows still in the batch
+        n_done = 0
+        stops = StopStringChecker(self.tokenizer, params.stop_strings, n_rows) if params.stop_strings else None
+        no_padding = bool(mask.all())  # then the mask is all ones until a finished row stays in the batch
+        for step in range(max_new):
+            tokens, logps = _sample_tokens(logits, params, generator)
+            tok_buf[alive_t, step], lp_buf[alive_t, step] = tokens, logps
+            if params.stop_at_eos:  # one device->host transfer per step for both flags
+                done_cpu, eos_hit = torch.stack([done, torch.isin(tokens, self._eos) & ~done]).tolist()
+            else:
+                done_cpu, eos_hit = done.tolist(), [False] * len(alive)
+            delim_hit = [False] * len(alive)
+            if stops is not None:
+                live = [b for b, d in enumerate(done_cpu) if not d]
+                tok_list = tokens.tolist()
+                for b, hit in zip(live, stops.push([alive[b] for b in live], [tok_list[b] for b in live]),
+                                  strict=True):
+                    delim_hit[b] = hit
+            newly = [b for b in range(len(alive))
+                     if not done_cpu[b] and (eos_hit[b] or delim_hit[b] or step == max_new - 1)]
+            for b in newly:
+                lengths[alive[b]] = step + 1
+                reasons[alive[b]] = "eos" if eos_hit[b] else "delimiter" if delim_hit[b] else "length"
+            if newly:
+                done[torch.tensor(newly, device=device)] = True
+                n_done += len(newly)
+            if n_done == len(alive):
+                self._set_aside(cache, mask, None, alive, entries)
+                break
+            if n_done and n_done >= self.compact_fraction * len(alive):
+                # Set the finished rows' K/V aside, then drop them from the batch.
+                done_cpu = done.tolist()
+                gone = [b for b, d in enumerate(done_cpu) if d]
+                keep = torch.tensor([b for b, d in enumerate(done_cpu) if not d], device=device)
+                self._set_aside(cache, mask, torch.tensor(gone, device=device), [alive[b] for b in gone], entries)
+                cache.batch_select_indices(keep)
+                mask, positions, tokens, alive_t = mask[keep], positions[keep], tokens[keep], alive_t[keep]
+                alive = [alive[b] for b, d in enumerate(done_cpu) if not d]
+                done = torch.zeros(len(alive), dtype=torch.bool, device=device)
+                n_done = 0
+            live_t = ~done
+            mask = torch.cat([mask, live_t[:, None]], dim=1)
+            self.stats.tokens_fed += len(alive) - n_done
+            self.stats.pad_tokens += n_done
+            self.stats.forward_calls += 1
+            out = self.model(input_ids=torch.where(live_t, tokens, self.pad_token_id)[:, None],
+                             attention_mask=None if no_padding and not n_done else mask,
+                             position_ids=positions[:, None], past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1, :]
+            positions = positions + 1
+        toks, lps = tok_buf.cpu().tolist(), lp_buf.cpu().tolist()
+        return ([toks[r][:lengths[r]] for r in range(n_rows)], [lps[r][:lengths[r]] for r in range(n_rows)],
+                reasons, entries)

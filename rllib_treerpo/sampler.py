@@ -1,0 +1,175 @@
+"""Grow reasoning trees from environments with a generation backend (SPEC.md s.1). No Ray/RLlib imports.
+
+Level by level: every non-terminal node of depth d (the root is depth 0) gets ``branching[d]`` children, and
+the whole frontier of all trees is sampled in ONE ``backend.generate`` call whose contexts are the nodes' full
+token paths. A backend with prefix caching (``hf``) therefore feeds each node's tokens once.
+
+Each child steps its own clone of its parent's env with its decoded step text (special tokens kept, so the
+EOS text reaches the env). On every clone ``stop_text`` = the tokenizer's EOS text (None when
+``stop_at_eos=False``: EOS then ends nothing) and ``max_steps`` = D, so a depth-D node is the env's truncation.
+A child is a terminal leaf when the backend stopped it at EOS, when its env ended (end marker, stop text,
+step or character limit), or at depth D = len(branching); leaves carry the env's reward. If the backend
+stops at an EOS id whose text is not the env's stop text, the sampler ends the episode by stepping the stop
+text itself (it adds nothing to the response), so that leaf is scored too.
+
+Deterministic for a given ``seed``: level d samples with a seed derived from (seed, d). After the last level
+the backend's kept K/V are dropped (leaves are never continued).
+
+``Node.finish_reason``: the backend's reason ("eos", "delimiter", "length"), except "env" when the env
+terminated the episode (its end marker) although the backend stopped at a delimiter or the length limit.
+A truncation by the env's step limit at depth D keeps the backend's reason ("length"/"delimiter").
+
+GRPO is this function with ``branching=[G]`` and ``step_tokens`` = the whole response budget.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .generation.base import GenerationBackend, SamplingParams
+from .tree import Tree
+
+__all__ = ["TreeSpec", "grow_trees", "sample_trees", "tree_stats"]
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """The knobs of tree sampling (SPEC.md s.1). ``branching[d]`` = children per node at depth d."""
+
+    branching: tuple[int, ...]
+    step_tokens: int
+    step_delimiter: str | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_at_eos: bool = True
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "branching", tuple(int(n) for n in self.branching))
+        if not self.branching:
+            raise ValueError("branching is empty; give one child count per level, e.g. [8, 8, 8]")
+        for d, n in enumerate(self.branching):
+            if n <= 0:
+                raise ValueError(f"branching[{d}]={n}: every level needs at least one child per node")
+        if self.step_tokens <= 0:
+            raise ValueError(f"step_tokens={self.step_tokens}: a step needs at least one token")
+        if self.step_delimiter == "":
+            raise ValueError("step_delimiter='' would end every step at once; use None to disable it")
+
+    @property
+    def depth(self) -> int:
+        return len(self.branching)
+
+    def params(self, level: int) -> SamplingParams:
+        """Sampling params of the generate call for depth ``level`` (0-based); each level its own seed."""
+        seed = None
+        if self.seed is not None:
+            seed = int(np.random.SeedSequence([int(self.seed), level]).generate_state(1)[0])
+        return SamplingParams(
+            max_new_tokens=self.step_tokens, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k, stop_at_eos=self.stop_at_eos,
+            stop_strings=(self.step_delimiter,) if self.step_delimiter else (), seed=seed)
+
+
+@dataclass
+class _Open:
+    """A node still to be expanded: tree and node index, its env (state after its own step), its path ids."""
+
+    tree: int
+    node: int
+    env: Any
+    path: list[int]
+
+
+def sample_trees(envs: Sequence[Any], backend: GenerationBackend, tokenizer: Any, *, branching: Sequence[int],
+                 step_tokens: int, step_delimiter: str | None = None, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, stop_at_eos: bool = True,
+                 seed: int | None = None) -> list[Tree]:
+    """One tree per env (each already reset on its prompt); see the module docstring for the rules."""
+    spec = TreeSpec(tuple(branching), step_tokens, step_delimiter, temperature, top_p, top_k, stop_at_eos, seed)
+    return grow_trees(envs, backend, tokenizer, spec)
+
+
+def grow_trees(envs: Sequence[Any], backend: GenerationBackend, tokenizer: Any, spec: TreeSpec) -> list[Tree]:
+    """:func:`sample_trees` with the knobs in a :class:`TreeSpec`."""
+    trees: list[Tree] = []
+    frontier: list[_Open] = []
+    for t, env in enumerate(envs):
+        env = getattr(env, "unwrapped", env)  # gymnasium wrappers do not forward clone() or the text properties
+        prompt_ids = list(tokenizer(env.prompt, add_special_tokens=False)["input_ids"])
+        if not prompt_ids:
+            raise ValueError(f"env {t} has an empty prompt; reset every env before sampling")
+        trees.append(Tree(prompt_ids=prompt_ids, prompt_text=env.prompt,
+                          problem_id=str(getattr(env, "problem_id", "") or ""), answer=str(env.answer)))
+        frontier.append(_Open(t, 0, env, prompt_ids))
+    window = backend.max_length
+    if window is not None:
+        need = spec.depth * spec.step_tokens
+        for t, tree in enumerate(trees):
+            if len(tree.prompt_ids) + need > window:
+                raise ValueError(
+                    f"tree {t}: prompt of {len(tree.prompt_ids)} tokens + depth {spec.depth} x step_tokens "
+                    f"{spec.step_tokens} = {len(tree.prompt_ids) + need} > the model window {window}")
+    stop_text = tokenizer.eos_token if spec.stop_at_eos else None
+
+    for level, n_children in enumerate(spec.branching):
+        if not frontier:
+            break
+        results = backend.generate([f.path for f in frontier], n_children, spec.params(level))
+        # Special tokens stay in the text: the EOS text must reach the env to terminate it.
+        texts = iter(tokenizer.batch_decode([s.token_ids for samples in results for s in samples],
+                                            skip_special_tokens=False))
+        next_frontier: list[_Open] = []
+        for parent, samples in zip(frontier, results, strict=True):
+            tree = trees[parent.tree]
+            for k, sample in enumerate(samples):
+                text = next(texts)
+                # Each child steps its own copy of the parent's env. Below the root the parent's env belongs to
+                # this function and is not needed after its children: the last child takes it (one clone less).
+                last = k == len(samples) - 1 and parent.node != 0
+                env = parent.env if last else parent.env.clone()
+                env.stop_text = stop_text
+                env.max_steps = spec.depth  # a depth-D node is the env's truncation and gets its reward
+                _, reward, terminated, truncated, _ = env.step(text)
+                ended = terminated or truncated
+                terminal = ended or sample.finish_reason == "eos" or level + 1 == spec.depth
+                if terminal and not ended:
+                    # The backend stopped at an EOS id whose text is not the env's stop text: end the episode
+                    # with the stop text itself (adds nothing to the response) so the leaf is scored.
+                    _, reward, terminated, truncated, _ = env.step(env.stop_text or "")
+                reason = sample.finish_reason
+                if terminated and reason in ("delimiter", "length"):
+                    reason = "env"
+                index = tree.add_node(parent.node, sample.token_ids, sample.logprobs, reason, text, terminal)
+                if terminal:
+                    tree.nodes[index].reward = float(reward)
+                else:
+                    next_frontier.append(_Open(parent.tree, index, env, parent.path + list(sample.token_ids)))
+        frontier = next_frontier
+    # Every remaining sample is a leaf and will never be continued: free its K/V (the learner wants the memory).
+    backend.clear_cache()
+    return trees
+
+
+def tree_stats(trees: Sequence[Tree]) -> dict[str, float]:
+    """Counts over a batch of trees: nodes (root excluded), leaves, generated tokens, finish reasons, reward."""
+    leaves = [tree.nodes[i] for tree in trees for i in tree.leaves()]
+    reasons = Counter(n.finish_reason for tree in trees for n in tree.nodes[1:])
+    rewards = [n.reward for n in leaves if np.isfinite(n.reward)]
+    out: dict[str, float] = {
+        "trees": len(trees),
+        "nodes": sum(len(tree.nodes) - 1 for tree in trees),
+        "leaves": len(leaves),
+        "generated_tokens": sum(tree.num_step_tokens() for tree in trees),
+        "prompt_tokens": sum(len(tree.prompt_ids) for tree in trees),
+        "mean_leaf_reward": float(np.mean(rewards)) if rewards else float("nan"),
+    }
+    for reason in ("eos", "delimiter", "length", "env"):
+        out[f"finish_{reason}"] = reasons.get(reason, 0)
+    return out
