@@ -1,0 +1,50 @@
+"""The `treerpo train` job: output folder, resume from the last checkpoint, one-line config errors."""
+
+import json
+
+import pytest
+
+from rllib_treerpo.cli import main
+from rllib_treerpo.config import TreeRPOConfig
+from rllib_treerpo.train import train
+
+JOB = {"branching": [2, 2], "step_tokens": 6, "prompts_per_iteration": 2, "tau": 0.0, "lr": 1e-3, "seed": 0,
+       "env_config": {"num_ops": 1}, "eval_problems": 3, "eval_samples": 2, "checkpoint_every": 1}
+
+
+def test_train_writes_outputs_and_resumes(tiny_lm_dir, tmp_path, ray_session):
+    out = tmp_path / "run"
+    config = TreeRPOConfig.from_yaml(None, {**JOB, "model_name_or_path": tiny_lm_dir, "iterations": 2})
+    summary = train(config, out)
+    for name in ("config.yaml", "metrics.jsonl", "learning_curve.png", "eval_before.json", "eval_after.jsonl",
+                 "summary.json", "final_model/config.json", "checkpoints/latest"):
+        assert (out / name).exists(), name
+    assert 0.0 <= summary["eval_after"]["pass@1"] <= 1.0
+    assert len((out / "eval_after.jsonl").read_text().splitlines()) == 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert {"reward/mean", "tree/frac_groups_filtered", "loss/policy_loss", "perf/decode_tokens_per_s"} <= set(rows[0])
+
+    # Simulate an interruption after iteration 2's checkpoint but with a row of a lost iteration 3 written.
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"iteration": 3, "reward/mean": -1}) + "\n")
+    assert main(["train", "--resume", str(out), "--set", "iterations=4"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
+    assert rows[2]["reward/mean"] >= 0  # the lost iteration's row was replaced, not kept
+    assert (out / "checkpoints" / "latest").read_text() == "iter_000004"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "branchings=[2]"], "unknown config field 'branchings'"),
+    (["--set", "tau=-1"], "'tau'"),
+])
+def test_config_errors_are_one_line(args, message, capsys, tmp_path):
+    assert main(["train", "--output", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(SystemExit, match="no config.yaml"):
+        main(["train", "--resume", str(tmp_path)])
