@@ -158,6 +158,15 @@ def test_mixed_hits_misses_and_duplicates(tok):
         for s in samples:
             assert s.token_ids == ref.token_ids
             assert s.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+    # Continue every sample: their kept caches have holes (the "xy" row) and different left pads.
+    nexts = [ctx + s.token_ids for ctx, samples in zip(contexts, out, strict=True) for s in samples]
+    backend.reset_stats()
+    again = backend.generate(nexts, 1, greedy)
+    assert backend.stats.cache_misses == 0 and backend.stats.prefill_tokens == backend.stats.cache_hits
+    refs = fresh.generate(nexts, 1, greedy)
+    for mine, ref in zip(again, refs, strict=True):
+        assert mine[0].token_ids == ref[0].token_ids
+        assert mine[0].logprobs == pytest.approx(ref[0].logprobs, abs=1e-4)
 
 
 def test_compaction_does_not_change_samples(tok):

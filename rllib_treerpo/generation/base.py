@@ -166,7 +166,9 @@ class StopStringChecker:
     A row stops at the first token after which its decoded new text contains a stop string. Only the last
     ``window`` tokens are decoded (longest stop string in bytes + 1): every token decodes to at least one byte,
     so an occurrence completed by the newest token lies inside the window, and an earlier occurrence would have
-    stopped the row already. One batched decode per step, whatever the text length.
+    stopped the row already. One batched decode per step, whatever the text length. (Caveat: a tokenizer whose
+    decode of a token suffix is not a suffix of the full text, e.g. SentencePiece dropping a leading space,
+    can miss a stop string that starts with that space.)
     """
 
     def __init__(self, tokenizer: Any, stops: Sequence[str], n_rows: int) -> None:

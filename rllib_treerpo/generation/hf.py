@@ -36,8 +36,7 @@ from .base import GenerationBackend, Sample, SamplingParams, StopStringChecker
 Key = tuple[int, ...]
 
 
-# K/V of rows set aside together: per layer (keys, values), each (rows, H, slots, D).
-_KVGroup = list[tuple[torch.Tensor, torch.Tensor]]
+_KVGroup = list[tuple[torch.Tensor, torch.Tensor]]  # rows set aside together: per layer (keys, values) (n, H, S, D)
 
 
 @dataclass
@@ -82,7 +81,7 @@ class _SlotLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:  # (kv_length, kv_offset)
         return self.length + query_length, 0
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -117,8 +116,7 @@ def _sample_tokens(logits: torch.Tensor, params: SamplingParams,
         tokens = scaled.argmax(dim=-1)
     else:
         filtered = logp
-        vocab = logp.shape[-1]
-        if 0 < params.top_k < vocab:
+        if 0 < params.top_k < logp.shape[-1]:
             kth = torch.topk(filtered, params.top_k, dim=-1).values[:, -1:]
             filtered = filtered.masked_fill(filtered < kth, float("-inf")).log_softmax(dim=-1)  # then top-p
         if params.top_p < 1.0:
@@ -128,8 +126,7 @@ def _sample_tokens(logits: torch.Tensor, params: SamplingParams,
             drop = (probs.cumsum(dim=-1) - probs) > params.top_p
             sorted_lp = sorted_lp.masked_fill(drop, float("-inf"))
             filtered = torch.full_like(filtered, float("-inf")).scatter(-1, order, sorted_lp)
-        probs = torch.softmax(filtered, dim=-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        tokens = torch.multinomial(torch.softmax(filtered, dim=-1), 1, generator=generator).squeeze(-1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
@@ -151,8 +148,7 @@ class HFBackend(GenerationBackend):
     def __init__(self, model: Any, tokenizer: Any, *, eos_token_ids: Sequence[int] | None = None,
                  cache_prefixes: bool = True, compact_fraction: float = 0.25) -> None:
         super().__init__()
-        config = model.config
-        layer_types = getattr(config, "layer_types", None) or []
+        layer_types = getattr(model.config, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
             raise NotImplementedError(f"the hf backend supports full-attention models only; layer_types={layer_types}")
         self.model = model.eval()
@@ -207,8 +203,8 @@ class HFBackend(GenerationBackend):
             return [[] for _ in contexts]
         ukeys = list(unique)
         logits, cache, mask, positions = self._prefill(ukeys, params.max_new_tokens)
-        rows = torch.tensor(row_unique, device=self.device)
-        if len(row_unique) != len(ukeys) or row_unique != list(range(len(ukeys))):
+        if row_unique != list(range(len(ukeys))):
+            rows = torch.tensor(row_unique, device=self.device)
             cache.batch_select_indices(rows)  # expand each context's K/V to its samples (row copies)
             logits, mask, positions = logits[rows], mask[rows], positions[rows]
         new_tokens, new_logps, reasons, entries = self._decode(logits, cache, mask, positions, params)
@@ -256,9 +252,8 @@ class HFBackend(GenerationBackend):
         entries = [self._lookup(k) for k in ukeys]
         self.clear_cache()  # what is needed is referenced by `entries`; let the rest go before decoding
         cached = [len(e.slots) if e is not None else 0 for e in entries]
-        hits = sum(e is not None for e in entries)
-        self.stats.cache_hits += hits
-        self.stats.cache_misses += len(entries) - hits
+        self.stats.cache_hits += sum(c > 0 for c in cached)
+        self.stats.cache_misses += sum(c == 0 for c in cached)
         n_u, c_max = len(ukeys), max(cached)
         tails = [k[c:] for k, c in zip(ukeys, cached, strict=True)]
         s_max = max(len(t) for t in tails)
@@ -399,6 +394,6 @@ class HFBackend(GenerationBackend):
                              position_ids=positions[:, None], past_key_values=cache, use_cache=True)
             cache, logits = out.past_key_values, out.logits[:, -1, :]
             positions = positions + 1
-        toks, lps = tok_buf.cpu().tolist(), lp_buf.cpu().tolist()
-        return ([toks[r][:lengths[r]] for r in range(n_rows)], [lps[r][:lengths[r]] for r in range(n_rows)],
-                reasons, entries)
+        toks, lps = tok_buf.tolist(), lp_buf.tolist()
+        return ([t[:n] for t, n in zip(toks, lengths, strict=True)],
+                [lp[:n] for lp, n in zip(lps, lengths, strict=True)], reasons, entries)
