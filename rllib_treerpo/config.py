@@ -106,6 +106,9 @@ FIELDS: dict[str, Field] = {
     "system_prompt": Field(None, "Optional system message: a system turn with chat_template, otherwise "
                            "prepended to every prompt followed by a newline.", _optional_str),
     # --- the `treerpo train` job ---
+    "algorithm": Field("TreeRPO", "Which algorithm `treerpo train` runs: TreeRPO (GRPO is TreeRPO with a depth-1 "
+                       "tree) or RLlib's stock PPO on the token-id wrapper of the same env.",
+                       _one_of("TreeRPO", "PPO")),
     "iterations": Field(20, "Training iterations run by `treerpo train`.", _positive_int),
     "checkpoint_every": Field(1, "Save a checkpoint every this many iterations (0: only at the end).",
                               _non_negative_int),

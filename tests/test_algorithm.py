@@ -172,3 +172,23 @@ def test_tune_run_by_name(tiny_lm_dir, tmp_path, ray_session):
     assert trial.status == "TERMINATED"
     assert trial.last_result["training_iteration"] == 1
     assert trial.last_result["tree/trees"] == 2
+
+
+def test_bf16_module_state_round_trips_without_numpy(tiny_lm_dir):
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    from envs import ArithmeticEnv
+    from rllib_treerpo.rl_module import CausalLMModule
+
+    env = ArithmeticEnv()
+    spec = RLModuleSpec(module_class=CausalLMModule, observation_space=env.observation_space,
+                        action_space=env.action_space,
+                        model_config={"model_name_or_path": tiny_lm_dir, "dtype": "bfloat16"})
+    a, b = spec.build(), spec.build()
+    state = a.get_state()
+    assert all(v.dtype == torch.bfloat16 for v in state.values())
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(0.5)
+    b.set_state(a.get_state())
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
