@@ -320,7 +320,7 @@ def math_reward(response: str, answer: str, *, timeout_s: float | None = None) -
 
 
 def can_parse_answer(answer: str, *, timeout_s: float | None = None) -> bool:
-    """True when math-verify parses the gold ``answer`` to something (else no response can match)."""
+    """True when math-verify parses the gold ``answer`` to a mathematical object, not just its raw string."""
     answer = str(answer)
     if not answer.strip() or nesting_depth(answer) > MAX_NESTING_DEPTH:
         return False
@@ -359,7 +359,9 @@ def _serve(memory_limit_mb: int) -> None:
     def handle(req: dict[str, Any]) -> Any:
         t = int(req["t"])
         if req["op"] == "parse":
-            return len(parse_gold(req["gold"], t)) > 0
+            # math-verify falls back to the raw string when it understands nothing ("???", "\\frac{"):
+            # parseable means at least one mathematical (non-string) object.
+            return any(not isinstance(x, str) for x in parse_gold(req["gold"], t))
         gold = parse_gold(req["gold"], t)
         if not gold:
             return 0.0

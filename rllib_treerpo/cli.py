@@ -71,8 +71,11 @@ def cmd_sweep(args) -> int:
     from rllib_treerpo.sweep import run_sweep
 
     result = run_sweep(args.config, output=args.output, resume=args.resume, overrides=parse_sets(args.set))
-    print(f"sweep: {result['trials']} trials; best {result['metric']} = {result['best_metric']} with "
-          f"{result['best_params']}  -> {result['output']}")
+    print(f"sweep: {result['finished_trials']}/{result['expected_trials']} trials finished; best "
+          f"{result['metric']} = {result['best_metric']} with {result['best_params']}  -> {result['output']}")
+    if result["interrupted"]:
+        print(f"sweep: interrupted; continue with: treerpo sweep {args.config} --output {result['output']} --resume")
+        return 130
     return 0
 
 
@@ -94,10 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", help="gymnasium id of a ReasoningEnv (default: the training env of a checkpoint)")
     p.add_argument("--env-config", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="env constructor arguments, values as YAML (e.g. split=test task=chain_sum)")
-    p.add_argument("--samples", type=int, default=4, metavar="K", help="sampled responses per problem (4)")
+    p.add_argument("--samples", type=int, metavar="K", help="sampled responses per problem (default: the "
+                   "training config's eval_samples, else 4)")
     p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True,
                    help="also decode greedily once per problem for greedy accuracy (default: on)")
-    p.add_argument("--problems", type=int, default=100, metavar="N", help="problems 0..N-1 of the env (100)")
+    p.add_argument("--problems", type=int, metavar="N", help="problems 0..N-1 of the env (default: the training "
+                   "config's eval_problems, else 100)")
     p.add_argument("--output", help="output folder (default runs/eval/<model name>)")
     p.add_argument("--max-new-tokens", type=int, help="response budget (default: step_tokens x depth of the "
                    "training config, else 256)")

@@ -65,6 +65,7 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
         from transformers import AutoTokenizer
 
         from rllib_treerpo.generation import make_backend
+        from rllib_treerpo.prompts import prompt_tokenizer
 
         spec = self.config.get_rl_module_spec(spaces=self.get_spaces(), inference_only=True)
         if not isinstance(spec, RLModuleSpec):  # a MultiRLModuleSpec: TreeRPO trains one policy
@@ -72,6 +73,9 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
         self.module = spec.build()
         self.module.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.model_name_or_path)
+        # Prompts may be wrapped in the chat template (instruct models); the backend keeps the plain tokenizer.
+        self.prompt_tokenizer = prompt_tokenizer(self.tokenizer, chat_template=self.config.chat_template,
+                                                 system_prompt=self.config.system_prompt)
         self.backend = make_backend(self.config.backend, self.module.model, self.tokenizer)
 
     @override(EnvRunner)
@@ -103,7 +107,7 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
         self.backend.reset_stats()
         start = time.perf_counter()
         trees = sample_trees(
-            roots, self.backend, self.tokenizer, branching=list(c.branching), step_tokens=c.step_tokens,
+            roots, self.backend, self.prompt_tokenizer, branching=list(c.branching), step_tokens=c.step_tokens,
             step_delimiter=c.step_delimiter, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
             stop_at_eos=c.stop_at_eos, seed=seed,
         )

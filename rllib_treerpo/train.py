@@ -78,6 +78,7 @@ def run_eval(config: TreeRPOConfig, model_path: str, out: Path, name: str) -> di
     from rllib_treerpo.env_runner import make_reasoning_env
     from rllib_treerpo.evaluate import evaluate
     from rllib_treerpo.generation import make_backend
+    from rllib_treerpo.prompts import prompt_tokenizer
     from rllib_treerpo.rl_module import load_causal_lm
 
     env = make_reasoning_env(config.env, {**config.env_config, **config.eval_env_config})
@@ -86,7 +87,8 @@ def run_eval(config: TreeRPOConfig, model_path: str, out: Path, name: str) -> di
     backend = make_backend(config.backend, model, tokenizer)
     start = time.perf_counter()
     summary, rows = evaluate(
-        env, backend, tokenizer, num_problems=config.eval_problems, samples=config.eval_samples,
+        env, backend, prompt_tokenizer(tokenizer, chat_template=config.chat_template,
+                                       system_prompt=config.system_prompt), num_problems=config.eval_problems, samples=config.eval_samples,
         max_new_tokens=config.step_tokens * len(config.branching), temperature=config.temperature,
         seed=config.seed or 0)
     summary["seconds"] = round(time.perf_counter() - start, 2)

@@ -33,12 +33,14 @@ def math_jsonl(tmp_path) -> str:
 
 
 def make_registered(env_id: str, math_path: str) -> gymnasium.Env:
-    kwargs = {"dataset": math_path} if env_id == "treerpo/MathProblems-v0" else {}
+    kwargs = {"treerpo/MathProblems-v0": {"dataset": math_path},
+              "treerpo/ReasoningGym-v0": {"task": "chain_sum", "size": 50}}.get(env_id, {})
     return gymnasium.make(env_id, **kwargs)
 
 
 # ------------------------------------------------------------------------------ registration
-REGISTERED = ["treerpo/Arithmetic-v0", "treerpo/ArithmeticHard-v0", "treerpo/MathProblems-v0"]
+REGISTERED = ["treerpo/Arithmetic-v0", "treerpo/ArithmeticHard-v0", "treerpo/MathProblems-v0",
+              "treerpo/ReasoningGym-v0"]
 
 
 def test_every_registered_id_is_checked():
@@ -363,6 +365,7 @@ def test_math_problems_bad_rows(tmp_path):
         {"problem": "Unanswerable", "answer": "\\boxed{}"},  # math-verify parses nothing
         {"problem": "   ", "answer": "3"},
         {"problem": "No answer", "answer": ""},
+        {"problem": "Garbage gold", "answer": "???"},  # only math-verify's raw-string fallback
     ]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(ValueError, match=r"bad row 3: column 'answer'.*cannot parse"):
@@ -370,7 +373,7 @@ def test_math_problems_bad_rows(tmp_path):
     with pytest.raises(ValueError, match=r"bad row 4: column 'problem'"):
         MathProblemsEnv(dataset=path, validate_answers=False)
     env = MathProblemsEnv(dataset=path, on_bad_row="skip")
-    assert env.num_skipped_rows == 3 and env.num_problems == 3
+    assert env.num_skipped_rows == 4 and env.num_problems == 3
     only_bad = write_jsonl(tmp_path / "only_bad.jsonl", rows[3:])
     with pytest.raises(ValueError, match="no usable rows"):
         MathProblemsEnv(dataset=only_bad, on_bad_row="skip")

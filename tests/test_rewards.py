@@ -97,3 +97,11 @@ def test_text_helpers():
     assert last_boxed("no box") is None and not has_closed_boxed("\\boxed{")
     assert nesting_depth("{[()]}") == 3 and nesting_depth(")))(") == 1
     assert rewards.gold_latex("1/2") == "$1/2$" and rewards.gold_latex("$x$") == "$x$"
+
+
+@pytest.mark.parametrize("answer, ok", [("???", False), ("\\frac{", False), ("", False), ("1/2", True),
+                                        ("(0,1]", True), ("\\text{yes}", True)])
+def test_can_parse_answer_rejects_what_math_verify_only_echoes(answer, ok):
+    from envs.rewards import can_parse_answer
+
+    assert can_parse_answer(answer) is ok
