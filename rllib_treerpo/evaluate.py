@@ -45,7 +45,7 @@ def evaluate(
         sampled = sample_trees(roots, backend, tokenizer, temperature=temperature, seed=seed + start, **common)
         greedy_trees = (sample_trees(roots, backend, tokenizer, temperature=0.0, seed=0,
                                      **{**common, "branching": [1]}) if greedy else [None] * len(roots))
-        for i, tree, gtree in zip(idx, sampled, greedy_trees):
+        for i, tree, gtree in zip(idx, sampled, greedy_trees, strict=True):
             leaves = tree.leaves()
             row = {
                 "problem_index": i,

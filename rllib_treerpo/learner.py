@@ -55,7 +55,6 @@ class TreeRPOTorchLearner(TorchLearner):
         )
         with torch.no_grad():
             entropy = (token_entropy(logits, config.temperature) * mask).sum() / mask.sum().clamp(min=1)
-            tokens = mask.sum()
         for name, value in {**stats, "entropy": entropy, "total": loss.detach()}.items():
             self.metrics.log_value((module_id, f"loss/{name}"), value.item(), window=1)
         return loss

@@ -26,7 +26,7 @@ def plot_learning_curve(metrics_path: str | Path, png_path: str | Path) -> None:
     if not rows:
         return
     fig, axes = plt.subplots(2, 3, figsize=(12, 6))
-    for ax, (key, title) in zip(axes.flat, PANELS):
+    for ax, (key, title) in zip(axes.flat, PANELS, strict=False):
         xs = [r["iteration"] for r in rows if key in r]
         ys = [r[key] for r in rows if key in r]
         ax.plot(xs, ys, marker=".", lw=1)

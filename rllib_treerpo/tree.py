@@ -116,7 +116,7 @@ def flatten_trees(trees: list[Tree], advantages: list[np.ndarray], *, pad_id: in
     if len(trees) != len(advantages):
         raise ValueError(f"{len(trees)} trees but {len(advantages)} advantage arrays")
     rows = []
-    for t, (tree, adv) in enumerate(zip(trees, advantages)):
+    for t, (tree, adv) in enumerate(zip(trees, advantages, strict=True)):
         adv = np.asarray(adv, dtype=np.float64)
         if adv.shape != (len(tree.nodes),):
             raise ValueError(f"tree {t}: advantages shape {adv.shape}, expected ({len(tree.nodes)},)")

@@ -191,4 +191,4 @@ def test_bf16_module_state_round_trips_without_numpy(tiny_lm_dir):
         for p in a.parameters():
             p.add_(0.5)
     b.set_state(a.get_state())
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
