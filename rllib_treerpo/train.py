@@ -136,7 +136,7 @@ def train(config: TreeRPOConfig, output: str | Path, *, resume: bool = False) ->
 
     from rllib_treerpo.plots import plot_learning_curve
 
-    out = Path(output)
+    out = Path(output).resolve()  # RLlib checkpoints need absolute paths ("URI has empty scheme")
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     job_start = time.perf_counter()

@@ -12,10 +12,11 @@ JOB = {"branching": [2, 2], "step_tokens": 6, "prompts_per_iteration": 2, "tau":
        "env_config": {"num_ops": 1}, "eval_problems": 3, "eval_samples": 2, "checkpoint_every": 1}
 
 
-def test_train_writes_outputs_and_resumes(tiny_lm_dir, tmp_path, ray_session):
+def test_train_writes_outputs_and_resumes(tiny_lm_dir, tmp_path, ray_session, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative output folder, as `make train` passes it
     out = tmp_path / "run"
     config = TreeRPOConfig.from_yaml(None, {**JOB, "model_name_or_path": tiny_lm_dir, "iterations": 2})
-    summary = train(config, out)
+    summary = train(config, "run")
     for name in ("config.yaml", "metrics.jsonl", "learning_curve.png", "eval_before.json", "eval_after.jsonl",
                  "summary.json", "final_model/config.json", "checkpoints/latest"):
         assert (out / name).exists(), name
