@@ -36,6 +36,7 @@ REGISTERED_IDS: dict[str, tuple[str, dict]] = {
     "treerpo/ArithmeticHard-v0": ("envs.arithmetic:ArithmeticEnv", {"num_ops": 6, "operand_max": 20}),
     "treerpo/MathProblems-v0": ("envs.math_problems:MathProblemsEnv", {}),
     "treerpo/ReasoningGym-v0": ("envs.reasoning_gym:ReasoningGymEnv", {}),
+    "treerpo/Tokenized-v0": ("envs.tokenized:TokenizedReasoningEnv", {}),  # token-id view for stock RLlib (PPO)
 }
 
 for _env_id, (_entry_point, _kwargs) in REGISTERED_IDS.items():

@@ -39,7 +39,12 @@ def cmd_train(args) -> int:
     else:
         config = TreeRPOConfig.from_yaml(args.config, parse_sets(args.set))
         output = Path(args.output or Path("runs") / (Path(args.config).stem if args.config else "default"))
-    train(config, output, resume=bool(args.resume))
+    if config.algorithm == "PPO":  # RLlib's stock PPO on the token-id view of the same env (the baseline)
+        from rllib_treerpo.ppo import train_ppo
+
+        train_ppo(config, Path(output).resolve(), resume=bool(args.resume))
+    else:
+        train(config, output, resume=bool(args.resume))
     return 0
 
 

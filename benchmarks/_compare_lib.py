@@ -1,0 +1,230 @@
+"""Helpers of benchmarks/compare.py: settings per difficulty and algorithm, one training run with evaluations
+along the way, aggregation over seeds, the markdown table and the plots."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"TreeRPO": ROOT / "configs/tiny_arith.yaml", "GRPO": ROOT / "configs/tiny_arith_grpo.yaml",
+           "PPO": ROOT / "configs/tiny_arith_ppo.yaml"}
+
+# Difficulty -> env and per-algorithm overrides of the config files above. `eval_tokens` is the response budget
+# of the held-out evaluation (= the training response budget: depth x step_tokens).
+DIFFICULTIES = {
+    "easy": {"env_config": {"num_ops": 3, "operand_min": 1, "operand_max": 9, "seed": 0}, "eval_tokens": 48,
+             "TreeRPO": {}, "GRPO": {}, "PPO": {}},
+    # 5 operations on operands 1-20: 6 lines (5 operations and the answer). Trees get one level per line,
+    # binary so that a prompt costs about as many tokens as a 16-sample GRPO group.
+    "hard": {"env_config": {"num_ops": 5, "operand_min": 1, "operand_max": 20, "seed": 0}, "eval_tokens": 72,
+             "TreeRPO": {"branching": [2, 2, 2, 2, 2, 2]}, "GRPO": {"step_tokens": 72},
+             "PPO": {"branching": [1, 1, 1, 1, 1, 1]}},
+}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def load_settings(algorithm: str, difficulty: str, overrides: dict) -> dict:
+    """Flat config of one (algorithm, difficulty): its YAML, the difficulty's overrides, then ``overrides``."""
+    values = yaml.safe_load(CONFIGS[algorithm].read_text())
+    d = DIFFICULTIES[difficulty]
+    values.update({"env_config": dict(d["env_config"]), **copy.deepcopy(d[algorithm])})
+    values.update(copy.deepcopy(overrides))
+    values.update({"eval_problems": 0, "checkpoint_every": 0})  # compare.py evaluates by itself
+    return values
+
+
+def parse_sets(items: list[str]) -> dict[str, dict]:
+    """``[ALGO:]field=value`` -> {"*" or ALGO: {field: value}} (values parsed as YAML)."""
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected [ALGORITHM:]field=value")
+        scope, _, field = key.rpartition(":")
+        out.setdefault(scope or "*", {})[field.strip()] = yaml.safe_load(value)
+    return out
+
+
+# --- models and evaluation ----------------------------------------------------------------------------
+def warm_model(difficulty: str, overrides: dict) -> str:
+    """The warm-started tiny model of a difficulty (cached; shared by every algorithm and seed)."""
+    from rllib_treerpo.config import TreeRPOConfig
+    from rllib_treerpo.train import prepare_tiny_model
+
+    values = load_settings("TreeRPO", difficulty, overrides)
+    if values.get("model_name_or_path"):
+        return values["model_name_or_path"]
+    return prepare_tiny_model(TreeRPOConfig.from_yaml(None, values))
+
+
+class Evaluator:
+    """Held-out pass@1 (mean over K samples at T=1), greedy accuracy and response length of a weights dict."""
+
+    def __init__(self, model_path: str, env_config: dict, *, problems: int, samples: int, max_tokens: int) -> None:
+        from transformers import AutoTokenizer
+
+        from envs.arithmetic import ArithmeticEnv
+        from rllib_treerpo.rl_module import load_causal_lm
+
+        self.model = load_causal_lm(model_path).eval()
+        self.initial = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.env = ArithmeticEnv(**{**env_config, "split": "test"})
+        self.problems, self.samples, self.max_tokens = problems, samples, max_tokens
+
+    def __call__(self, weights: dict | None = None) -> dict:
+        from rllib_treerpo.evaluate import evaluate
+        from rllib_treerpo.generation import make_backend
+
+        self.model.load_state_dict(weights if weights is not None else self.initial)
+        backend = make_backend("hf", self.model, self.tokenizer)
+        summary, _ = evaluate(self.env, backend, self.tokenizer, num_problems=self.problems, samples=self.samples,
+                              max_new_tokens=self.max_tokens, temperature=1.0, seed=1234)
+        return {"pass@1": summary["pass@1"], "greedy": summary["greedy_accuracy"],
+                "response_tokens": summary["mean_response_tokens"]}
+
+
+# --- one training run -----------------------------------------------------------------------------------
+def build(algorithm: str, values: dict, model_path: str, seed: int):
+    """A built RLlib algorithm and the function that turns its result into a metrics row."""
+    from rllib_treerpo.config import TreeRPOConfig
+
+    values = {**values, "model_name_or_path": model_path, "seed": seed}
+    if algorithm == "PPO":
+        from rllib_treerpo.ppo import _load_config, build_ppo_config, ppo_metrics_row
+
+        config, ppo = _load_config(values, None)
+        return build_ppo_config(config, ppo).build_algo(), ppo_metrics_row
+    from rllib_treerpo.train import metrics_row
+
+    return TreeRPOConfig.from_yaml(None, values).build_algo(), metrics_row
+
+
+def tokens_and_prompts(row: dict) -> tuple[float, float]:
+    """Generated tokens and new prompts of one iteration (TreeRPO/GRPO trees or PPO episodes)."""
+    if "tree/generated_tokens" in row:
+        return row["tree/generated_tokens"], row["tree/trees"]
+    return row["perf/generated_tokens"], row["perf/prompts"]
+
+
+def run(algorithm: str, values: dict, model_path: str, seed: int, evaluator: Evaluator, *, budget: float,
+        num_evals: int, before: dict) -> dict:
+    """Train until ``budget`` generated tokens, evaluating at every budget/num_evals tokens (and at the end)."""
+    from rllib_treerpo.ppo import policy_state
+
+    algo, to_row = build(algorithm, values, model_path, seed)
+    points = [{"tokens": 0.0, "prompts": 0.0, "iteration": 0, "seconds": 0.0, **before}]
+    tokens = prompts = train_seconds = 0.0
+    rows, next_eval = [], budget / num_evals
+    try:
+        while tokens < budget:
+            start = time.perf_counter()
+            row = to_row(algo.train())
+            train_seconds += time.perf_counter() - start
+            new_tokens, new_prompts = tokens_and_prompts(row)
+            tokens, prompts = tokens + new_tokens, prompts + new_prompts
+            rows.append(row)
+            if tokens >= next_eval or tokens >= budget:
+                point = evaluator(policy_state(algo))
+                points.append({"tokens": tokens, "prompts": prompts, "iteration": len(rows),
+                               "seconds": round(train_seconds, 1), **point})
+                log(f"    {algorithm:8s} seed {seed} it {len(rows):3d}  {tokens / 1e3:6.0f}k tokens  "
+                    f"{prompts:6.0f} prompts  pass@1 {point['pass@1']:.3f}  greedy {point['greedy']:.3f}  "
+                    f"len {point['response_tokens']:.1f}  train reward {row.get('reward/mean', 0):.3f}  "
+                    f"({train_seconds:.0f}s)")
+                while next_eval <= tokens:
+                    next_eval += budget / num_evals
+    finally:
+        algo.stop()
+    return {"algorithm": algorithm, "seed": seed, "points": points, "train_seconds": round(train_seconds, 1),
+            "metrics": rows}
+
+
+# --- aggregation, table, plots ---------------------------------------------------------------------------
+def interpolate(points: list[dict], x_key: str, x: float, y_key: str) -> float:
+    xs = np.array([p[x_key] for p in points])
+    ys = np.array([p[y_key] for p in points])
+    return float(np.interp(x, xs, ys))
+
+
+def aggregate(runs: list[dict], equal_prompts: float) -> dict:
+    """Mean and std over seeds of the final point, and of the curve interpolated at ``equal_prompts``."""
+    finals = [r["points"][-1] for r in runs]
+
+    def ms(values):
+        return float(np.mean(values)), float(np.std(values))
+
+    acc, greedy = ms([f["pass@1"] for f in finals]), ms([f["greedy"] for f in finals])
+    at_p = ms([interpolate(r["points"], "prompts", equal_prompts, "pass@1") for r in runs])
+    greedy_at_p = ms([interpolate(r["points"], "prompts", equal_prompts, "greedy") for r in runs])
+    return {"accuracy_mean": acc[0], "accuracy_std": acc[1], "greedy_mean": greedy[0], "greedy_std": greedy[1],
+            "response_tokens_mean": float(np.mean([f["response_tokens"] for f in finals])),
+            "generated_tokens": float(np.mean([f["tokens"] for f in finals])),
+            "prompts": float(np.mean([f["prompts"] for f in finals])),
+            "iterations": float(np.mean([f["iteration"] for f in finals])),
+            "wall_seconds": float(np.mean([r["train_seconds"] for r in runs])),
+            "equal_prompts": equal_prompts, "accuracy_at_equal_prompts_mean": at_p[0],
+            "accuracy_at_equal_prompts_std": at_p[1], "greedy_at_equal_prompts_mean": greedy_at_p[0],
+            "seeds": [r["seed"] for r in runs], "per_seed_accuracy": [f["pass@1"] for f in finals],
+            "per_seed_greedy": [f["greedy"] for f in finals]}
+
+
+def markdown_table(title: str, before: dict, results: dict[str, dict]) -> str:
+    lines = [f"### {title}", "",
+             "| algorithm | pass@1 (T=1) | greedy | response tokens | generated tokens | prompts seen | iterations "
+             "| train s | pass@1 at equal prompts |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| before RL | {before['pass@1']:.3f} | {before['greedy']:.3f} | {before['response_tokens']:.1f} "
+             "| 0 | 0 | 0 | 0 | |"]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f} | {r['greedy_mean']:.3f} ± "
+            f"{r['greedy_std']:.3f} | {r['response_tokens_mean']:.1f} | {r['generated_tokens'] / 1e3:.0f}k | "
+            f"{r['prompts']:.0f} | {r['iterations']:.1f} | {r['wall_seconds']:.0f} | "
+            f"{r['accuracy_at_equal_prompts_mean']:.3f} ± {r['accuracy_at_equal_prompts_std']:.3f} "
+            f"(@{r['equal_prompts']:.0f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(runs_by_algo: dict[str, list[dict]], title: str, path: Path) -> None:
+    """pass@1 and greedy accuracy against generated tokens and against prompts; mean over seeds, min-max shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    for name, runs in runs_by_algo.items():
+        n = min(len(r["points"]) for r in runs)
+        for row, y_key in enumerate(("pass@1", "greedy")):
+            ys = np.array([[p[y_key] for p in r["points"][:n]] for r in runs])
+            for col, x_key in enumerate(("tokens", "prompts")):
+                xs = np.mean([[p[x_key] for p in r["points"][:n]] for r in runs], axis=0)
+                ax = axes[row, col]
+                (line,) = ax.plot(xs, ys.mean(0), marker=".", label=name)
+                ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+                ax.set_xlabel("generated tokens" if x_key == "tokens" else "training prompts seen")
+                ax.set_ylabel(f"held-out {y_key}" + (" (T=1)" if y_key == "pass@1" else ""))
+                ax.grid(alpha=0.3)
+                if x_key == "prompts":
+                    ax.set_xscale("symlog", linthresh=32)
+    axes[0, 0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def save_json(path: Path, value) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    tmp.rename(path)

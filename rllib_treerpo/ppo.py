@@ -1,0 +1,240 @@
+"""The PPO baseline: RLlib's own PPO (PPOConfig / PPO, imported, not copied) on the token-id view of the same env.
+
+`treerpo train` runs this job for a config with ``algorithm: PPO``. It reads the TreeRPO config fields it shares:
+
+- task and model: env, env_config, eval_env_config, seed, model_name_or_path (null: the same cached warm-started
+  tiny model as TreeRPO, from :func:`rllib_treerpo.train.prepare_tiny_model`), dtype, backend;
+- one episode = one width-1 "tree": at most ``len(branching)`` steps of ``step_tokens`` tokens, cut at
+  ``step_delimiter`` (so the widths in ``branching`` are ignored), sampled at temperature/top_p/top_k;
+- optimiser: lr, grad_clip, num_epochs, minibatch_size (null: the whole batch), clip_eps_high -> clip_param;
+- ``train_batch_size`` (RLlib's field): env steps, i.e. reasoning steps, sampled per iteration;
+- PPO's own knobs come from :data:`PPO_DEFAULTS`, updated by a ``ppo:`` mapping when the config has one.
+  ``kl_coef`` must be 0: RLlib's PPO KL term needs the old full token distribution, which is not stored.
+
+Outputs, as `treerpo train` writes them: config.yaml, metrics.jsonl (reward/mean, reward/accuracy,
+completions/mean_length, perf/generated_tokens, perf/prompts, loss/*), eval_before/after.json(l) through
+:func:`rllib_treerpo.train.run_eval`, learning_curve.png, checkpoints/, final_model/, summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from rllib_treerpo.config import TreeRPOConfig
+
+# PPO settings without a TreeRPO field (override with a `ppo:` mapping).
+PPO_DEFAULTS: dict[str, Any] = {
+    "lambda_": 1.0,  # GAE lambda; with gamma 1 the advantage is the (normalised) return minus the value
+    "gamma": 1.0,  # the reward is paid once, at the end of a short episode: no discount
+    "vf_loss_coeff": 0.5,
+    "vf_clip_param": 10.0,
+    "entropy_coeff": 0.0,
+    "num_envs_per_env_runner": 64,  # envs stepped together: one batched generate call per env step
+    "max_prompt_tokens": 64,  # room for the prompt in the observation
+    "value_detach": True,  # the critic reads the LM's hidden states but does not train the LM
+    "value_hidden": 128,
+}
+
+
+def _load_config(config_path_or_dict: Any, overrides: dict | None) -> tuple[TreeRPOConfig, dict]:
+    """A validated TreeRPOConfig plus the PPO settings (PPO_DEFAULTS + any `ppo:` section)."""
+    overrides = dict(overrides or {})
+    ppo_section = dict(overrides.pop("ppo", None) or {})
+    if isinstance(config_path_or_dict, TreeRPOConfig):
+        config = config_path_or_dict
+        config.update_from_flat_dict(overrides, source="--set")
+        config.validate_fields()
+    elif isinstance(config_path_or_dict, dict):
+        values = dict(config_path_or_dict)
+        ppo_section = {**dict(values.pop("ppo", None) or {}), **ppo_section}
+        config = TreeRPOConfig.from_yaml(None, {**values, **overrides})
+    else:
+        values = yaml.safe_load(Path(config_path_or_dict).read_text()) or {}
+        ppo_section = {**dict(values.pop("ppo", None) or {}), **ppo_section}
+        config = TreeRPOConfig.from_yaml(None, {k: v for k, v in values.items() if k != "sweep"} | overrides)
+    ppo_section = {**dict(getattr(config, "ppo", None) or {}), **ppo_section}
+    unknown = set(ppo_section) - set(PPO_DEFAULTS) - {"use_kl_loss", "clip_param", "kl_coeff"}
+    if unknown:
+        raise ValueError(f"config field 'ppo': unknown key(s) {sorted(unknown)}; known: {sorted(PPO_DEFAULTS)}")
+    if config.kl_coef:
+        raise ValueError(f"config field 'kl_coef' = {config.kl_coef}: the PPO baseline runs without RLlib's KL "
+                         "term (the LM module keeps only sampled token log-probs); set kl_coef: 0")
+    return config, {**PPO_DEFAULTS, **ppo_section}
+
+
+def build_ppo_config(config: TreeRPOConfig, ppo: dict | None = None):
+    """A stock ``PPOConfig`` for the token-id env and the LM module, from the shared TreeRPO fields."""
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    from envs.tokenized import TokenizedReasoningEnv
+    from rllib_treerpo.ppo_module import PPOCausalLMModule
+
+    p = {**PPO_DEFAULTS, **(ppo or {})}
+    steps = len(config.branching)
+    batch = int(config.train_batch_size)
+    env_config = {"env": config.env, "env_config": dict(config.env_config), "tokenizer": config.model_name_or_path,
+                  "step_tokens": config.step_tokens, "max_steps": steps, "stop_at_eos": config.stop_at_eos,
+                  "max_prompt_tokens": p["max_prompt_tokens"]}
+    model_config = {"model_name_or_path": config.model_name_or_path, "dtype": config.dtype,
+                    "backend": config.backend, "step_delimiter": config.step_delimiter,
+                    "temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k,
+                    "stop_at_eos": config.stop_at_eos, "value_detach": p["value_detach"],
+                    "value_hidden": p["value_hidden"]}
+    return (
+        PPOConfig()
+        .environment(env=TokenizedReasoningEnv, env_config=env_config)
+        .env_runners(num_env_runners=config.num_env_runners, num_envs_per_env_runner=p["num_envs_per_env_runner"])
+        .learners(num_learners=config.num_learners)
+        .rl_module(rl_module_spec=RLModuleSpec(module_class=PPOCausalLMModule, model_config=model_config))
+        .training(lr=config.lr, grad_clip=config.grad_clip, grad_clip_by="global_norm",
+                  train_batch_size=batch, num_epochs=config.num_epochs,
+                  minibatch_size=config.minibatch_size or batch, gamma=p["gamma"], lambda_=p["lambda_"],
+                  clip_param=p.get("clip_param", config.clip_eps_high), use_kl_loss=p.get("use_kl_loss", False),
+                  vf_loss_coeff=p["vf_loss_coeff"], vf_clip_param=p["vf_clip_param"],
+                  entropy_coeff=p["entropy_coeff"])
+        .callbacks(on_sample_end=_count_tokens)
+        .debugging(seed=config.seed)
+        .reporting(metrics_num_episodes_for_smoothing=1)
+    )
+
+
+def _count_tokens(*, samples, metrics_logger=None, **kwargs) -> None:
+    """Per sample() call: generated tokens, new prompts, and the finished episodes' returns and lengths."""
+    generated = prompts = done = correct = 0
+    returns = lengths = 0.0
+    for episode in samples:
+        actions = np.asarray(episode.get_actions())
+        tokens = int(actions[:, 0].sum()) if len(actions) else 0
+        generated += tokens
+        if episode.t_started == 0:
+            prompts += 1
+            if episode.is_done:  # a whole episode in this chunk: its response length and reward
+                ret = float(episode.get_return())
+                done, returns, lengths, correct = done + 1, returns + ret, lengths + tokens, correct + (ret >= 1 - 1e-9)
+    for key, value in {"generated_tokens": generated, "prompts": prompts, "episodes": done, "return_sum": returns,
+                       "length_sum": lengths, "correct": correct}.items():
+        metrics_logger.log_value(("tokens", key), value, reduce="sum")
+
+
+def ppo_metrics_row(result: dict) -> dict:
+    """metrics.jsonl row with the names `treerpo train` uses (reward/*, completions/*, loss/*, perf/*)."""
+    runners, learner = result.get("env_runners", {}), result.get("learners", {}).get("default_policy", {})
+    t = runners.get("tokens", {})
+    episodes = max(t.get("episodes", 0), 1)
+    row = {"iteration": int(result["training_iteration"]),
+           "reward/mean": t.get("return_sum", 0.0) / episodes, "reward/accuracy": t.get("correct", 0) / episodes,
+           "completions/mean_length": t.get("length_sum", 0.0) / episodes,
+           "perf/generated_tokens": float(t.get("generated_tokens", 0)), "perf/prompts": float(t.get("prompts", 0)),
+           "perf/episodes_finished": float(t.get("episodes", 0)),
+           "perf/env_steps": float(runners.get("num_env_steps_sampled", 0))}
+    for src, dst in (("policy_loss", "policy_loss"), ("vf_loss", "vf_loss"), ("entropy", "entropy"),
+                     ("vf_explained_var", "vf_explained_var"), ("gradients_default_optimizer_global_norm",
+                                                                "grad_norm")):
+        if src in learner:
+            row[f"loss/{dst}"] = float(learner[src])
+    timers = result.get("timers", {})
+    row["perf/sample_seconds"] = float(timers.get("env_runner_sampling_timer", 0.0))
+    row["perf/learn_seconds"] = float(timers.get("learner_update_timer", 0.0))
+    return row
+
+
+def policy_state(algo) -> dict:
+    """The learner's LM weights (Hugging Face names, no value head)."""
+    from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+
+    state = algo.learner_group.get_state(components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}")
+    weights = state[COMPONENT_LEARNER][COMPONENT_RL_MODULE][DEFAULT_MODULE_ID]
+    return {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+
+
+def export_policy(algo, base_model: str, folder: Path, dtype: str = "float32") -> None:
+    """The trained LM as a Hugging Face folder (weights + the base model's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from rllib_treerpo.rl_module import load_causal_lm
+
+    model = load_causal_lm(base_model, dtype)
+    model.load_state_dict(policy_state(algo))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base_model).save_pretrained(folder)
+
+
+def train_ppo(config_path_or_dict: Any, output: str | Path, *, overrides: dict | None = None,
+              resume: bool = False) -> dict:
+    """The `treerpo train` job with RLlib's PPO; returns summary.json's content."""
+    import os
+
+    import ray
+
+    from rllib_treerpo.plots import plot_learning_curve
+    from rllib_treerpo.train import (
+        _save_checkpoint,
+        _truncate_metrics,
+        _write_json,
+        log,
+        prepare_tiny_model,
+        run_eval,
+    )
+
+    config, ppo = _load_config(config_path_or_dict, overrides)
+    out = Path(output)
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    job_start = time.perf_counter()
+    if config.model_name_or_path is None:
+        config.model_name_or_path = prepare_tiny_model(config)
+    resolved = {**config.to_flat_dict(), "algorithm": "PPO", "train_batch_size": config.train_batch_size}
+    if hasattr(config, "ppo"):  # the field exists: the file stays loadable by TreeRPOConfig.from_yaml
+        resolved["ppo"] = ppo
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    summary = json.loads((out / "summary.json").read_text()) if resume and (out / "summary.json").exists() else {}
+    summary["algorithm"] = "PPO"
+    if config.eval_problems and "eval_before" not in summary:
+        summary["eval_before"] = run_eval(config, config.model_name_or_path, out, "before")
+        _write_json(out / "summary.json", summary)
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=True,
+                 num_cpus=max(2, os.cpu_count() or 2))
+    algo = build_ppo_config(config, ppo).build_algo()
+    latest = ckpt_dir / "latest"
+    if resume and latest.exists():
+        algo.restore_from_path(str(ckpt_dir / latest.read_text().strip()))
+        log(f"resumed from {latest.read_text().strip()} at iteration {algo.iteration}")
+    _truncate_metrics(out / "metrics.jsonl", algo.iteration)
+    times = []
+    while algo.iteration < config.iterations:
+        t0 = time.perf_counter()
+        row = ppo_metrics_row(algo.train())
+        times.append(time.perf_counter() - t0)
+        row["time_s"] = round(times[-1], 3)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        it = algo.iteration
+        if (config.checkpoint_every and it % config.checkpoint_every == 0) or it == config.iterations:
+            _save_checkpoint(algo, ckpt_dir, it)
+        log(f"iter {it:3d}/{config.iterations}  PPO reward {row['reward/mean']:.3f}  "
+            f"len {row['completions/mean_length']:.1f}  vf_ev {row.get('loss/vf_explained_var', 0):.2f}  "
+            f"{row['perf/generated_tokens'] / 1e3:.1f}k tokens  {times[-1]:.1f}s/it")
+        plot_learning_curve(out / "metrics.jsonl", out / "learning_curve.png")
+
+    export_policy(algo, config.model_name_or_path, out / "final_model", config.dtype)
+    algo.stop()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    summary["generated_tokens"] = sum(r.get("perf/generated_tokens", 0.0) for r in rows)
+    summary["prompts"] = sum(r.get("perf/prompts", 0.0) for r in rows)
+    if config.eval_problems:
+        summary["eval_after"] = run_eval(config, str(out / "final_model"), out, "after")
+    summary["iterations"] = config.iterations
+    summary["job_seconds_this_run"] = round(time.perf_counter() - job_start, 1)
+    _write_json(out / "summary.json", summary)
+    plot_learning_curve(out / "metrics.jsonl", out / "learning_curve.png")
+    log(f"done: {out}")
+    return summary

@@ -1,0 +1,102 @@
+"""GRPO is TreeRPO with a depth-1 tree (SPEC.md s.3): same code path, GRPO's advantages exactly."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rllib_treerpo.batch import build_training_batch
+from rllib_treerpo.tree import Tree
+
+G, EPS = 8, 1e-6
+
+
+def grpo_advantages(rewards: np.ndarray, eps: float = EPS) -> np.ndarray:
+    """GRPO as TRL/verl write it: (r - mean) / (std + eps) with the sample std (ddof = 1)."""
+    return (rewards - rewards.mean()) / (rewards.std(ddof=1) + eps)
+
+
+def depth1_tree(rng, rewards, prompt_len=5) -> Tree:
+    tree = Tree(prompt_ids=rng.integers(3, 90, prompt_len))
+    for r in rewards:
+        n = int(rng.integers(1, 12))
+        child = tree.add_node(0, rng.integers(3, 90, n), rng.normal(size=n) - 3.0, "eos", terminal=True)
+        tree.nodes[child].reward = float(r)
+    return tree
+
+
+@pytest.mark.parametrize("kind", ["binary", "continuous"])
+def test_depth1_batch_has_exactly_grpo_advantages(kind):
+    rng = np.random.default_rng(0)
+    groups = [rng.integers(0, 2, G).astype(float) if kind == "binary" else rng.random(G) for _ in range(6)]
+    groups.append(np.ones(G))  # all right: GRPO's advantages are all 0
+    groups.append(np.zeros(G))  # all wrong: likewise
+    trees = [depth1_tree(rng, r) for r in groups]
+    rows, metrics = build_training_batch(trees, tau=0.0, advantage_std="group", value_estimate="child_mean",
+                                         eps=EPS)
+    seen = set()
+    for r in range(len(rows["input_ids"])):
+        t, node = int(rows["tree_index"][r]), int(rows["node_index"][r])
+        expected = grpo_advantages(groups[t])[node - 1]
+        mask = rows["loss_mask"][r] > 0
+        np.testing.assert_allclose(rows["advantages"][r][mask], expected, rtol=1e-6, atol=1e-6)
+        # the row trains the whole response after the prompt, with the sampling log-probs
+        tree = trees[t]
+        assert mask.sum() == len(tree.nodes[node].token_ids)
+        np.testing.assert_array_equal(rows["input_ids"][r][:len(tree.prompt_ids)], tree.prompt_ids)
+        np.testing.assert_allclose(rows["old_logprobs"][r][mask], tree.nodes[node].logprobs)
+        seen.add((t, node))
+    assert seen == {(t, i) for t in range(len(groups)) for i in range(1, G + 1)}  # tau = 0 keeps every group
+    assert metrics["tree/groups"] == len(groups) and metrics["tree/frac_groups_filtered"] == 0.0
+
+    # tau > 0 drops exactly the constant groups (where GRPO's advantage is 0 anyway); the rest is unchanged
+    kept, metrics = build_training_batch(trees, tau=0.1, advantage_std="group", value_estimate="child_mean",
+                                         eps=EPS)
+    varied = [t for t, r in enumerate(groups) if np.std(r, ddof=1) >= 0.1]
+    assert sorted(set(kept["tree_index"].tolist())) == varied
+    assert metrics["tree/frac_groups_filtered"] == pytest.approx(1 - len(varied) / len(groups))
+    in_varied = np.isin(rows["tree_index"], varied)
+    np.testing.assert_allclose(kept["advantages"].sum(1), rows["advantages"][in_varied].sum(1), rtol=1e-6)
+
+
+def test_sampled_depth1_trees_are_grpo_groups(tiny_lm_dir):
+    """The real sampler with branching [G] and one step as long as a response gives G whole responses."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from envs import ArithmeticEnv
+    from rllib_treerpo.generation import make_backend
+    from rllib_treerpo.sampler import sample_trees
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    backend = make_backend("hf", AutoModelForCausalLM.from_pretrained(tiny_lm_dir), tokenizer)
+    envs = []
+    for i in range(3):
+        env = ArithmeticEnv(num_ops=1)
+        env.reset(options={"problem_index": i})
+        envs.append(env)
+    trees = sample_trees(envs, backend, tokenizer, branching=[G], step_tokens=16, seed=0)
+    rng = np.random.default_rng(1)
+    for tree in trees:
+        assert len(tree.nodes) == G + 1 and all(n.terminal for n in tree.nodes[1:])
+        for leaf in tree.leaves():  # a random model scores 0 everywhere: give the group varied rewards
+            tree.nodes[leaf].reward = float(rng.integers(0, 2))
+    rows, _ = build_training_batch(trees, tau=0.0, advantage_std="group", value_estimate="child_mean", eps=EPS)
+    for r in range(len(rows["input_ids"])):
+        tree = trees[int(rows["tree_index"][r])]
+        rewards = np.array([tree.nodes[i].reward for i in tree.leaves()])
+        expected = grpo_advantages(rewards)[int(rows["node_index"][r]) - 1]
+        mask = rows["loss_mask"][r] > 0
+        np.testing.assert_allclose(rows["advantages"][r][mask], expected, rtol=1e-6)
+
+
+def test_grpo_config_is_a_depth1_tree_with_whole_response_steps():
+    from rllib_treerpo.config import TreeRPOConfig
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    grpo = TreeRPOConfig.from_yaml(root / "tiny_arith_grpo.yaml")
+    tree = TreeRPOConfig.from_yaml(root / "tiny_arith.yaml")
+    assert grpo.branching == [16] and grpo.step_delimiter is None
+    assert grpo.step_tokens == tree.step_tokens * len(tree.branching)  # the same response budget
+    assert grpo.prompts_per_iteration == tree.prompts_per_iteration == 32
+    same = ("env", "env_config", "lr", "tiny_model", "warmstart", "temperature", "iterations", "eval_problems")
+    assert all(getattr(grpo, k) == getattr(tree, k) for k in same)
