@@ -50,7 +50,13 @@ def parse_sets(items: list[str]) -> dict[str, dict]:
         if not sep:
             raise SystemExit(f"--set {item!r}: expected [ALGORITHM:]field=value")
         scope, _, field = key.rpartition(":")
-        out.setdefault(scope or "*", {})[field.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads "3e-5" as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out.setdefault(scope or "*", {})[field.strip()] = parsed
     return out
 
 
@@ -119,7 +125,7 @@ def tokens_and_prompts(row: dict) -> tuple[float, float]:
 def run(algorithm: str, values: dict, model_path: str, seed: int, evaluator: Evaluator, *, budget: float,
         num_evals: int, before: dict) -> dict:
     """Train until ``budget`` generated tokens, evaluating at every budget/num_evals tokens (and at the end)."""
-    from rllib_treerpo.ppo import policy_state
+    from rllib_treerpo.train import policy_weights
 
     algo, to_row = build(algorithm, values, model_path, seed)
     points = [{"tokens": 0.0, "prompts": 0.0, "iteration": 0, "seconds": 0.0, **before}]
@@ -134,7 +140,7 @@ def run(algorithm: str, values: dict, model_path: str, seed: int, evaluator: Eva
             tokens, prompts = tokens + new_tokens, prompts + new_prompts
             rows.append(row)
             if tokens >= next_eval or tokens >= budget:
-                point = evaluator(policy_state(algo))
+                point = evaluator(policy_weights(algo))
                 points.append({"tokens": tokens, "prompts": prompts, "iteration": len(rows),
                                "seconds": round(train_seconds, 1), **point})
                 log(f"    {algorithm:8s} seed {seed} it {len(rows):3d}  {tokens / 1e3:6.0f}k tokens  "

@@ -6,7 +6,8 @@
   tiny model as TreeRPO, from :func:`rllib_treerpo.train.prepare_tiny_model`), dtype, backend;
 - one episode = one width-1 "tree": at most ``len(branching)`` steps of ``step_tokens`` tokens, cut at
   ``step_delimiter`` (so the widths in ``branching`` are ignored), sampled at temperature/top_p/top_k;
-- optimiser: lr, grad_clip, num_epochs, minibatch_size (null: the whole batch), clip_eps_high -> clip_param;
+- optimiser: lr, grad_clip, num_epochs, minibatch_size (null: the whole batch in one step, as for TreeRPO),
+  clip_eps_high -> clip_param;
 - ``train_batch_size`` (RLlib's field): env steps, i.e. reasoning steps, sampled per iteration;
 - PPO's own knobs come from :data:`PPO_DEFAULTS`, updated by a ``ppo:`` mapping when the config has one.
   ``kl_coef`` must be 0: RLlib's PPO KL term needs the old full token distribution, which is not stored.
@@ -18,8 +19,6 @@ completions/mean_length, perf/generated_tokens, perf/prompts, loss/*), eval_befo
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +94,7 @@ def build_ppo_config(config: TreeRPOConfig, ppo: dict | None = None):
         .rl_module(rl_module_spec=RLModuleSpec(module_class=PPOCausalLMModule, model_config=model_config))
         .training(lr=config.lr, grad_clip=config.grad_clip, grad_clip_by="global_norm",
                   train_batch_size=batch, num_epochs=config.num_epochs,
-                  minibatch_size=config.minibatch_size or batch, gamma=p["gamma"], lambda_=p["lambda_"],
+                  minibatch_size=config.minibatch_size, gamma=p["gamma"], lambda_=p["lambda_"],
                   clip_param=p.get("clip_param", config.clip_eps_high), use_kl_loss=p.get("use_kl_loss", False),
                   vf_loss_coeff=p["vf_loss_coeff"], vf_clip_param=p["vf_clip_param"],
                   entropy_coeff=p["entropy_coeff"])
@@ -145,96 +144,28 @@ def ppo_metrics_row(result: dict) -> dict:
     return row
 
 
-def policy_state(algo) -> dict:
-    """The learner's LM weights (Hugging Face names, no value head)."""
-    from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+def ppo_parts(config: TreeRPOConfig, ppo: dict | None = None):
+    """The PPO pieces of the shared `treerpo train` job (:func:`rllib_treerpo.train.train`)."""
+    from rllib_treerpo.train import JobParts
 
-    state = algo.learner_group.get_state(components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}")
-    weights = state[COMPONENT_LEARNER][COMPONENT_RL_MODULE][DEFAULT_MODULE_ID]
-    return {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+    ppo = {**PPO_DEFAULTS, **(ppo or {})}
+    resolved = {**config.to_flat_dict(), "algorithm": "PPO", "train_batch_size": config.train_batch_size}
+    if hasattr(config, "ppo"):  # the field exists: the file stays loadable by TreeRPOConfig.from_yaml
+        resolved["ppo"] = ppo
 
+    def progress(row: dict) -> str:
+        return (f"PPO reward {row['reward/mean']:.3f}  len {row['completions/mean_length']:.1f}  "
+                f"vf_ev {row.get('loss/vf_explained_var', 0):.2f}  {row['perf/generated_tokens'] / 1e3:.1f}k tokens")
 
-def export_policy(algo, base_model: str, folder: Path, dtype: str = "float32") -> None:
-    """The trained LM as a Hugging Face folder (weights + the base model's tokenizer)."""
-    from transformers import AutoTokenizer
-
-    from rllib_treerpo.rl_module import load_causal_lm
-
-    model = load_causal_lm(base_model, dtype)
-    model.load_state_dict(policy_state(algo))
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(base_model).save_pretrained(folder)
+    return JobParts(build_algo=lambda: build_ppo_config(config, ppo).build_algo(), metrics_row=ppo_metrics_row,
+                    progress=progress, resolved=resolved, label="PPO",
+                    totals={"generated_tokens": "perf/generated_tokens", "prompts": "perf/prompts"})
 
 
 def train_ppo(config_path_or_dict: Any, output: str | Path, *, overrides: dict | None = None,
               resume: bool = False) -> dict:
     """The `treerpo train` job with RLlib's PPO; returns summary.json's content."""
-    import os
-
-    import ray
-
-    from rllib_treerpo.plots import plot_learning_curve
-    from rllib_treerpo.train import (
-        _save_checkpoint,
-        _truncate_metrics,
-        _write_json,
-        log,
-        prepare_tiny_model,
-        run_eval,
-    )
+    from rllib_treerpo.train import train
 
     config, ppo = _load_config(config_path_or_dict, overrides)
-    out = Path(output)
-    ckpt_dir = out / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    job_start = time.perf_counter()
-    if config.model_name_or_path is None:
-        config.model_name_or_path = prepare_tiny_model(config)
-    resolved = {**config.to_flat_dict(), "algorithm": "PPO", "train_batch_size": config.train_batch_size}
-    if hasattr(config, "ppo"):  # the field exists: the file stays loadable by TreeRPOConfig.from_yaml
-        resolved["ppo"] = ppo
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    summary = json.loads((out / "summary.json").read_text()) if resume and (out / "summary.json").exists() else {}
-    summary["algorithm"] = "PPO"
-    if config.eval_problems and "eval_before" not in summary:
-        summary["eval_before"] = run_eval(config, config.model_name_or_path, out, "before")
-        _write_json(out / "summary.json", summary)
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=True,
-                 num_cpus=max(2, os.cpu_count() or 2))
-    algo = build_ppo_config(config, ppo).build_algo()
-    latest = ckpt_dir / "latest"
-    if resume and latest.exists():
-        algo.restore_from_path(str(ckpt_dir / latest.read_text().strip()))
-        log(f"resumed from {latest.read_text().strip()} at iteration {algo.iteration}")
-    _truncate_metrics(out / "metrics.jsonl", algo.iteration)
-    times = []
-    while algo.iteration < config.iterations:
-        t0 = time.perf_counter()
-        row = ppo_metrics_row(algo.train())
-        times.append(time.perf_counter() - t0)
-        row["time_s"] = round(times[-1], 3)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        it = algo.iteration
-        if (config.checkpoint_every and it % config.checkpoint_every == 0) or it == config.iterations:
-            _save_checkpoint(algo, ckpt_dir, it)
-        log(f"iter {it:3d}/{config.iterations}  PPO reward {row['reward/mean']:.3f}  "
-            f"len {row['completions/mean_length']:.1f}  vf_ev {row.get('loss/vf_explained_var', 0):.2f}  "
-            f"{row['perf/generated_tokens'] / 1e3:.1f}k tokens  {times[-1]:.1f}s/it")
-        plot_learning_curve(out / "metrics.jsonl", out / "learning_curve.png")
-
-    export_policy(algo, config.model_name_or_path, out / "final_model", config.dtype)
-    algo.stop()
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    summary["generated_tokens"] = sum(r.get("perf/generated_tokens", 0.0) for r in rows)
-    summary["prompts"] = sum(r.get("perf/prompts", 0.0) for r in rows)
-    if config.eval_problems:
-        summary["eval_after"] = run_eval(config, str(out / "final_model"), out, "after")
-    summary["iterations"] = config.iterations
-    summary["job_seconds_this_run"] = round(time.perf_counter() - job_start, 1)
-    _write_json(out / "summary.json", summary)
-    plot_learning_curve(out / "metrics.jsonl", out / "learning_curve.png")
-    log(f"done: {out}")
-    return summary
+    return train(config, output, resume=resume, parts=lambda c: ppo_parts(c, ppo))

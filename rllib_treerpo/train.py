@@ -17,7 +17,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -130,8 +133,38 @@ def metrics_row(result: dict) -> dict:
 
 
 # --- the job ------------------------------------------------------------------------------------------
-def train(config: TreeRPOConfig, output: str | Path, *, resume: bool = False) -> dict:
-    """Run (or resume) the job; returns summary.json's content."""
+@dataclass
+class JobParts:
+    """What differs between the algorithms `treerpo train` runs; the job loop itself is shared.
+
+    build_algo: () -> a built RLlib Algorithm; metrics_row: result dict -> metrics.jsonl row; progress: row ->
+    the algorithm-specific middle of the progress line; resolved: config.yaml's content; totals: summary key ->
+    metrics key summed over iterations; label: summary["algorithm"].
+    """
+
+    build_algo: Callable[[], Any]
+    metrics_row: Callable[[dict], dict]
+    progress: Callable[[dict], str]
+    resolved: dict
+    totals: dict[str, str] = field(default_factory=dict)
+    label: str = "TreeRPO"
+
+
+def treerpo_parts(config: TreeRPOConfig) -> JobParts:
+    def progress(row: dict) -> str:
+        return (f"reward {row.get('reward/mean', 0):.3f}  acc {row.get('reward/accuracy', 0):.3f}  "
+                f"filtered {row.get('tree/frac_groups_filtered', 0):.2f}  "
+                f"len {row.get('completions/mean_length', 0):.1f}  "
+                f"{row.get('perf/decode_tokens_per_s', 0) / 1e3:.1f}k tok/s")
+
+    return JobParts(build_algo=config.build_algo, metrics_row=metrics_row, progress=progress,
+                    resolved=config.to_flat_dict(), totals={"generated_tokens": "tree/generated_tokens"})
+
+
+def train(config: TreeRPOConfig, output: str | Path, *, resume: bool = False,
+          parts: Callable[[TreeRPOConfig], JobParts] = treerpo_parts) -> dict:
+    """Run (or resume) the job; returns summary.json's content. ``parts`` picks the algorithm (default
+    TreeRPO; :func:`rllib_treerpo.ppo.ppo_parts` for RLlib's PPO)."""
     import ray
 
     from rllib_treerpo.plots import plot_learning_curve
@@ -143,9 +176,11 @@ def train(config: TreeRPOConfig, output: str | Path, *, resume: bool = False) ->
     if config.model_name_or_path is None:
         config.model_name_or_path = prepare_tiny_model(config)
     config.validate_fields()
-    (out / "config.yaml").write_text(yaml.safe_dump(config.to_flat_dict(), sort_keys=False))
+    job = parts(config)
+    (out / "config.yaml").write_text(yaml.safe_dump(job.resolved, sort_keys=False))
 
     summary = json.loads((out / "summary.json").read_text()) if resume and (out / "summary.json").exists() else {}
+    summary["algorithm"] = job.label
     if config.eval_problems and "eval_before" not in summary:
         summary["eval_before"] = run_eval(config, config.model_name_or_path, out, "before")
         _write_json(out / "summary.json", summary)
@@ -153,7 +188,7 @@ def train(config: TreeRPOConfig, output: str | Path, *, resume: bool = False) ->
     if not ray.is_initialized():
         ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=True,
                  num_cpus=max(2, os.cpu_count() or 2))
-    algo = config.build_algo()
+    algo = job.build_algo()
     latest = ckpt_dir / "latest"
     if resume and latest.exists():
         path = ckpt_dir / latest.read_text().strip()
@@ -166,7 +201,7 @@ def train(config: TreeRPOConfig, output: str | Path, *, resume: bool = False) ->
         t0 = time.perf_counter()
         result = algo.train()
         times.append(time.perf_counter() - t0)
-        row = metrics_row(result)
+        row = job.metrics_row(result)
         row["time_s"] = round(times[-1], 3)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -174,17 +209,14 @@ def train(config: TreeRPOConfig, output: str | Path, *, resume: bool = False) ->
         if (config.checkpoint_every and it % config.checkpoint_every == 0) or it == config.iterations:
             _save_checkpoint(algo, ckpt_dir, it)
         eta = (config.iterations - it) * sum(times[-5:]) / len(times[-5:])
-        log(f"iter {it:3d}/{config.iterations}  reward {row.get('reward/mean', 0):.3f}  "
-            f"acc {row.get('reward/accuracy', 0):.3f}  filtered {row.get('tree/frac_groups_filtered', 0):.2f}  "
-            f"len {row.get('completions/mean_length', 0):.1f}  "
-            f"{row.get('perf/decode_tokens_per_s', 0) / 1e3:.1f}k tok/s  {times[-1]:.1f}s/it  "
-            f"ETA {eta / 60:.1f} min")
+        log(f"iter {it:3d}/{config.iterations}  {job.progress(row)}  {times[-1]:.1f}s/it  ETA {eta / 60:.1f} min")
         plot_learning_curve(out / "metrics.jsonl", out / "learning_curve.png")
 
     final = out / "final_model"
-    export_model(algo, config.model_name_or_path, final)
+    export_model(algo, config.model_name_or_path, final, config.dtype)
     algo.stop()
-    summary["generated_tokens"] = _sum_metric(out / "metrics.jsonl", "tree/generated_tokens")
+    for key, metric in job.totals.items():
+        summary[key] = _sum_metric(out / "metrics.jsonl", metric)
     if config.eval_problems:
         summary["eval_after"] = run_eval(config, str(final), out, "after")
     summary["iterations"] = config.iterations
@@ -195,17 +227,23 @@ def train(config: TreeRPOConfig, output: str | Path, *, resume: bool = False) ->
     return summary
 
 
-def export_model(algo, base_model: str, folder: Path) -> None:
-    """Write the learner's current policy as a Hugging Face folder (weights + tokenizer of the base)."""
+def policy_weights(algo) -> dict:
+    """The learner's LM weights under Hugging Face names (module keys ``model.*``; a PPO value head is left out)."""
     from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+
+    state = algo.learner_group.get_state(components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}")
+    weights = state[COMPONENT_LEARNER][COMPONENT_RL_MODULE][DEFAULT_MODULE_ID]
+    return {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+
+
+def export_model(algo, base_model: str, folder: Path, dtype: str = "float32") -> None:
+    """Write the learner's current policy as a Hugging Face folder (weights + tokenizer of the base)."""
     from transformers import AutoTokenizer
 
     from rllib_treerpo.rl_module import load_causal_lm
 
-    state = algo.learner_group.get_state(components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}")
-    weights = state[COMPONENT_LEARNER][COMPONENT_RL_MODULE][DEFAULT_MODULE_ID]
-    model = load_causal_lm(base_model, algo.config.dtype)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in weights.items()})
+    model = load_causal_lm(base_model, dtype)
+    model.load_state_dict(policy_weights(algo))
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(base_model).save_pretrained(folder)
 

@@ -81,7 +81,8 @@ def test_stock_ppo_trains_one_iteration(tiny_lm_dir, ray_session, tmp_path):
     from ray.rllib.core import DEFAULT_MODULE_ID
 
     from rllib_treerpo.config import TreeRPOConfig
-    from rllib_treerpo.ppo import build_ppo_config, policy_state, ppo_metrics_row
+    from rllib_treerpo.ppo import build_ppo_config, ppo_metrics_row
+    from rllib_treerpo.train import policy_weights
 
     config = TreeRPOConfig.from_yaml(None, {
         "algorithm": "PPO", "model_name_or_path": tiny_lm_dir, "env_config": {"num_ops": 1}, "branching": [1, 1],
@@ -91,11 +92,11 @@ def test_stock_ppo_trains_one_iteration(tiny_lm_dir, ray_session, tmp_path):
     algo = ppo_config.build_algo()
     try:
         assert type(algo) is PPO
-        before = {k: v.clone() for k, v in policy_state(algo).items()}
+        before = {k: v.clone() for k, v in policy_weights(algo).items()}
         row = ppo_metrics_row(algo.train())
         assert row["perf/generated_tokens"] > 0 and row["perf/prompts"] >= 8
         assert np.isfinite(row["loss/policy_loss"]) and np.isfinite(row["loss/vf_loss"])
-        after = policy_state(algo)
+        after = policy_weights(algo)
         assert any(not torch.equal(before[k], after[k]) for k in before)
         # the env runner acts with the learner's new weights
         runner = algo.env_runner.module.get_state()
