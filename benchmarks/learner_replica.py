@@ -95,6 +95,7 @@ def run(args) -> None:
 
     torch.set_num_threads(1)
     v, d = settings(args.difficulty, args.variant), DIFFICULTIES[args.difficulty]
+    v["prompts"] = args.prompts or v["prompts"]
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -195,11 +196,12 @@ def sweep(args) -> None:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             cmd = [sys.executable, __file__, "run", "--model", models[difficulty], "--difficulty", difficulty,
                    "--variant", variant, "--seed", str(seed), "--budget", str(args.budget), "--evals", args.evals,
-                   "--device", args.device, "--problems", str(args.problems)]
+                   "--device", args.device, "--problems", str(args.problems), "--prompts", str(args.prompts)]
             if args.eval_start and seed == 0 and variant == "base":
                 cmd.append("--eval-start")
             jobs.append((cmd, out / f"{difficulty}_{variant}_{seed}.jsonl"))
     running: list = []
+    failed = []
     while jobs or running:
         while jobs and len(running) < args.parallel:
             cmd, path = jobs.pop(0)
@@ -210,6 +212,10 @@ def sweep(args) -> None:
             if p.poll() is not None:
                 running.remove((p, path))
                 print(f"{path.name}: exit {p.returncode}", flush=True)
+                if p.returncode:
+                    failed.append(path.with_suffix(".err").name)
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed, see {', '.join(failed)} in {out}")
 
 
 def table(args) -> None:
@@ -264,6 +270,7 @@ def main() -> None:
     r.add_argument("--eval-start", action="store_true", help="also evaluate before training")
     r.add_argument("--problems", type=int, default=200)
     r.add_argument("--device", default="cpu")
+    r.add_argument("--prompts", type=int, default=0, help="prompts per iteration (default: the variant's)")
     s = sub.add_parser("sweep")
     s.add_argument("--models", required=True, help="difficulty=model_dir,...")
     s.add_argument("--runs", required=True, help="difficulty:variant,...")
@@ -274,6 +281,7 @@ def main() -> None:
     s.add_argument("--eval-start", action="store_true")
     s.add_argument("--problems", type=int, default=200)
     s.add_argument("--device", default="cpu")
+    s.add_argument("--prompts", type=int, default=0, help="prompts per iteration (default: each variant's)")
     s.add_argument("--parallel", type=int, default=os.cpu_count() or 1)
     s.add_argument("--out", default="runs/replica")
     t = sub.add_parser("table")
