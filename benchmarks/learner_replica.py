@@ -196,6 +196,7 @@ def sweep(args) -> None:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             cmd = [sys.executable, __file__, "run", "--model", models[difficulty], "--difficulty", difficulty,
                    "--variant", variant, "--seed", str(seed), "--budget", str(args.budget), "--evals", args.evals,
+                   "--iters", str(args.iters),
                    "--device", args.device, "--problems", str(args.problems), "--prompts", str(args.prompts)]
             if args.eval_start and seed == 0 and variant == "base":
                 cmd.append("--eval-start")
@@ -249,10 +250,43 @@ def table(args) -> None:
             def ms(key, rs=rs):
                 x = np.array([r[key] for r in rs], dtype=float)
                 return f"{x.mean():.3f} ± {x.std():.3f}"
-            kept = np.nanmean([r["kept_groups"] or np.nan for r in rs])
+            kept_values = [r["kept_groups"] for r in rs if r.get("kept_groups") is not None]
+            kept = f"{np.mean(kept_values):.2f}" if kept_values else ""
             print(f"| {d} | {variant} | {ms('pass@1')} | {ms('greedy')} | {np.mean([r['tokens'] for r in rs]) / 1e3:.0f}k"
                   f" | {np.mean([r['prompts'] for r in rs]):.0f} | {np.mean([r['iter'] for r in rs]):.0f}"
-                  f" | {kept:.2f} | {len(rs)} |")
+                  f" | {kept} | {len(rs)} |")
+    if args.plot:
+        plot(runs, start, args.plot, args.variants)
+
+
+def plot(runs: dict[tuple, list[dict]], start: dict[str, dict], path: str, variants: str | None) -> None:
+    """One column per difficulty, rows pass@1 / greedy; one line per variant (mean over seeds, min-max shaded)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    keep = set(variants.split(",")) if variants else None
+    diffs = sorted({k[0] for k in runs})
+    fig, axes = plt.subplots(2, len(diffs), figsize=(6 * len(diffs), 7), squeeze=False)
+    for col, diff in enumerate(diffs):
+        names = sorted({k[1] for k in runs if k[0] == diff and (keep is None or k[1] in keep)})
+        for name in names:
+            seeds = [rows for (d, v, _), rows in runs.items() if d == diff and v == name]
+            n = min(len(r) for r in seeds)
+            zero = [start[diff]] if diff in start else []
+            for row, metric in enumerate(("pass@1", "greedy")):
+                x = np.mean([[r["tokens"] for r in zero + s[:n]] for s in seeds], axis=0) / 1e3
+                y = np.array([[r[metric] for r in zero + s[:n]] for s in seeds])
+                ax = axes[row][col]
+                line, = ax.plot(x, y.mean(0), marker="o", ms=3, label=name)
+                ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.15)
+                ax.set_title(f"{diff}: held-out {metric}")
+                ax.set_xlabel("generated tokens (k)")
+        axes[0][col].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -278,6 +312,7 @@ def main() -> None:
     s.add_argument("--first-seed", type=int, default=0)
     s.add_argument("--budget", type=float, default=300_000)
     s.add_argument("--evals", default="100000,200000,300000")
+    s.add_argument("--iters", type=int, default=0, help="iterations instead of --budget (--evals in iterations)")
     s.add_argument("--eval-start", action="store_true")
     s.add_argument("--problems", type=int, default=200)
     s.add_argument("--device", default="cpu")
@@ -286,6 +321,8 @@ def main() -> None:
     s.add_argument("--out", default="runs/replica")
     t = sub.add_parser("table")
     t.add_argument("files", nargs="+")
+    t.add_argument("--plot", help="also write held-out pass@1 and greedy accuracy against tokens to this PNG")
+    t.add_argument("--variants", help="comma-separated variants to plot (default: all)")
     t.add_argument("--at", type=float, default=0, help="report the evaluation at this many generated tokens")
     args = p.parse_args()
     {"run": run, "sweep": sweep, "table": table}[args.cmd](args)

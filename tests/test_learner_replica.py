@@ -39,6 +39,8 @@ def test_sweep_runs_each_variant_and_tables_them(tiny_lm_dir, tmp_path):
     assert 0.0 <= trained["pass@1"] <= 1.0 and 0.0 <= trained["kept_groups"] <= 1.0
     tree = json.loads((out / "easy_tree_4x3_mb4_lr3e-5_0.jsonl").read_text().splitlines()[-1])
     assert tree["variant"] == "tree_4x3_mb4_lr3e-5" and tree["tokens"] > 0
-    table = subprocess.run(cmd + ["table", *map(str, sorted(out.glob("*.jsonl")))], check=True,
+    png = tmp_path / "curves.png"
+    table = subprocess.run(cmd + ["table", *map(str, sorted(out.glob("*.jsonl"))), "--plot", str(png)], check=True,
                            capture_output=True, text=True, timeout=60).stdout
     assert "| easy | before RL |" in table and "| easy | tree_4x3_mb4_lr3e-5 |" in table
+    assert png.stat().st_size > 10_000
