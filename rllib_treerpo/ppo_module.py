@@ -38,7 +38,20 @@ def _masked_logp(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.log_softmax(inputs[..., :-1].float(), dim=-1), inputs[..., -1]
 
 
-class StepTokensDistribution(Distribution):
+class _ModuleSampledDistribution(Distribution):
+    """A whole step is sampled token by token by the module (``forward_exploration``), never from this object."""
+
+    @override(Distribution)
+    def sample(self, *, sample_shape=None, **kwargs):
+        raise NotImplementedError("steps are sampled token by token by the module's forward_exploration, "
+                                  "not from this distribution")
+
+    @override(Distribution)
+    def rsample(self, *, sample_shape=None, **kwargs):
+        raise NotImplementedError("a token sequence has no reparameterised sample")
+
+
+class StepTokensDistribution(_ModuleSampledDistribution):
     """Distribution over one step's tokens given its sampled prefix (the train distribution, see module doc)."""
 
     def __init__(self, inputs: torch.Tensor) -> None:
@@ -64,15 +77,6 @@ class StepTokensDistribution(Distribution):
         per_pos = (self._logp.exp() * (self._logp - other._logp)).sum(-1)
         return (per_pos * self._mask).sum(-1)
 
-    @override(Distribution)
-    def sample(self, *, sample_shape=None, **kwargs):
-        raise NotImplementedError("steps are sampled token by token by the module (forward_exploration), "
-                                  "not from per-position logits")
-
-    @override(Distribution)
-    def rsample(self, *, sample_shape=None, **kwargs):
-        raise NotImplementedError("a token sequence has no reparameterised sample")
-
     @staticmethod
     @override(Distribution)
     def required_input_dim(space, **kwargs) -> int:
@@ -84,7 +88,7 @@ class StepTokensDistribution(Distribution):
         return cls(logits)
 
 
-class SampledStepDistribution(Distribution):
+class SampledStepDistribution(_ModuleSampledDistribution):
     """What the env runner keeps of a sampled step: its per-token log-probs (B, L), 0 at padding.
 
     ``logp`` is only meaningful for the step that was sampled (it ignores ``value``); ``entropy`` is the
@@ -107,14 +111,6 @@ class SampledStepDistribution(Distribution):
     def kl(self, other: Distribution, **kwargs) -> torch.Tensor:
         raise NotImplementedError("PPO's KL loss needs the old full per-token distribution, which the LM module "
                                   "does not store: set use_kl_loss=False")
-
-    @override(Distribution)
-    def sample(self, *, sample_shape=None, **kwargs):
-        raise NotImplementedError("steps are sampled by the module's forward_exploration")
-
-    @override(Distribution)
-    def rsample(self, *, sample_shape=None, **kwargs):
-        raise NotImplementedError("a token sequence has no reparameterised sample")
 
     @staticmethod
     @override(Distribution)
