@@ -20,10 +20,11 @@ CONFIGS = {"TreeRPO": ROOT / "configs/tiny_arith.yaml", "GRPO": ROOT / "configs/
 DIFFICULTIES = {
     "easy": {"env_config": {"num_ops": 3, "operand_min": 1, "operand_max": 9, "seed": 0}, "eval_tokens": 48,
              "TreeRPO": {}, "GRPO": {}, "PPO": {}},
-    # 5 operations on operands 1-20: 6 lines (5 operations and the answer). Trees get one level per line,
-    # binary so that a prompt costs about as many tokens as a 16-sample GRPO group.
+    # 5 operations on operands 1-20: 6 lines (5 operations and the answer), ~53 tokens. The tree keeps its shape
+    # with steps of a third of the 72-token budget; PPO steps once per line. Minibatches: ~4 steps per iteration
+    # (hard batches keep fewer rows: ~250 for the tree, ~370 for GRPO).
     "hard": {"env_config": {"num_ops": 5, "operand_min": 1, "operand_max": 20, "seed": 0}, "eval_tokens": 72,
-             "TreeRPO": {"branching": [2, 2, 2, 2, 2, 2]}, "GRPO": {"step_tokens": 72},
+             "TreeRPO": {"step_tokens": 24, "minibatch_size": 62}, "GRPO": {"step_tokens": 72, "minibatch_size": 92},
              "PPO": {"branching": [1, 1, 1, 1, 1, 1]}},
 }
 

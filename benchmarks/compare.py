@@ -37,16 +37,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _compare_lib as lib  # noqa: E402
 
-ABLATIONS = {  # name -> TreeRPO overrides (easy task); "base" is configs/tiny_arith.yaml
-    "base [3,3,3,3] x 12-token lines, tau 0.1, group std": {},
-    "narrow [2,2,2,2]": {"branching": [2, 2, 2, 2]},
-    "depth 3 [4,4,4], 16-token cuts": {"branching": [4, 4, 4], "step_tokens": 16, "step_delimiter": None},
-    "depth 2 [8,8], 24-token cuts": {"branching": [8, 8], "step_tokens": 24, "step_delimiter": None},
+# name -> TreeRPO overrides (easy task); "base" is configs/tiny_arith.yaml. minibatch_size keeps about 4
+# optimizer steps per iteration (a quarter of the rows a batch of that tree shape has).
+ABLATIONS = {
+    "base [4,4,4] x 16-token cuts, tau 0.1, group std, lr 3e-5, minibatches of 100": {},
+    "one line per step [3,3,3,3] (12-token lines)": {"branching": [3, 3, 3, 3], "step_tokens": 12,
+                                                     "step_delimiter": "\n", "minibatch_size": 200},
+    "narrow [2,2,2]": {"branching": [2, 2, 2], "minibatch_size": 16},
+    "wide [8,8,8]": {"branching": [8, 8, 8], "minibatch_size": 400},
+    "depth 2 [8,8], 24-token cuts": {"branching": [8, 8], "step_tokens": 24, "minibatch_size": 70},
     "tau 0": {"tau": 0.0},
     "tau 0.3": {"tau": 0.3},
     "advantage_std tree": {"advantage_std": "tree"},
     "advantage_std none": {"advantage_std": "none"},
     "kl_coef 0.05": {"kl_coef": 0.05},
+    "lr 1e-4, one optimizer step per iteration": {"lr": 1e-4, "minibatch_size": None},
 }
 
 
