@@ -57,4 +57,7 @@ class TreeRPOTorchLearner(TorchLearner):
             entropy = (token_entropy(logits, config.temperature) * mask).sum() / mask.sum().clamp(min=1)
         for name, value in {**stats, "entropy": entropy, "total": loss.detach()}.items():
             self.metrics.log_value((module_id, f"loss/{name}"), value.item(), window=1)
+        # One call per minibatch: the optimizer steps of this update (minibatch_size is in rows, and how many
+        # rows a tree batch keeps depends on its shape and on tau, so the count is worth seeing).
+        self.metrics.log_value((module_id, "loss/optimizer_steps"), 1, reduce="sum")
         return loss

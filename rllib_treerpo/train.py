@@ -155,6 +155,7 @@ def treerpo_parts(config: TreeRPOConfig) -> JobParts:
         return (f"reward {row.get('reward/mean', 0):.3f}  acc {row.get('reward/accuracy', 0):.3f}  "
                 f"filtered {row.get('tree/frac_groups_filtered', 0):.2f}  "
                 f"len {row.get('completions/mean_length', 0):.1f}  "
+                f"steps {row.get('loss/optimizer_steps', 0):.0f}  "
                 f"{row.get('perf/decode_tokens_per_s', 0) / 1e3:.1f}k tok/s")
 
     return JobParts(build_algo=config.build_algo, metrics_row=metrics_row, progress=progress,

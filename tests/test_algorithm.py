@@ -58,6 +58,15 @@ def test_learner_step_equals_losses_and_changes_parameters(tiny_lm_dir):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("minibatch_size, steps", [(None, 1), (1, 3), (2, 2)])
+def test_learner_reports_its_optimizer_steps_per_update(tiny_lm_dir, minibatch_size, steps):
+    learner = build_learner(small_config(tiny_lm_dir))
+    batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(hand_batch())}, env_steps=3)
+    for _ in range(2):  # the count is per update, not cumulative
+        result = learner.update(batch=batch, minibatch_size=minibatch_size, num_epochs=1)
+        assert result[DEFAULT_MODULE_ID]["loss/optimizer_steps"].peek() == steps
+
+
 def test_update_moves_probability_towards_positive_advantages(tiny_lm_dir):
     learner = build_learner(small_config(tiny_lm_dir, lr=1e-3))
     model = learner.module[DEFAULT_MODULE_ID].model
@@ -127,6 +136,7 @@ def test_build_train_save_restore_continue(tiny_lm_dir, tmp_path, ray_session):
     result = algo.train()
     assert result["tree/trees"] == 2 and result["tree/nodes"] == 12  # 2 trees x (2 + 4) nodes
     assert "loss/policy_loss" in result["learners"][DEFAULT_MODULE_ID]
+    assert result["learners"][DEFAULT_MODULE_ID]["loss/optimizer_steps"] == 1  # minibatch_size null: one step
     algo.save_to_path(str(tmp_path / "ckpt"))
     weights = algo.learner_group.get_state()["learner"]["rl_module"][DEFAULT_MODULE_ID]
     algo.stop()
@@ -138,8 +148,8 @@ def test_build_train_save_restore_continue(tiny_lm_dir, tmp_path, ray_session):
     assert all(torch.equal(torch.as_tensor(weights[k]), torch.as_tensor(again[k])) for k in weights)
     runner_weights = restored.env_runner.module.get_state()
     assert all(torch.equal(torch.as_tensor(weights[k]), runner_weights[k]) for k in weights)
-    restored.train()
-    assert restored.iteration == 2
+    result = restored.train()
+    assert restored.iteration == 2 and result["learners"][DEFAULT_MODULE_ID]["loss/optimizer_steps"] == 1
     restored.stop()
 
 
