@@ -59,5 +59,5 @@ class TreeRPOTorchLearner(TorchLearner):
             self.metrics.log_value((module_id, f"loss/{name}"), value.item(), window=1)
         # One call per minibatch: the optimizer steps of this update (minibatch_size is in rows, and how many
         # rows a tree batch keeps depends on its shape and on tau, so the count is worth seeing).
-        self.metrics.log_value((module_id, "loss/optimizer_steps"), 1, reduce="sum")
+        self.metrics.log_value((module_id, "loss/optimizer_steps"), 1.0, reduce="sum")
         return loss

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import shutil
 import time
@@ -111,7 +112,7 @@ def _flatten(d, prefix=""):
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             yield from _flatten(v, key + "/")
-        elif isinstance(v, int | float) and not isinstance(v, bool):
+        elif isinstance(v, numbers.Real) and not isinstance(v, bool):  # numpy scalars included
             yield key, float(v)
 
 

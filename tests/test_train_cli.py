@@ -6,7 +6,7 @@ import pytest
 
 from rllib_treerpo.cli import main
 from rllib_treerpo.config import TreeRPOConfig
-from rllib_treerpo.train import train
+from rllib_treerpo.train import metrics_row, train
 
 JOB = {"branching": [2, 2], "step_tokens": 6, "prompts_per_iteration": 2, "tau": 0.0, "lr": 1e-3, "seed": 0,
        "env_config": {"num_ops": 1}, "eval_problems": 3, "eval_samples": 2, "checkpoint_every": 1}
@@ -25,6 +25,7 @@ def test_train_writes_outputs_and_resumes(tiny_lm_dir, tmp_path, ray_session, mo
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2]
     assert {"reward/mean", "tree/frac_groups_filtered", "loss/policy_loss", "perf/decode_tokens_per_s"} <= set(rows[0])
+    assert all(r["loss/optimizer_steps"] == 1 for r in rows)  # minibatch_size null: one step per iteration
 
     # Simulate an interruption after iteration 2's checkpoint but with a row of a lost iteration 3 written.
     with open(out / "metrics.jsonl", "a") as f:
@@ -49,3 +50,12 @@ def test_config_errors_are_one_line(args, message, capsys, tmp_path):
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(SystemExit, match="no config.yaml"):
         main(["train", "--resume", str(tmp_path)])
+
+
+def test_metrics_row_keeps_numpy_scalars():
+    import numpy as np
+
+    result = {"training_iteration": 3, "tree": {"trees": np.int64(2)}, "learners": {"default_policy": {
+        "loss/optimizer_steps": np.int64(4), "loss/total": np.float32(0.5), "flag": True}}}
+    row = metrics_row(result)
+    assert row == {"iteration": 3, "tree/trees": 2.0, "loss/optimizer_steps": 4.0, "loss/total": 0.5}
