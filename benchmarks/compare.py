@@ -7,12 +7,12 @@ greedy accuracy and mean response length. Curves are reported against generated 
 against training prompts seen (equal data; the table interpolates each curve at the fewest prompts any algorithm
 saw). Algorithms: TreeRPO = configs/tiny_arith.yaml, GRPO = configs/tiny_arith_grpo.yaml (TreeRPO with
 branching [16]), PPO = configs/tiny_arith_ppo.yaml (stock ray.rllib PPO); per-difficulty changes in
-benchmarks/_compare_lib.py. Difficulties: easy = 3 operations on 1-9 (the default task), hard = 5 operations on
+benchmarks/compare_lib.py. Difficulties: easy = 3 operations on 1-9 (the default task), hard = 5 operations on
 1-20 (the warm start solves about 7% when sampling).
 
-  .venv/bin/python benchmarks/compare.py            # 2 difficulties x 3 algorithms x 3 seeds, 300k tokens each
-  .venv/bin/python benchmarks/compare.py --quick    # easy only, 1 seed, 50k tokens: a few minutes
-  .venv/bin/python benchmarks/compare.py --ablate   # TreeRPO ablations (depth/branching, tau, advantage_std, KL)
+  .venv/bin/python -m benchmarks.compare            # 2 difficulties x 3 algorithms x 3 seeds, 300k tokens each
+  .venv/bin/python -m benchmarks.compare --quick    # easy only, 1 seed, 50k tokens: a few minutes
+  .venv/bin/python -m benchmarks.compare --ablate   # TreeRPO ablations (depth/branching, tau, advantage_std, KL)
 
 Options: --budget TOKENS, --seeds N, --difficulties easy,hard, --algorithms TreeRPO,GRPO,PPO, --evals N,
 --eval-problems N, --eval-samples K, --model PATH (skip the warm start), --set [ALGORITHM:]field=value,
@@ -28,14 +28,10 @@ import argparse
 import functools
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _compare_lib as lib  # noqa: E402
+from benchmarks import compare_lib as lib
 
 # name -> TreeRPO overrides (easy task); "base" is configs/tiny_arith.yaml. minibatch_size keeps about 4
 # optimizer steps per iteration (a quarter of the rows a batch of that tree shape has).
@@ -118,7 +114,7 @@ def run_difficulty(args, difficulty: str, variants: dict[str, tuple[str, dict]],
     """Every (variant, seed) of one difficulty; variants: label -> (algorithm, overrides)."""
     model = args.model or lib.warm_model(difficulty, sets.get("*", {}))
     spec = lib.DIFFICULTIES[difficulty]
-    evaluator = lib.Evaluator(model, spec["env_config"], problems=args.eval_problems, samples=args.eval_samples,
+    evaluator = lib.evaluator(model, spec["env_config"], problems=args.eval_problems, samples=args.eval_samples,
                               max_tokens=spec["eval_tokens"])
     before = evaluator()
     lib.log(f"[{difficulty}] model {model}: before RL pass@1 {before['pass@1']:.3f}  greedy {before['greedy']:.3f}"

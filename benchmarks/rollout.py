@@ -9,7 +9,7 @@ Prints the numbers and ends with one JSON line. Targets (checked and printed):
   tree_seconds / flat_seconds <= 1.35 x tree_decode_tokens / flat_decode_tokens
   hf_tokens_per_s >= bare_tokens_per_s / 2
 
-Run: .venv/bin/python benchmarks/rollout.py [--repeats 3] [--device cuda --dtype bfloat16]
+Run: .venv/bin/python -m benchmarks.rollout [--repeats 3] [--device cuda --dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -18,18 +18,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from rllib_treerpo.generation import SamplingParams, make_backend  # noqa: E402
-from rllib_treerpo.sampler import sample_trees, tree_stats  # noqa: E402
-from rllib_treerpo.tiny import build_char_tokenizer, build_tiny_model  # noqa: E402
+from rllib_treerpo.generation import SamplingParams, make_backend
+from rllib_treerpo.sampler import sample_trees, tree_stats
+from rllib_treerpo.tiny import build_char_tokenizer, build_tiny_model
 
 BRANCHING, STEP_TOKENS, PROMPTS = [4, 4, 4], 16, 8
 
@@ -111,6 +107,30 @@ def compaction_sweep(tok, prompts: list[list[int]], device: str, dtype: str, rep
         print(f"(d) EOS bias {eos_bias} ({backend.stats.decode_tokens} tokens): " + ", ".join(row))
 
 
+def throughput(model, tok, backend, args) -> tuple[float, float, int]:
+    """(c) Tokens/s at batch ``args.batch``: the hf backend against a bare decode loop on the same contexts."""
+    g = torch.Generator().manual_seed(0)
+    contexts = torch.randint(3, len(tok), (args.batch, 16), generator=g)
+    new = 64
+    tp_params = SamplingParams(max_new_tokens=new, stop_at_eos=False, seed=0)
+
+    def run_hf():
+        backend.clear_cache()
+        backend.generate(contexts.tolist(), 1, tp_params)
+
+    @torch.inference_mode()
+    def run_bare():
+        gen = torch.Generator(device=args.device).manual_seed(0)
+        cache = DynamicCache()
+        ids = contexts.to(args.device)
+        for _ in range(new):
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1, :]
+            ids = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=gen)
+
+    runs = timed({"hf": run_hf, "bare": run_bare}, args.repeats)
+    return args.batch * new / runs["hf"][0], args.batch * new / runs["bare"][0], new
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -158,27 +178,7 @@ def main() -> None:
     n_leaves = shape["leaves"]
     tree_unique = shape["prompt_tokens"] + shape["generated_tokens"]
 
-    # (c) throughput at batch >= 32: the backend against a bare decode loop on the same contexts.
-    g = torch.Generator().manual_seed(0)
-    contexts = torch.randint(3, len(tok), (args.batch, 16), generator=g)
-    new = 64
-    tp_params = SamplingParams(max_new_tokens=new, stop_at_eos=False, seed=0)
-
-    def run_hf():
-        backend.clear_cache()
-        backend.generate(contexts.tolist(), 1, tp_params)
-
-    @torch.inference_mode()
-    def run_bare():
-        gen = torch.Generator(device=args.device).manual_seed(0)
-        cache = DynamicCache()
-        ids = contexts.to(args.device)
-        for _ in range(new):
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1, :]
-            ids = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=gen)
-
-    runs = timed({"hf": run_hf, "bare": run_bare}, args.repeats)
-    hf_tps, bare_tps = args.batch * new / runs["hf"][0], args.batch * new / runs["bare"][0]
+    hf_tps, bare_tps, new = throughput(model, tok, backend, args)
 
     tree_dec, flat_dec = tree_stats_["decode_tokens"], flat_stats["decode_tokens"]
     print(f"device {args.device} {args.dtype}, threads {args.threads}, median of {args.repeats}")

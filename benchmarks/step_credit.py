@@ -4,7 +4,7 @@ Samples TreeRPO trees from a model on the arithmetic env, computes advantages ex
 checks every arithmetic line ("a+b=c") for correctness. Prints the share of positive-advantage lines that are
 wrong and of negative-advantage lines that are right, then one JSON line.
 
-  python benchmarks/step_credit.py --model ~/.cache/rllib_treerpo/warmstart-<hash> [--prompts 32] [--seed 1]
+  python -m benchmarks.step_credit --model ~/.cache/rllib_treerpo/warmstart-<hash> [--prompts 32] [--seed 1]
 """
 
 from __future__ import annotations

@@ -6,11 +6,11 @@ token paths. A backend with prefix caching (``hf``) therefore feeds each node's 
 
 Each child steps its own clone of its parent's env with its decoded step text (special tokens kept, so the
 EOS text reaches the env). On every clone ``stop_text`` = the tokenizer's EOS text (None when
-``stop_at_eos=False``: EOS then ends nothing) and ``max_steps`` = D, so a depth-D node is the env's truncation.
-A child is a terminal leaf when the backend stopped it at EOS, when its env ended (end marker, stop text,
-step or character limit), or at depth D = len(branching); leaves carry the env's reward. If the backend
-stops at an EOS id whose text is not the env's stop text, the sampler ends the episode by stepping the stop
-text itself (it adds nothing to the response), so that leaf is scored too.
+``stop_at_eos=False``: EOS then ends nothing); the env's own ``max_steps`` is left as the env was built (an env
+that ends earlier than depth D makes earlier leaves). A child is a terminal leaf when the backend stopped it at
+EOS, when its env ended (end marker, stop text, step or character limit), or at depth D = len(branching). A leaf
+whose env did not end by itself (EOS id whose text is not the stop text, or depth D) is ended through the env's
+own API, ``ReasoningEnv.finish()``, which scores it without adding text; leaves carry the env's reward.
 
 Deterministic for a given ``seed``: level d samples with a seed derived from (seed, d). After the last level
 the backend's kept K/V are dropped (leaves are never continued).
@@ -24,6 +24,7 @@ GRPO is this function with ``branching=[G]`` and ``step_tokens`` = the whole res
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import numpy as np
 from .generation.base import GenerationBackend, SamplingParams
 from .tree import Tree
 
-__all__ = ["TreeSpec", "grow_trees", "sample_trees", "tree_stats"]
+__all__ = ["TreeSpec", "draw_prompts", "grow_trees", "sample_trees", "tree_stats"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,14 @@ class TreeSpec:
     def depth(self) -> int:
         return len(self.branching)
 
+    def with_seed(self, seed: int | None) -> TreeSpec:
+        return dataclasses.replace(self, seed=seed)
+
+    @property
+    def response_tokens(self) -> int:
+        """The longest response a tree can hold: depth x step_tokens (also the evaluation's budget)."""
+        return self.depth * self.step_tokens
+
     def params(self, level: int) -> SamplingParams:
         """Sampling params of the generate call for depth ``level`` (0-based); each level its own seed."""
         seed = None
@@ -87,6 +96,17 @@ class _Open:
     path: list[int]
 
 
+def draw_prompts(env: Any, num_prompts: int, seed: int) -> list[Any]:
+    """``num_prompts`` clones of ``env``, each reset on a problem drawn with a seed from ``seed`` (reproducible)."""
+    rng = np.random.default_rng(seed)
+    roots = []
+    for _ in range(num_prompts):
+        root = env.clone()
+        root.reset(seed=int(rng.integers(2**31)))
+        roots.append(root)
+    return roots
+
+
 def sample_trees(envs: Sequence[Any], backend: GenerationBackend, tokenizer: Any, *, branching: Sequence[int],
                  step_tokens: int, step_delimiter: str | None = None, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, stop_at_eos: bool = True,
@@ -102,6 +122,11 @@ def grow_trees(envs: Sequence[Any], backend: GenerationBackend, tokenizer: Any, 
     frontier: list[_Open] = []
     for t, env in enumerate(envs):
         env = getattr(env, "unwrapped", env)  # gymnasium wrappers do not forward clone() or the text properties
+        max_steps = getattr(env, "max_steps", None)
+        if max_steps is not None and max_steps < spec.depth:
+            raise ValueError(f"tree depth {spec.depth} (branching {list(spec.branching)}) is deeper than env {t} "
+                             f"allows: its max_steps = {max_steps}; raise the env's max_steps (env_config) or use "
+                             "fewer levels")
         prompt_ids = list(tokenizer(env.prompt, add_special_tokens=False)["input_ids"])
         if not prompt_ids:
             raise ValueError(f"env {t} has an empty prompt; reset every env before sampling")
@@ -110,7 +135,7 @@ def grow_trees(envs: Sequence[Any], backend: GenerationBackend, tokenizer: Any, 
         frontier.append(_Open(t, 0, env, prompt_ids))
     window = backend.max_length
     if window is not None:
-        need = spec.depth * spec.step_tokens
+        need = spec.response_tokens
         for t, tree in enumerate(trees):
             if len(tree.prompt_ids) + need > window:
                 raise ValueError(
@@ -135,14 +160,11 @@ def grow_trees(envs: Sequence[Any], backend: GenerationBackend, tokenizer: Any, 
                 last = k == len(samples) - 1 and parent.node != 0
                 env = parent.env if last else parent.env.clone()
                 env.stop_text = stop_text
-                env.max_steps = spec.depth  # a depth-D node is the env's truncation and gets its reward
                 _, reward, terminated, truncated, _ = env.step(text)
                 ended = terminated or truncated
                 terminal = ended or sample.finish_reason == "eos" or level + 1 == spec.depth
-                if terminal and not ended:
-                    # The backend stopped at an EOS id whose text is not the env's stop text: end the episode
-                    # with the stop text itself (adds nothing to the response) so the leaf is scored.
-                    _, reward, terminated, truncated, _ = env.step(env.stop_text or "")
+                if terminal and not ended:  # EOS id without the stop text, or depth D: score it as it stands
+                    _, reward, _, _, _ = env.finish()
                 reason = sample.finish_reason
                 if terminated and reason in ("delimiter", "length"):
                     reason = "env"

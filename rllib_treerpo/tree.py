@@ -1,8 +1,8 @@
-"""The tree data model (SPEC.md s.1) and its flattening into training rows (SPEC.md s.4).
+"""The tree data model (SPEC.md s.1). Pure: numpy only.
 
-Pure: numpy only. The sampler fills a :class:`Tree` per prompt; :func:`flatten_trees` turns trees plus
-per-node advantages into padded arrays that the learner consumes. Node 0 is the root (the prompt, no tokens of
-its own); parents are always added before their children, so ``parent[i] < i``.
+The sampler fills a :class:`Tree` per prompt; rows.py turns trees plus per-node advantages into training rows.
+Node 0 is the root (the prompt, no tokens of its own); parents are always added before their children, so
+``parent[i] < i``.
 """
 
 from __future__ import annotations
@@ -97,54 +97,3 @@ class Tree:
     def num_step_tokens(self) -> int:
         """Tokens generated for this tree (every node's own tokens, each counted once)."""
         return int(sum(len(n.token_ids) for n in self.nodes))
-
-
-def flatten_trees(trees: list[Tree], advantages: list[np.ndarray], *, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Training rows: one per node with a finite advantage (SPEC.md s.4).
-
-    Row of node c: ``input_ids = path_ids(parent(c)) ++ tokens(c)``; only c's tokens carry loss. Nodes whose
-    group was filtered (NaN advantage) and the root yield no row, so each generated token is trained at most once.
-
-    Returns right-padded arrays, B rows by T = longest row:
-      input_ids (B, T) int64, attention_mask (B, T) int64,
-      loss_mask (B, T) float32   1 at c's target tokens,
-      advantages (B, T) float32  A(c) at target tokens, 0 elsewhere,
-      old_logprobs (B, T) float32  sampling log-prob of token t at position t (0 where loss_mask is 0),
-      tree_index (B,), node_index (B,) int64: where each row came from.
-    Position t's log-prob is predicted by the logits at t - 1; the learner shifts.
-    """
-    if len(trees) != len(advantages):
-        raise ValueError(f"{len(trees)} trees but {len(advantages)} advantage arrays")
-    rows = []
-    for t, (tree, adv) in enumerate(zip(trees, advantages, strict=True)):
-        adv = np.asarray(adv, dtype=np.float64)
-        if adv.shape != (len(tree.nodes),):
-            raise ValueError(f"tree {t}: advantages shape {adv.shape}, expected ({len(tree.nodes)},)")
-        for i in range(1, len(tree.nodes)):
-            node = tree.nodes[i]
-            if not np.isfinite(adv[i]) or len(node.token_ids) == 0:
-                continue
-            context = tree.path_ids(node.parent)
-            rows.append((t, i, context, node.token_ids, node.logprobs, adv[i]))
-
-    width = max((len(c) + len(x) for _, _, c, x, _, _ in rows), default=0)
-    b = len(rows)
-    out = {
-        "input_ids": np.full((b, width), pad_id, np.int64),
-        "attention_mask": np.zeros((b, width), np.int64),
-        "loss_mask": np.zeros((b, width), np.float32),
-        "advantages": np.zeros((b, width), np.float32),
-        "old_logprobs": np.zeros((b, width), np.float32),
-        "tree_index": np.zeros(b, np.int64),
-        "node_index": np.zeros(b, np.int64),
-    }
-    for r, (t, i, context, target, logprobs, a) in enumerate(rows):
-        c, n = len(context), len(target)
-        out["input_ids"][r, :c] = context
-        out["input_ids"][r, c:c + n] = target
-        out["attention_mask"][r, :c + n] = 1
-        out["loss_mask"][r, c:c + n] = 1.0
-        out["advantages"][r, c:c + n] = a
-        out["old_logprobs"][r, c:c + n] = logprobs
-        out["tree_index"][r], out["node_index"][r] = t, i
-    return out

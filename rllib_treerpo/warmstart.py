@@ -6,11 +6,21 @@ gives a policy that solves some problems when sampling, so TreeRPO has signal an
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import shutil
+import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+CACHE_DIR = Path(os.environ.get("TREERPO_CACHE", Path.home() / ".cache" / "rllib_treerpo"))
+WARMSTART_DEFAULTS = {"steps": 1500, "batch_size": 128, "lr": 2e-3, "error_rate": 0.2, "demos": 20000, "seed": 0}
 
 
 def encode_demonstrations(tokenizer, demos: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
@@ -76,3 +86,43 @@ def sft(
     return losses
 
 
+def embedded_model(env: Any, env_config: dict | None, tiny_model: dict | None = None,
+                   warmstart: dict | None = None, log: Callable[[str], None] = print) -> str:
+    """The embedded default model: the tiny char-level model warm-started on the env's demonstrations.
+
+    Built once per settings and cached under ``CACHE_DIR`` (``$TREERPO_CACHE``); returns the Hugging Face folder.
+    """
+    from envs import make_reasoning_env
+    from rllib_treerpo.tiny import build_char_tokenizer, build_tiny_model
+
+    tiny_model, ws = dict(tiny_model or {}), {**WARMSTART_DEFAULTS, **(warmstart or {})}
+    key = json.dumps({"tiny": tiny_model, "warmstart": ws, "env": str(env), "env_config": env_config or {},
+                      "v": 1}, sort_keys=True, default=str)
+    folder = CACHE_DIR / f"warmstart-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if (folder / "config.json").exists():
+        log(f"warm start: cached model {folder}")
+        return str(folder)
+    instance = make_reasoning_env(env, env_config)
+    if not hasattr(instance, "demonstrations"):
+        raise ValueError(f"config field 'model_name_or_path' is null, but env {env!r} has no demonstrations() to "
+                         "warm-start the tiny model: give a model_name_or_path")
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model(len(tokenizer), seed=ws["seed"], eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, **tiny_model)
+    demos = instance.demonstrations(ws["demos"], seed=ws["seed"], error_rate=ws["error_rate"])
+    log(f"warm start: SFT of a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter model on "
+        f"{len(demos)} demonstrations ({ws['error_rate']:.0%} step errors), {ws['steps']} steps")
+    torch.manual_seed(ws["seed"])
+    start = time.perf_counter()
+    sft(model, tokenizer, demos, steps=ws["steps"], batch_size=ws["batch_size"], lr=ws["lr"], seed=ws["seed"],
+        progress=lambda s, loss: log(f"  sft step {s + 1}/{ws['steps']} loss {loss:.3f} "
+                                     f"({time.perf_counter() - start:.0f}s)"))
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(folder)  # atomic: a half-written cache is never picked up
+    except OSError:  # another process finished the same model first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)

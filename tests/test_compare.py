@@ -1,18 +1,11 @@
 """Smoke test of benchmarks/compare.py: every algorithm trains and is evaluated, outputs are written."""
 
 import json
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+from benchmarks import compare
 
 
 def test_compare_smoke(tiny_lm_dir, ray_session, tmp_path, capsys):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import compare
-    finally:
-        sys.path.remove(str(BENCH))
     out = tmp_path / "cmp"
     results = compare.main([
         "--model", tiny_lm_dir, "--budget", "1200", "--seeds", "1", "--difficulties", "easy", "--evals", "1",

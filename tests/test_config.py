@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from rllib_treerpo.config import FIELDS, TreeRPOConfig
+from rllib_treerpo.rllib.algorithm import TreeRPOConfig
+from rllib_treerpo.settings import FIELDS
 
 CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
 

@@ -44,8 +44,7 @@ REGISTERED = ["treerpo/Arithmetic-v0", "treerpo/ArithmeticHard-v0", "treerpo/Mat
 
 
 def test_every_registered_id_is_checked():
-    # treerpo/Tokenized-v0 (token-id view for stock PPO) needs a tokenizer: tests/test_ppo.py checks it.
-    ours = {i for i in gymnasium.registry if i.startswith("treerpo/") and i != "treerpo/Tokenized-v0"}
+    ours = {i for i in gymnasium.registry if i.startswith("treerpo/")}
     assert ours == set(REGISTERED)
 
 

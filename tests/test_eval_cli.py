@@ -9,9 +9,10 @@ import pytest
 import torch
 import yaml
 
-from rllib_treerpo.cli import main
-from rllib_treerpo.config import TreeRPOConfig
-from rllib_treerpo.eval_cli import eval_model, load_model, resolve_model
+from rllib_treerpo.jobs.cli import main
+from rllib_treerpo.jobs.eval import eval_model
+from rllib_treerpo.model_io import load_policy, resolve_model
+from rllib_treerpo.rllib.algorithm import TreeRPOConfig
 
 SMALL = {"branching": [2, 2], "step_tokens": 6, "prompts_per_iteration": 2, "tau": 0.0, "lr": 1e-2,
          "env_config": {"num_ops": 1}, "eval_env_config": {"split": "test"}, "seed": 0}
@@ -88,11 +89,11 @@ def test_eval_checkpoint_uses_learner_weights_and_training_env(checkpoint, tiny_
     path, weights = checkpoint
     resolved = resolve_model(str(path))
     assert resolved.kind == "checkpoint" and resolved.train_config["env"] == "treerpo/Arithmetic-v0"
-    model, _, base = load_model(resolved)
+    model, _, base = load_policy(resolved)
     assert base == tiny_lm_dir
     state = model.state_dict()
     assert all(torch.equal(state[k], weights[k]) for k in weights)
-    base_model, _, _ = load_model(resolve_model(tiny_lm_dir))
+    base_model, _, _ = load_policy(resolve_model(tiny_lm_dir))
     assert not all(torch.equal(base_model.state_dict()[k], weights[k]) for k in weights)  # training moved it
 
     summary = eval_model(str(path), samples=2, problems=3, output=tmp_path / "e", progress=False)
@@ -118,7 +119,7 @@ def test_eval_train_output_folder(checkpoint, tmp_path):
     resolved = resolve_model(str(run))
     assert resolved.kind == "checkpoint" and resolved.path == str(run / "checkpoints" / "iter_000001")
     assert resolved.train_config["step_tokens"] == 5  # the run's config.yaml
-    model, _, _ = load_model(resolved)
+    model, _, _ = load_policy(resolved)
     assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)
 
     shutil.copytree(resolved.train_config["model_name_or_path"], run / "final_model")  # a finished run

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rllib_treerpo.batch import build_training_batch
+from rllib_treerpo.rows import build_training_batch
 from rllib_treerpo.tree import Tree
 
 G, EPS = 8, 1e-6
@@ -90,13 +90,14 @@ def test_sampled_depth1_trees_are_grpo_groups(tiny_lm_dir):
 
 
 def test_grpo_config_is_a_depth1_tree_with_whole_response_steps():
-    from rllib_treerpo.config import TreeRPOConfig
+    from rllib_treerpo.jobs.config import load_run_config
 
     root = Path(__file__).resolve().parent.parent / "configs"
-    grpo = TreeRPOConfig.from_yaml(root / "tiny_arith_grpo.yaml")
-    tree = TreeRPOConfig.from_yaml(root / "tiny_arith.yaml")
+    grpo, grpo_job, _ = load_run_config(root / "tiny_arith_grpo.yaml")
+    tree, tree_job, _ = load_run_config(root / "tiny_arith.yaml")
     assert grpo.branching == [16] and grpo.step_delimiter is None
-    assert grpo.step_tokens == tree.step_tokens * len(tree.branching)  # the same response budget
+    assert grpo.tree_spec().response_tokens == tree.tree_spec().response_tokens  # the same response budget
     assert grpo.prompts_per_iteration == tree.prompts_per_iteration == 32
-    same = ("env", "env_config", "lr", "tiny_model", "warmstart", "temperature", "iterations", "eval_problems")
-    assert all(getattr(grpo, k) == getattr(tree, k) for k in same)
+    assert all(getattr(grpo, k) == getattr(tree, k) for k in ("env", "env_config", "lr", "temperature"))
+    assert all(getattr(grpo_job, k) == getattr(tree_job, k)
+               for k in ("tiny_model", "warmstart", "iterations", "eval_problems"))

@@ -3,7 +3,7 @@
 import numpy as np
 
 from envs.base import ReasoningEnv
-from rllib_treerpo.config import TreeRPOConfig
+from rllib_treerpo.rllib.algorithm import TreeRPOConfig
 
 
 class DigitFirstEnv(ReasoningEnv):

@@ -38,8 +38,7 @@ def test_worked_example_runs_as_written(tmp_path):
     assert re.fullmatch(r"Parity of [01]{4}\? Answer \\boxed\{even\} or \\boxed\{odd\}\.\n", proc.stdout)
 
 
-def test_yaml_snippets_are_config_fields():
-    from rllib_treerpo.config import TreeRPOConfig
+def test_yaml_snippets_are_config_fields(tmp_path_factory):
 
     snippets = blocks("yaml")
     assert len(snippets) >= 4
@@ -47,13 +46,16 @@ def test_yaml_snippets_are_config_fields():
         values = yaml.safe_load(text)
         if "sweep" in values:  # the sweep section alone: test_sweep_snippet_is_a_valid_sweep
             continue
-        config = TreeRPOConfig()
-        config.update_from_flat_dict(values, source="docs/plug_in_env.md")
+        from rllib_treerpo.jobs.config import load_run_config
+
+        path = Path(tmp_path_factory.mktemp("snippet")) / "c.yaml"
+        path.write_text(yaml.safe_dump(values))
+        load_run_config(path)
 
 
 def test_reasoning_gym_snippet_builds_its_env():
     pytest.importorskip("reasoning_gym")
-    from rllib_treerpo.env_runner import make_reasoning_env
+    from envs import make_reasoning_env
 
     values = next(yaml.safe_load(t) for t in blocks("yaml") if "ReasoningGym" in t)
     env = make_reasoning_env(values["env"], {**values["env_config"], **values["eval_env_config"]})
@@ -62,10 +64,10 @@ def test_reasoning_gym_snippet_builds_its_env():
 
 
 def test_sweep_snippet_is_a_valid_sweep(tmp_path):
-    from rllib_treerpo.sweep import load_sweep
+    from rllib_treerpo.jobs.sweep_spec import load_sweep
 
     sweep = next(yaml.safe_load(t) for t in blocks("yaml") if "sweep" in yaml.safe_load(t))
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(sweep))
-    _, spec = load_sweep(path)
+    _, _, spec = load_sweep(path)
     assert set(spec.space) == {"tau", "lr"} and spec.scheduler == "asha"

@@ -11,7 +11,7 @@ ENV_KW = {"env": "treerpo/Arithmetic-v0", "env_config": {"num_ops": 1}, "step_to
 
 @pytest.fixture
 def tokenized(tiny_lm_dir):
-    from envs.tokenized import TokenizedReasoningEnv
+    from rllib_treerpo.baselines.ppo.tokenized_env import TokenizedReasoningEnv
 
     return TokenizedReasoningEnv(tokenizer=tiny_lm_dir, **ENV_KW)
 
@@ -48,8 +48,8 @@ def test_step_distribution_logp_is_the_masked_sum_of_token_logprobs(tiny_lm_dir,
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
     from transformers import AutoModelForCausalLM
 
+    from rllib_treerpo.baselines.ppo.module import PPOCausalLMModule
     from rllib_treerpo.losses import token_logprobs
-    from rllib_treerpo.ppo_module import PPOCausalLMModule
 
     module = RLModuleSpec(module_class=PPOCausalLMModule, observation_space=tokenized.observation_space,
                           action_space=tokenized.action_space,
@@ -80,9 +80,9 @@ def test_stock_ppo_trains_one_iteration(tiny_lm_dir, ray_session, tmp_path):
     from ray.rllib.algorithms.ppo import PPO
     from ray.rllib.core import DEFAULT_MODULE_ID
 
-    from rllib_treerpo.config import TreeRPOConfig
-    from rllib_treerpo.ppo import build_ppo_config, ppo_metrics_row
-    from rllib_treerpo.train import policy_weights
+    from rllib_treerpo.baselines.ppo.job import build_ppo_config, ppo_metrics_row
+    from rllib_treerpo.rllib.algorithm import TreeRPOConfig
+    from rllib_treerpo.rllib.rl_module import learner_policy_weights as policy_weights
 
     config = TreeRPOConfig.from_yaml(None, {
         "algorithm": "PPO", "model_name_or_path": tiny_lm_dir, "env_config": {"num_ops": 1}, "branching": [1, 1],
@@ -109,13 +109,15 @@ def test_stock_ppo_trains_one_iteration(tiny_lm_dir, ray_session, tmp_path):
 def test_train_ppo_job_writes_the_train_outputs(tiny_lm_dir, ray_session, tmp_path):
     import json
 
-    from rllib_treerpo.ppo import train_ppo
+    from rllib_treerpo.baselines.ppo.job import train_ppo
+    from rllib_treerpo.jobs.config import load_run_config
 
     out = tmp_path / "run"
-    summary = train_ppo({"algorithm": "PPO", "model_name_or_path": tiny_lm_dir, "env_config": {"num_ops": 1},
-                         "branching": [1, 1], "step_tokens": 6, "step_delimiter": "\n", "train_batch_size": 16,
-                         "minibatch_size": 16, "iterations": 1, "eval_problems": 2, "eval_samples": 1},
-                        out, overrides={"seed": 1, "ppo": {"num_envs_per_env_runner": 4}})
+    config, job, _ = load_run_config(None, {
+        "algorithm": "PPO", "model_name_or_path": tiny_lm_dir, "env_config": {"num_ops": 1}, "branching": [1, 1],
+        "step_tokens": 6, "step_delimiter": "\n", "train_batch_size": 16, "minibatch_size": 16, "iterations": 1,
+        "eval_problems": 2, "eval_samples": 1, "seed": 1})
+    summary = train_ppo(config, job, out, ppo={"num_envs_per_env_runner": 4})
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["perf/generated_tokens"] > 0 and "reward/mean" in rows[0]
     for name in ("eval_before.json", "eval_after.json", "summary.json", "config.yaml", "final_model/config.json"):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rllib_treerpo.config import TreeRPOConfig
 from rllib_treerpo.prompts import PromptTokenizer, format_prompt, prompt_tokenizer
+from rllib_treerpo.rllib.algorithm import TreeRPOConfig
 from rllib_treerpo.tiny import build_char_tokenizer
 
 # A ChatML-like template written with characters the char-level tokenizer knows.

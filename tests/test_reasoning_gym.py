@@ -112,7 +112,7 @@ def test_bad_input_is_a_clear_error():
 
 
 def test_make_reasoning_env_accepts_the_id():
-    from rllib_treerpo.env_runner import make_reasoning_env
+    from envs import make_reasoning_env
 
     env = make_reasoning_env(ENV_ID, {"task": "chain_sum", "size": 5})
     assert isinstance(env, ReasoningGymEnv) and env.task == "chain_sum"

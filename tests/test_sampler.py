@@ -43,6 +43,12 @@ class FakeEnv:
         reward = float(self._answer in self._response) if self.done else 0.0
         return self._prompt + self._response, reward, terminated, truncated, {"problem_id": self.problem_id}
 
+    def finish(self):
+        assert not self.done, "finished after the end"
+        self.done = True
+        reward = float(self._answer in self._response)
+        return self._prompt + self._response, reward, True, False, {"problem_id": self.problem_id}
+
     def clone(self):
         return copy.copy(self)
 
@@ -164,7 +170,8 @@ def test_env_end_marker_ends_branch(tok):
 
 
 def test_truncated_leaves_at_depth_d(tok):
-    es = [FakeEnv(p, max_steps=1) for p in PROMPTS]  # the sampler raises max_steps to D on its clones
+    """Depth-D nodes are leaves ended through the env's finish() (the env's own max_steps is left alone)."""
+    es = [FakeEnv(p, max_steps=8) for p in PROMPTS]
     for e in es:
         e.reset()
     trees = sample_trees(es, make_backend("hf", tiny_lm(tok), tok), tok, branching=[2, 2], step_tokens=3,
@@ -172,6 +179,16 @@ def test_truncated_leaves_at_depth_d(tok):
     for tree in trees:
         assert len(tree.nodes) == 7
         assert all(tree.nodes[i].depth == 2 and math.isfinite(tree.nodes[i].reward) for i in tree.leaves())
+        assert all(tree.nodes[i].finish_reason == "length" for i in tree.leaves())
+    assert all(e.max_steps == 8 for e in es)
+
+
+def test_a_tree_deeper_than_the_env_allows_is_an_error(tok):
+    es = [FakeEnv(p, max_steps=1) for p in PROMPTS]
+    for e in es:
+        e.reset()
+    with pytest.raises(ValueError, match=r"depth 2 .* max_steps = 1"):
+        sample_trees(es, make_backend("hf", tiny_lm(tok), tok), tok, branching=[2, 2], step_tokens=3)
 
 
 def test_grpo_is_depth_one(tok):

@@ -8,9 +8,10 @@ import json
 import pytest
 import yaml
 
-from rllib_treerpo.cli import main
-from rllib_treerpo.config import TreeRPOConfig
-from rllib_treerpo.sweep import load_sweep, run_sweep, search_space
+from rllib_treerpo.jobs.cli import main
+from rllib_treerpo.jobs.sweep import run_sweep
+from rllib_treerpo.jobs.sweep_spec import load_sweep, search_space
+from rllib_treerpo.rllib.algorithm import TreeRPOConfig
 
 SMALL = {"branching": [2, 2], "step_tokens": 6, "prompts_per_iteration": 2, "lr": 1e-3,
          "env_config": {"num_ops": 1}, "seed": 0}
@@ -44,8 +45,8 @@ def test_sweep_over_unknown_field_is_one_line_before_ray(tmp_path, no_ray, capsy
 
 
 @pytest.mark.parametrize("sweep, match", [
-    ({"space": {"iterations": {"grid_search": [1, 2]}}}, "'iterations' cannot be swept"),
-    ({"space": {"algorithm": {"choice": ["TreeRPO", "PPO"]}}}, "'algorithm' cannot be swept"),
+    ({"space": {"iterations": {"grid_search": [1, 2]}}}, "'iterations' is a job field"),
+    ({"space": {"algorithm": {"choice": ["TreeRPO", "PPO"]}}}, "'algorithm' is a job field"),
     ({"space": {"tau": [0.0, 0.1]}}, r"sweep.space.tau must be a mapping with exactly one of"),
     ({"space": {"tau": {"gridsearch": [0.0]}}}, "exactly one of"),
     ({"space": {"tau": {"grid_search": [0.0, -1.0]}}}, r"sweep.space.tau: value -1.0 must be a number >= 0"),
@@ -70,14 +71,14 @@ def test_config_without_sweep_section(tmp_path, no_ray):
 
 
 def test_search_space_merges_domains_into_the_config(tmp_path):
-    config, spec = load_sweep(write(tmp_path, {"space": {"tau": {"grid_search": [0.0, 0.1]},
+    config, job, spec = load_sweep(write(tmp_path, {"space": {"tau": {"grid_search": [0.0, 0.1]},
                                                          "env_config.num_ops": {"choice": [1, 2]},
                                                          "lr": {"loguniform": [1e-5, 1e-3]}}}))
     space = search_space(config, spec)
     assert space["tau"] == {"grid_search": [0.0, 0.1]}
     assert space["env_config"]["num_ops"].categories == [1, 2]
     assert space["lr"].lower == 1e-5 and space["branching"] == [2, 2]
-    assert spec.metric == "reward/mean" and spec.mode == "max" and spec.iterations == config.iterations
+    assert spec.metric == "reward/mean" and spec.mode == "max" and spec.iterations == job.iterations
 
 
 def test_two_trial_sweep_writes_results_and_resumes(tiny_lm_dir, tmp_path, ray_session):
@@ -97,7 +98,7 @@ def test_two_trial_sweep_writes_results_and_resumes(tiny_lm_dir, tmp_path, ray_s
     assert best.tau in (0.0, 0.1) and best.tau == summary["best_params"]["tau"]
     assert best.branching == [2, 2] and best.model_name_or_path == tiny_lm_dir
     assert json.loads((out / "summary.json").read_text())["best_metric"] == summary["best_metric"]
-    from rllib_treerpo.eval_cli import resolve_model
+    from rllib_treerpo.model_io import resolve_model
 
     assert resolve_model(summary["best_checkpoint"]).kind == "checkpoint"  # `treerpo eval` takes it
 

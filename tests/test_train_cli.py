@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from rllib_treerpo.cli import main
-from rllib_treerpo.config import TreeRPOConfig
-from rllib_treerpo.train import metrics_row, train
+from rllib_treerpo.jobs.cli import main
+from rllib_treerpo.jobs.config import load_run_config
+from rllib_treerpo.jobs.train import metrics_row, train
 
 JOB = {"branching": [2, 2], "step_tokens": 6, "prompts_per_iteration": 2, "tau": 0.0, "lr": 1e-3, "seed": 0,
        "env_config": {"num_ops": 1}, "eval_problems": 3, "eval_samples": 2, "checkpoint_every": 1}
@@ -15,8 +15,8 @@ JOB = {"branching": [2, 2], "step_tokens": 6, "prompts_per_iteration": 2, "tau":
 def test_train_writes_outputs_and_resumes(tiny_lm_dir, tmp_path, ray_session, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative output folder, as `make train` passes it
     out = tmp_path / "run"
-    config = TreeRPOConfig.from_yaml(None, {**JOB, "model_name_or_path": tiny_lm_dir, "iterations": 2})
-    summary = train(config, "run")
+    config, job, _ = load_run_config(None, {**JOB, "model_name_or_path": tiny_lm_dir, "iterations": 2})
+    summary = train(config, job, "run")
     for name in ("config.yaml", "metrics.jsonl", "learning_curve.png", "eval_before.json", "eval_after.jsonl",
                  "summary.json", "final_model/config.json", "checkpoints/latest"):
         assert (out / name).exists(), name

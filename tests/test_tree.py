@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from rllib_treerpo.advantages import tree_advantages
-from rllib_treerpo.tree import Tree, flatten_trees
+from rllib_treerpo.rows import flatten_trees
+from rllib_treerpo.tree import Tree
 
 
 def small_tree():

@@ -113,9 +113,20 @@ class GenerationBackend(ABC):
         Returns one list per context, in order, with that context's samples.
         """
 
+    @classmethod
+    def from_pretrained(cls, model_name_or_path: str, tokenizer: Any, *, dtype: str = "float32",
+                        **kwargs: Any) -> GenerationBackend:
+        """A backend that loads the model itself from a Hugging Face folder or hub name (what env runners build)."""
+        raise NotImplementedError(f"the {cls.name} backend cannot load a model by itself")
+
     @abstractmethod
     def load_weights(self, state_dict: Mapping[str, Any]) -> None:
-        """Take new policy weights (pushed from the learner); invalidates every kept KV cache."""
+        """Take new policy weights under Hugging Face names (pushed from the learner); invalidates every kept
+        KV cache. The only way weights reach a backend."""
+
+    def weights(self) -> dict[str, Any]:
+        """The weights the backend samples with, under Hugging Face names (to hand to a restarted env runner)."""
+        raise NotImplementedError(f"the {self.name} backend cannot export its weights")
 
     @abstractmethod
     def clear_cache(self) -> None:

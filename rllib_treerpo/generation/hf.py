@@ -8,7 +8,7 @@ Cache design (why a tree costs little more than its unique tokens):
   context's K/V is expanded to its N samples (row copies): a node's prefix is encoded once, at one level.
 - All contexts x samples of one call run in ONE decode loop: per-sample caches of different lengths are
   merged right-aligned (left padding) with an attention mask and explicit position ids.
-- The K/V of a call live in buffers preallocated for the call (``_SlotLayer``): a decode step writes one slot
+- The K/V of a call live in buffers preallocated for the call (``SlotLayer``): a decode step writes one slot
   per row instead of torch.cat-ing the whole cache as DynamicLayer does (O(rows), not O(rows x length)).
 - Rows stop individually. A finished row stays in the batch (masked, its work counted as ``pad_tokens``)
   until at least ``compact_fraction`` of the batch has finished; then the finished rows' K/V are set aside
@@ -24,81 +24,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .base import GenerationBackend, Sample, SamplingParams, StopStringChecker
+from .kv_slots import CacheEntry, KVGroup, SlotCache, SlotLayer
 
 Key = tuple[int, ...]
-
-
-_KVGroup = list[tuple[torch.Tensor, torch.Tensor]]  # rows set aside together: per layer (keys, values) (n, H, S, D)
-
-
-@dataclass
-class _CacheEntry:
-    """Where one kept sequence's K/V lives: row ``row`` of ``group``, at ``slots`` (one per cached token)."""
-
-    group: _KVGroup
-    row: int
-    slots: np.ndarray  # (len(key) - 1,) int64, increasing
-
-
-class _SlotLayer(DynamicLayer):
-    """A DynamicLayer over preallocated (B, H, capacity, D) buffers; ``keys``/``values`` view the first ``length``.
-
-    ``update`` writes the new slots in place. The capacity is planned per generate call (cached + tail + new
-    tokens), so it never grows.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        super().__init__()
-        self.capacity, self.length = capacity, 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        shape = (key_states.shape[0], key_states.shape[1], self.capacity, key_states.shape[3])
-        self.set_buffers(key_states.new_zeros(shape), value_states.new_zeros(shape), 0)
-
-    def set_buffers(self, kbuf: torch.Tensor, vbuf: torch.Tensor, length: int) -> None:
-        self.dtype, self.device, self.is_initialized = kbuf.dtype, kbuf.device, True
-        self._kbuf, self._vbuf, self.length = kbuf, vbuf, length
-        self.keys, self.values = kbuf[:, :, :length], vbuf[:, :, :length]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]  # the capacity was planned for the call: no overflow check
-        self._kbuf[:, :, self.length:end] = key_states
-        self._vbuf[:, :, self.length:end] = value_states
-        self.set_buffers(self._kbuf, self._vbuf, end)
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:  # (kv_length, kv_offset)
-        return self.length + query_length, 0
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep/repeat rows: copies only the ``length`` filled slots (unfilled ones are written before read)."""
-        if self.is_initialized:
-            shape = (len(indices), *self._kbuf.shape[1:])
-            kbuf, vbuf = self._kbuf.new_empty(shape), self._vbuf.new_empty(shape)
-            torch.index_select(self.keys, 0, indices, out=kbuf[:, :, :self.length])
-            torch.index_select(self.values, 0, indices, out=vbuf[:, :, :self.length])
-            self.set_buffers(kbuf, vbuf, self.length)
-
-
-class _SlotCache(DynamicCache):
-    """A DynamicCache whose layers are _SlotLayers (the model only calls update / get_seq_length / mask sizes)."""
-
-    def __init__(self, layers: list[_SlotLayer]) -> None:
-        Cache.__init__(self, layers=layers)
 
 
 def _sample_tokens(logits: torch.Tensor, params: SamplingParams,
@@ -164,7 +98,7 @@ class HFBackend(GenerationBackend):
         self.pad_token_id = int(pad if pad is not None else (self.eos_token_ids or [0])[0])
         self.cache_prefixes = cache_prefixes
         self.compact_fraction = float(compact_fraction)
-        self._store: dict[Key, _CacheEntry] = {}
+        self._store: dict[Key, CacheEntry] = {}
         self._key_lengths: list[int] = []
 
     # ----------------------------------------------------------------- interface
@@ -179,6 +113,16 @@ class HFBackend(GenerationBackend):
         self.clear_cache()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # hand the freed K/V blocks back, e.g. to a learner on the same GPU
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path: str, tokenizer: Any, *, dtype: str = "float32",
+                        **kwargs: Any) -> HFBackend:
+        from rllib_treerpo.model_io import load_causal_lm
+
+        return cls(load_causal_lm(model_name_or_path, dtype), tokenizer, **kwargs)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
 
     def load_weights(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         tensors = {k: torch.as_tensor(v) for k, v in state_dict.items()}
@@ -209,7 +153,7 @@ class HFBackend(GenerationBackend):
             logits, mask, positions = logits[rows], mask[rows], positions[rows]
         new_tokens, new_logps, reasons, entries = self._decode(logits, cache, mask, positions, params)
         out: list[list[Sample]] = [[] for _ in contexts]
-        store: dict[Key, _CacheEntry] = {}
+        store: dict[Key, CacheEntry] = {}
         row = 0
         for i, n in enumerate(counts):
             for _ in range(n):
@@ -225,7 +169,7 @@ class HFBackend(GenerationBackend):
         return out
 
     # ----------------------------------------------------------------- internals
-    def _lookup(self, key: Key) -> _CacheEntry | None:
+    def _lookup(self, key: Key) -> CacheEntry | None:
         """The kept entry whose key is the longest prefix of ``key`` (usually ``key`` itself).
 
         Only kept key lengths shorter than ``key`` are tried, longest first: a prompt costs one dict lookup.
@@ -242,7 +186,7 @@ class HFBackend(GenerationBackend):
                     return entry
         return None
 
-    def _prefill(self, ukeys: list[Key], max_new: int) -> tuple[torch.Tensor, _SlotCache, torch.Tensor, torch.Tensor]:
+    def _prefill(self, ukeys: list[Key], max_new: int) -> tuple[torch.Tensor, SlotCache, torch.Tensor, torch.Tensor]:
         """Feed each unique context's uncached tail on top of its merged cache.
 
         Layout of row u: [pad | cached c_u slots | pad | tail s_u tokens]; cached parts right-aligned at Cmax,
@@ -265,10 +209,10 @@ class HFBackend(GenerationBackend):
             mask[u, c_max - c:c_max] = mask[u, c_max + s_max - s:] = True
         full = bool(mask.all())  # no padding: no mask, so SDPA may take its causal fast path
         ids, pos, mask = (torch.from_numpy(a).to(self.device) for a in (ids, pos, mask))
-        layers = [_SlotLayer(c_max + s_max + max_new) for _ in range(self.model.config.num_hidden_layers)]
+        layers = [SlotLayer(c_max + s_max + max_new) for _ in range(self.model.config.num_hidden_layers)]
         if c_max:
             self._merge(entries, c_max, layers)
-        cache = _SlotCache(layers)
+        cache = SlotCache(layers)
         del entries  # the merged copy is all that is needed: free the previous call's groups
         fed = sum(len(t) for t in tails)
         self.stats.prefill_tokens += fed
@@ -280,13 +224,13 @@ class HFBackend(GenerationBackend):
         next_pos = torch.tensor([len(k) for k in ukeys], device=self.device)
         return out.logits[:, -1, :], out.past_key_values, mask, next_pos
 
-    def _merge(self, entries: list[_CacheEntry | None], c_max: int, layers: list[_SlotLayer]) -> None:
+    def _merge(self, entries: list[CacheEntry | None], c_max: int, layers: list[SlotLayer]) -> None:
         """Fill each layer's buffers (U, H, capacity, D) with the kept entries, right-aligned at slot c_max.
 
         Rows without an entry and padding slots hold zeros: they are masked. One gather per layer and source
         group copies exactly the cached slots (holes and stale slots of the source rows are dropped here).
         """
-        plans: dict[int, tuple[_KVGroup, list]] = {}  # source group -> its (target row, entry) pairs
+        plans: dict[int, tuple[KVGroup, list]] = {}  # source group -> its (target row, entry) pairs
         for u, e in enumerate(entries):
             if e is not None:
                 plans.setdefault(id(e.group), (e.group, []))[1].append((u, e))
@@ -320,7 +264,7 @@ class HFBackend(GenerationBackend):
             layer.set_buffers(*bufs, c_max)
 
     @staticmethod
-    def _set_aside(cache: _SlotCache, mask: torch.Tensor, batch_rows: torch.Tensor | None,
+    def _set_aside(cache: SlotCache, mask: torch.Tensor, batch_rows: torch.Tensor | None,
                    sample_ids: list[int], groups: list) -> None:
         """Keep the K/V of ``batch_rows`` (all rows when None: no copy) for ``sample_ids`` (same order)."""
         pick = (lambda t: t) if batch_rows is None else (lambda t: t[batch_rows])
@@ -328,10 +272,10 @@ class HFBackend(GenerationBackend):
         mask_rows = pick(mask)
         valid = mask_rows.cpu().numpy()
         for r, s in enumerate(sample_ids):
-            groups[s] = _CacheEntry(layers, r, np.flatnonzero(valid[r]))
+            groups[s] = CacheEntry(layers, r, np.flatnonzero(valid[r]))
 
-    def _decode(self, logits: torch.Tensor, cache: _SlotCache, mask: torch.Tensor, positions: torch.Tensor,
-                params: SamplingParams) -> tuple[list[list[int]], list[list[float]], list[str], list[_CacheEntry]]:
+    def _decode(self, logits: torch.Tensor, cache: SlotCache, mask: torch.Tensor, positions: torch.Tensor,
+                params: SamplingParams) -> tuple[list[list[int]], list[list[float]], list[str], list[CacheEntry]]:
         """The batched decode loop. logits (B, V), mask (B, S) bool, positions (B,) next position ids.
 
         Returns per sample row: new token ids, their log-probs, finish reason, and where its K/V is kept.

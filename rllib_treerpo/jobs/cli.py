@@ -2,8 +2,11 @@
 
 - `treerpo train [CONFIG] [--set field=value ...] [--output DIR] [--resume DIR]`
 - `treerpo eval --model PATH_OR_CHECKPOINT [--env ID] [--env-config key=value ...] [--samples K] [--problems N]
-  [--greedy/--no-greedy] [--max-new-tokens N] [--temperature T] [--output DIR]` (rllib_treerpo/eval_cli.py)
-- `treerpo sweep CONFIG [--set field=value ...] [--output DIR] [--resume]` (rllib_treerpo/sweep.py)
+  [--greedy/--no-greedy] [--max-new-tokens N] [--temperature T] [--output DIR]` (jobs/eval.py)
+- `treerpo sweep CONFIG [--set field=value ...] [--output DIR] [--resume]` (jobs/sweep.py)
+
+Each command is argument parsing around the jobs; an expected failure (bad path, field or value) is one line on
+stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -27,24 +30,24 @@ def parse_sets(items: list[str]) -> dict:
 
 
 def cmd_train(args) -> int:
-    from rllib_treerpo.config import TreeRPOConfig
-    from rllib_treerpo.train import train
+    from rllib_treerpo.jobs.config import load_run_config
+    from rllib_treerpo.jobs.train import train
 
     if args.resume:
         folder = Path(args.resume)
         if not (folder / "config.yaml").exists():
             raise SystemExit(f"--resume {folder}: no config.yaml there; is it a `treerpo train` output folder?")
-        config = TreeRPOConfig.from_yaml(folder / "config.yaml", parse_sets(args.set))
+        config, job, sections = load_run_config(folder / "config.yaml", parse_sets(args.set))
         output = folder
     else:
-        config = TreeRPOConfig.from_yaml(args.config, parse_sets(args.set))
+        config, job, sections = load_run_config(args.config, parse_sets(args.set))
         output = Path(args.output or Path("runs") / (Path(args.config).stem if args.config else "default"))
-    if config.algorithm == "PPO":  # RLlib's stock PPO on the token-id view of the same env (the baseline)
-        from rllib_treerpo.ppo import train_ppo
+    if job.algorithm == "PPO":  # RLlib's stock PPO on the token-id view of the same env (the baseline)
+        from rllib_treerpo.baselines.ppo.job import train_ppo
 
-        train_ppo(config, Path(output).resolve(), resume=bool(args.resume))
+        train_ppo(config, job, output, ppo=sections.get("ppo"), resume=bool(args.resume))
     else:
-        train(config, output, resume=bool(args.resume))
+        train(config, job, output, resume=bool(args.resume))
     return 0
 
 
@@ -60,7 +63,7 @@ def parse_key_values(items: list[str], flag: str) -> dict:
 
 
 def cmd_eval(args) -> int:
-    from rllib_treerpo.eval_cli import eval_model, format_summary
+    from rllib_treerpo.jobs.eval import eval_model, format_summary
 
     summary = eval_model(
         args.model, env=args.env, env_config=parse_key_values(args.env_config, "--env-config"),
@@ -73,7 +76,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from rllib_treerpo.sweep import run_sweep
+    from rllib_treerpo.jobs.sweep import run_sweep
 
     result = run_sweep(args.config, output=args.output, resume=args.resume, overrides=parse_sets(args.set))
     print(f"sweep: {result['finished_trials']}/{result['expected_trials']} trials finished; best "

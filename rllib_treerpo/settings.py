@@ -1,21 +1,18 @@
-"""TreeRPOConfig: every TreeRPO knob, typed, documented once (FIELDS), validated by name.
+"""Every setting, typed and documented once: the algorithm's fields and the job's. Pure (no Ray).
 
-Defaults follow SPEC.md (the paper's values where it gives them). A YAML file in configs/ is a flat mapping of
-field names: TreeRPO's own fields below plus any attribute of RLlib's AlgorithmConfig (env, env_config, lr,
-num_env_runners, num_learners, seed, ...). Unknown keys and bad values are rejected with the field's name.
+``FIELDS`` are TreeRPO's own algorithm settings (SPEC.md; read by the sampler, the advantages and the learner):
+:class:`rllib_treerpo.rllib.TreeRPOConfig` carries them beside RLlib's AlgorithmConfig attributes.
+``JOB_FIELDS`` belong to the `treerpo train` job (iterations, checkpoints, held-out evaluation, which algorithm, the
+embedded model's settings): :class:`rllib_treerpo.jobs.config.JobConfig` carries them. A YAML file in configs/ is
+one flat mapping of both; the loader splits it. Each field's check returns why a value is bad, or None.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
-from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-from ray.rllib.utils.annotations import override
 
 
 @dataclass(frozen=True)
@@ -105,7 +102,10 @@ FIELDS: dict[str, Field] = {
                            lambda v: None if isinstance(v, bool) else "must be true or false"),
     "system_prompt": Field(None, "Optional system message: a system turn with chat_template, otherwise "
                            "prepended to every prompt followed by a newline.", _optional_str),
-    # --- the `treerpo train` job ---
+}
+
+
+JOB_FIELDS: dict[str, Field] = {
     "algorithm": Field("TreeRPO", "Which algorithm `treerpo train` runs: TreeRPO (GRPO is TreeRPO with a depth-1 "
                        "tree) or RLlib's stock PPO on the token-id wrapper of the same env.",
                        _one_of("TreeRPO", "PPO")),
@@ -125,106 +125,48 @@ FIELDS: dict[str, Field] = {
 }
 
 
-class TreeRPOConfig(AlgorithmConfig):
-    """Configuration of the TreeRPO algorithm: :data:`FIELDS` plus RLlib's AlgorithmConfig."""
-
-    def __init__(self, algo_class=None):
-        from rllib_treerpo.algorithm import TreeRPO
-        from rllib_treerpo.env_runner import TreeEnvRunner
-
-        super().__init__(algo_class=algo_class or TreeRPO)
-        for name, field in FIELDS.items():
-            value = field.default
-            setattr(self, name, list(value) if isinstance(value, list) else dict(value) if isinstance(
-                value, dict) else value)
-        # RLlib settings that TreeRPO needs: trees are grown by our env runner, connectors are not used.
-        self.env_runner_cls = TreeEnvRunner
-        self.env = "treerpo/Arithmetic-v0"
-        self.lr = 1e-6
-        self.grad_clip = 1.0
-        self.grad_clip_by = "global_norm"
-        self.num_epochs = 1
-        self.minibatch_size = None  # None: the whole batch in one step
-        self.merge_env_runner_states = False
-        self.broadcast_env_runner_states = False
-
-    @override(AlgorithmConfig)
-    def training(self, **kwargs) -> TreeRPOConfig:
-        """Sets TreeRPO fields (see FIELDS) and any of AlgorithmConfig.training's arguments."""
-        for name in list(kwargs):
-            if name in FIELDS:
-                value = kwargs.pop(name)
-                if value is not NotProvided:
-                    setattr(self, name, value)
-        super().training(**kwargs)
-        return self
-
-    @override(AlgorithmConfig)
-    def validate(self) -> None:
-        super().validate()
-        self.validate_fields()
-
-    def validate_fields(self) -> None:
-        """TreeRPO's own checks; raises ValueError naming the first bad field."""
-        for name, field in FIELDS.items():
-            why = field.check(getattr(self, name))
+def check_fields(values: dict[str, Any], fields: dict[str, Field]) -> None:
+    """ValueError naming the first field of ``fields`` whose value in ``values`` is bad."""
+    for name, field in fields.items():
+        if name in values:
+            why = field.check(values[name])
             if why:
-                raise ValueError(f"config field {name!r} = {getattr(self, name)!r}: {why}")
-        if self.step_delimiter is not None and self.step_delimiter == "":
-            raise ValueError("config field 'step_delimiter': must not be empty")
-        if self.minibatch_size is not None and _positive_int(self.minibatch_size):
-            raise ValueError(f"config field 'minibatch_size' = {self.minibatch_size!r}: must be a positive integer")
-        if _positive_int(self.num_epochs):
-            raise ValueError(f"config field 'num_epochs' = {self.num_epochs!r}: must be a positive integer")
+                raise ValueError(f"config field {name!r} = {values[name]!r}: {why}")
 
-    @override(AlgorithmConfig)
-    def get_default_rl_module_spec(self) -> RLModuleSpec:
-        from rllib_treerpo.rl_module import CausalLMModule
 
-        return RLModuleSpec(module_class=CausalLMModule, model_config=self.module_model_config())
+def default_value(field: Field) -> Any:
+    """A fresh copy of a field's default (lists and mappings are never shared between configs)."""
+    value = field.default
+    return list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) else value
 
-    def module_model_config(self) -> dict:
-        return {"model_name_or_path": self.model_name_or_path, "dtype": self.dtype}
 
-    @override(AlgorithmConfig)
-    def get_default_learner_class(self):
-        from rllib_treerpo.learner import TreeRPOTorchLearner
+# Sections of a config file that are not fields: read by their own commands (`treerpo sweep`, the PPO baseline).
+SECTIONS = ("sweep", "ppo")
 
-        return TreeRPOTorchLearner
 
-    # --- flat YAML files ------------------------------------------------------------------
-    def update_from_flat_dict(self, values: dict[str, Any], *, source: str = "config") -> TreeRPOConfig:
-        """Set fields from a flat mapping; an unknown key is an error naming it (and close matches)."""
-        known = set(FIELDS) | {k for k in vars(self) if not k.startswith("_")}
-        for key, value in values.items():
-            if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=3)
-                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-                raise ValueError(f"{source}: unknown config field {key!r}{hint}")
-            setattr(self, key, value)
-        return self
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file; a missing file or a YAML error is one ValueError naming the file."""
+    import yaml
 
-    @classmethod
-    def from_yaml(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TreeRPOConfig:
-        """Defaults, then the YAML file's fields, then ``overrides``; validated."""
-        import yaml
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of config fields, got {type(values).__name__}")
+    return values
 
-        config = cls()
-        if path is not None:
-            with open(path) as f:
-                values = yaml.safe_load(f) or {}
-            if not isinstance(values, dict):
-                raise ValueError(f"{path}: expected a mapping of config fields, got {type(values).__name__}")
-            values.pop("sweep", None)  # a sweep section is read by `treerpo sweep`
-            config.update_from_flat_dict(values, source=str(path))
-        config.update_from_flat_dict(overrides or {}, source="--set")
-        config.validate_fields()
-        return config
 
-    def to_flat_dict(self) -> dict[str, Any]:
-        """The resolved TreeRPO fields plus the RLlib fields a run depends on (for the output folder)."""
-        out = {name: getattr(self, name) for name in FIELDS}
-        for name in ("env", "env_config", "seed", "lr", "grad_clip", "num_epochs", "minibatch_size",
-                     "num_env_runners", "num_learners", "num_gpus_per_learner"):
-            out[name] = getattr(self, name)
-        return out
+def split_fields(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A flat config mapping -> (algorithm values, job values (JOB_FIELDS), sections (SECTIONS))."""
+    algo, job, sections = {}, {}, {}
+    for key, value in values.items():
+        (job if key in JOB_FIELDS else sections if key in SECTIONS else algo)[key] = value
+    return algo, job, sections

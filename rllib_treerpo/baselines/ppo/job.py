@@ -3,7 +3,7 @@
 `treerpo train` runs this job for a config with ``algorithm: PPO``. It reads the TreeRPO config fields it shares:
 
 - task and model: env, env_config, eval_env_config, seed, model_name_or_path (null: the same cached warm-started
-  tiny model as TreeRPO, from :func:`rllib_treerpo.train.prepare_tiny_model`), dtype, backend;
+  tiny model as TreeRPO, :func:`rllib_treerpo.warmstart.embedded_model`), dtype, backend;
 - one episode = one width-1 "tree": at most ``len(branching)`` steps of ``step_tokens`` tokens, cut at
   ``step_delimiter`` (so the widths in ``branching`` are ignored), sampled at temperature/top_p/top_k;
 - optimiser: lr, grad_clip, num_epochs, minibatch_size (null: the whole batch in one step, as for TreeRPO),
@@ -14,7 +14,7 @@
 
 Outputs, as `treerpo train` writes them: config.yaml, metrics.jsonl (reward/mean, reward/accuracy,
 completions/mean_length, perf/generated_tokens, perf/prompts, loss/*), eval_before/after.json(l) through
-:func:`rllib_treerpo.train.run_eval`, learning_curve.png, checkpoints/, final_model/, summary.json.
+:func:`rllib_treerpo.jobs.train.run_eval`, learning_curve.png, checkpoints/, final_model/, summary.json.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from rllib_treerpo.config import TreeRPOConfig
+from rllib_treerpo.jobs.config import JobConfig, flat_config
+from rllib_treerpo.jobs.train import JobParts, train
+from rllib_treerpo.rllib.algorithm import TreeRPOConfig
 
 # PPO settings without a TreeRPO field (override with a `ppo:` mapping).
 PPO_DEFAULTS: dict[str, Any] = {
@@ -41,30 +42,16 @@ PPO_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _load_config(config_path_or_dict: Any, overrides: dict | None) -> tuple[TreeRPOConfig, dict]:
-    """A validated TreeRPOConfig plus the PPO settings (PPO_DEFAULTS + any `ppo:` section)."""
-    overrides = dict(overrides or {})
-    ppo_section = dict(overrides.pop("ppo", None) or {})
-    if isinstance(config_path_or_dict, TreeRPOConfig):
-        config = config_path_or_dict
-        config.update_from_flat_dict(overrides, source="--set")
-        config.validate_fields()
-    elif isinstance(config_path_or_dict, dict):
-        values = dict(config_path_or_dict)
-        ppo_section = {**dict(values.pop("ppo", None) or {}), **ppo_section}
-        config = TreeRPOConfig.from_yaml(None, {**values, **overrides})
-    else:
-        values = yaml.safe_load(Path(config_path_or_dict).read_text()) or {}
-        ppo_section = {**dict(values.pop("ppo", None) or {}), **ppo_section}
-        config = TreeRPOConfig.from_yaml(None, {k: v for k, v in values.items() if k != "sweep"} | overrides)
-    ppo_section = {**dict(getattr(config, "ppo", None) or {}), **ppo_section}
+def ppo_settings(config: TreeRPOConfig, ppo_section: dict | None = None) -> dict:
+    """PPO_DEFAULTS updated by a config's ``ppo:`` section; checks it and that kl_coef is 0."""
+    ppo_section = dict(ppo_section or {})
     unknown = set(ppo_section) - set(PPO_DEFAULTS) - {"use_kl_loss", "clip_param", "kl_coeff"}
     if unknown:
         raise ValueError(f"config field 'ppo': unknown key(s) {sorted(unknown)}; known: {sorted(PPO_DEFAULTS)}")
     if config.kl_coef:
         raise ValueError(f"config field 'kl_coef' = {config.kl_coef}: the PPO baseline runs without RLlib's KL "
                          "term (the LM module keeps only sampled token log-probs); set kl_coef: 0")
-    return config, {**PPO_DEFAULTS, **ppo_section}
+    return {**PPO_DEFAULTS, **ppo_section}
 
 
 def build_ppo_config(config: TreeRPOConfig, ppo: dict | None = None):
@@ -72,8 +59,8 @@ def build_ppo_config(config: TreeRPOConfig, ppo: dict | None = None):
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
-    from envs.tokenized import TokenizedReasoningEnv
-    from rllib_treerpo.ppo_module import PPOCausalLMModule
+    from rllib_treerpo.baselines.ppo.module import PPOCausalLMModule
+    from rllib_treerpo.baselines.ppo.tokenized_env import TokenizedReasoningEnv
 
     p = {**PPO_DEFAULTS, **(ppo or {})}
     steps = len(config.branching)
@@ -144,14 +131,11 @@ def ppo_metrics_row(result: dict) -> dict:
     return row
 
 
-def ppo_parts(config: TreeRPOConfig, ppo: dict | None = None):
-    """The PPO pieces of the shared `treerpo train` job (:func:`rllib_treerpo.train.train`)."""
-    from rllib_treerpo.train import JobParts
-
+def ppo_parts(config: TreeRPOConfig, job: JobConfig, ppo: dict | None = None) -> JobParts:
+    """The PPO pieces of the shared `treerpo train` job (:func:`rllib_treerpo.jobs.train.train`)."""
     ppo = {**PPO_DEFAULTS, **(ppo or {})}
-    resolved = {**config.to_flat_dict(), "algorithm": "PPO", "train_batch_size": config.train_batch_size}
-    if hasattr(config, "ppo"):  # the field exists: the file stays loadable by TreeRPOConfig.from_yaml
-        resolved["ppo"] = ppo
+    resolved = {**flat_config(config, job), "algorithm": "PPO", "train_batch_size": config.train_batch_size,
+                "ppo": ppo}
 
     def progress(row: dict) -> str:
         return (f"PPO reward {row['reward/mean']:.3f}  len {row['completions/mean_length']:.1f}  "
@@ -162,10 +146,8 @@ def ppo_parts(config: TreeRPOConfig, ppo: dict | None = None):
                     totals={"generated_tokens": "perf/generated_tokens", "prompts": "perf/prompts"})
 
 
-def train_ppo(config_path_or_dict: Any, output: str | Path, *, overrides: dict | None = None,
+def train_ppo(config: TreeRPOConfig, job: JobConfig, output: str | Path, *, ppo: dict | None = None,
               resume: bool = False) -> dict:
     """The `treerpo train` job with RLlib's PPO; returns summary.json's content."""
-    from rllib_treerpo.train import train
-
-    config, ppo = _load_config(config_path_or_dict, overrides)
-    return train(config, output, resume=resume, parts=lambda c: ppo_parts(c, ppo))
+    ppo = ppo_settings(config, ppo)
+    return train(config, job, output, resume=resume, parts=lambda c, j: ppo_parts(c, j, ppo))

@@ -13,19 +13,7 @@ import torch
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 from ray.rllib.utils.annotations import override
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def load_causal_lm(model_name_or_path: str | None, dtype: str = "float32"):
-    """``AutoModelForCausalLM.from_pretrained`` with a clear error when no model is configured."""
-    from transformers import AutoModelForCausalLM
-
-    if not model_name_or_path:
-        raise ValueError("config field 'model_name_or_path' is not set: give a model folder or hub name "
-                         "(`treerpo train` sets it to its warm-started tiny model when it is null)")
-    if dtype not in DTYPES:
-        raise ValueError(f"config field 'dtype' = {dtype!r}: must be one of {list(DTYPES)}")
-    return AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=DTYPES[dtype])
+from rllib_treerpo.model_io import hf_weights, load_causal_lm
 
 
 class CausalLMModule(TorchRLModule):
@@ -48,3 +36,11 @@ class CausalLMModule(TorchRLModule):
     @override(TorchRLModule)
     def set_state(self, state) -> None:
         self.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+
+
+def learner_policy_weights(algo) -> dict[str, torch.Tensor]:
+    """The learners' current policy under Hugging Face names (a PPO value head is left out)."""
+    from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+
+    state = algo.learner_group.get_state(components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}")
+    return hf_weights(state[COMPONENT_LEARNER][COMPONENT_RL_MODULE][DEFAULT_MODULE_ID])

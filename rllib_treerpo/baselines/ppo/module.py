@@ -1,4 +1,4 @@
-"""A causal LM as an RLModule for RLlib's stock PPO on the token-id env (envs/tokenized.py).
+"""A causal LM as an RLModule for RLlib's stock PPO on the token-id env (baselines/ppo/tokenized_env.py).
 
 One action is one whole reasoning step (up to L tokens), so the action distribution is over token sequences:
 log pi(step | context) = sum of the step's token log-probs under the LM (tempered logits, padding masked).
@@ -30,7 +30,7 @@ from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 from ray.rllib.utils.annotations import override
 
-from rllib_treerpo.rl_module import CausalLMModule
+from rllib_treerpo.rllib.rl_module import CausalLMModule
 
 
 def _masked_logp(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Helpers of benchmarks/compare.py: settings per difficulty and algorithm, one training run with evaluations
+"""Helpers of benchmarks/compare.py (and learner_replica.py): settings per difficulty and algorithm, one training run with evaluations
 along the way, aggregation over seeds, the markdown table and the plots."""
 
 from __future__ import annotations
@@ -62,58 +62,58 @@ def parse_sets(items: list[str]) -> dict[str, dict]:
 
 
 # --- models and evaluation ----------------------------------------------------------------------------
+def run_config(algorithm: str, difficulty: str, overrides: dict, model_path: str | None = None, seed: int = 0):
+    """(TreeRPOConfig, JobConfig, sections) of one (algorithm, difficulty) with ``overrides``, a model and a seed."""
+    from rllib_treerpo.jobs.config import load_run_config
+
+    values = load_settings(algorithm, difficulty, overrides)
+    if model_path is not None:
+        values.update(model_name_or_path=model_path, seed=seed)
+    return load_run_config(None, values)
+
+
 def warm_model(difficulty: str, overrides: dict) -> str:
     """The warm-started tiny model of a difficulty (cached; shared by every algorithm and seed)."""
-    from rllib_treerpo.config import TreeRPOConfig
-    from rllib_treerpo.train import prepare_tiny_model
+    from rllib_treerpo.jobs.train import resolve_model
 
-    values = load_settings("TreeRPO", difficulty, overrides)
-    if values.get("model_name_or_path"):
-        return values["model_name_or_path"]
-    return prepare_tiny_model(TreeRPOConfig.from_yaml(None, values))
+    config, job, _ = run_config("TreeRPO", difficulty, overrides)
+    resolve_model(config, job)
+    return config.model_name_or_path
 
 
-class Evaluator:
-    """Held-out pass@1 (mean over K samples at T=1), greedy accuracy and response length of a weights dict."""
+def evaluator(model_path: str, env_config: dict, *, problems: int, samples: int, max_tokens: int):
+    """Held-out evaluation on the difficulty's test split; call it with a weights dict (or None: the base model).
 
-    def __init__(self, model_path: str, env_config: dict, *, problems: int, samples: int, max_tokens: int) -> None:
-        from transformers import AutoTokenizer
+    Returns pass@1 (mean over K samples at T=1), greedy accuracy and response length."""
+    from envs.arithmetic import ArithmeticEnv
+    from rllib_treerpo.evaluation import Evaluator
+    from rllib_treerpo.model_io import load_causal_lm
 
-        from envs.arithmetic import ArithmeticEnv
-        from rllib_treerpo.rl_module import load_causal_lm
+    evaluate = Evaluator.from_model(model_path, ArithmeticEnv(**{**env_config, "split": "test"}), problems=problems,
+                                    samples=samples, max_new_tokens=max_tokens, temperature=1.0, seed=1234)
+    initial = load_causal_lm(model_path).state_dict()
 
-        self.model = load_causal_lm(model_path).eval()
-        self.initial = {k: v.clone() for k, v in self.model.state_dict().items()}
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.env = ArithmeticEnv(**{**env_config, "split": "test"})
-        self.problems, self.samples, self.max_tokens = problems, samples, max_tokens
-
-    def __call__(self, weights: dict | None = None) -> dict:
-        from rllib_treerpo.evaluate import evaluate
-        from rllib_treerpo.generation import make_backend
-
-        self.model.load_state_dict(weights if weights is not None else self.initial)
-        backend = make_backend("hf", self.model, self.tokenizer)
-        summary, _ = evaluate(self.env, backend, self.tokenizer, num_problems=self.problems, samples=self.samples,
-                              max_new_tokens=self.max_tokens, temperature=1.0, seed=1234)
+    def call(weights: dict | None = None) -> dict:
+        summary, _ = evaluate(initial if weights is None else weights)
         return {"pass@1": summary["pass@1"], "greedy": summary["greedy_accuracy"],
                 "response_tokens": summary["mean_response_tokens"]}
+
+    return call
 
 
 # --- one training run -----------------------------------------------------------------------------------
 def build(algorithm: str, values: dict, model_path: str, seed: int):
     """A built RLlib algorithm and the function that turns its result into a metrics row."""
-    from rllib_treerpo.config import TreeRPOConfig
+    from rllib_treerpo.jobs.config import load_run_config
 
-    values = {**values, "model_name_or_path": model_path, "seed": seed}
+    config, _, sections = load_run_config(None, {**values, "model_name_or_path": model_path, "seed": seed})
     if algorithm == "PPO":
-        from rllib_treerpo.ppo import _load_config, build_ppo_config, ppo_metrics_row
+        from rllib_treerpo.baselines.ppo.job import build_ppo_config, ppo_metrics_row, ppo_settings
 
-        config, ppo = _load_config(values, None)
-        return build_ppo_config(config, ppo).build_algo(), ppo_metrics_row
-    from rllib_treerpo.train import metrics_row
+        return build_ppo_config(config, ppo_settings(config, sections.get("ppo"))).build_algo(), ppo_metrics_row
+    from rllib_treerpo.jobs.train import metrics_row
 
-    return TreeRPOConfig.from_yaml(None, values).build_algo(), metrics_row
+    return config.build_algo(), metrics_row
 
 
 def tokens_and_prompts(row: dict) -> tuple[float, float]:
@@ -123,10 +123,10 @@ def tokens_and_prompts(row: dict) -> tuple[float, float]:
     return row["perf/generated_tokens"], row["perf/prompts"]
 
 
-def run(algorithm: str, values: dict, model_path: str, seed: int, evaluator: Evaluator, *, budget: float,
+def run(algorithm: str, values: dict, model_path: str, seed: int, evaluate, *, budget: float,
         num_evals: int, before: dict) -> dict:
     """Train until ``budget`` generated tokens, evaluating at every budget/num_evals tokens (and at the end)."""
-    from rllib_treerpo.train import policy_weights
+    from rllib_treerpo.rllib.rl_module import learner_policy_weights
 
     algo, to_row = build(algorithm, values, model_path, seed)
     points = [{"tokens": 0.0, "prompts": 0.0, "iteration": 0, "seconds": 0.0, **before}]
@@ -141,7 +141,7 @@ def run(algorithm: str, values: dict, model_path: str, seed: int, evaluator: Eva
             tokens, prompts = tokens + new_tokens, prompts + new_prompts
             rows.append(row)
             if tokens >= next_eval or tokens >= budget:
-                point = evaluator(policy_weights(algo))
+                point = evaluate(learner_policy_weights(algo))
                 points.append({"tokens": tokens, "prompts": prompts, "iteration": len(rows),
                                "seconds": round(train_seconds, 1), **point})
                 log(f"    {algorithm:8s} seed {seed} it {len(rows):3d}  {tokens / 1e3:6.0f}k tokens  "

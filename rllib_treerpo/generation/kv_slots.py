@@ -1,0 +1,78 @@
+"""Preallocated K/V buffers for the hf backend's decode loop (see hf.py's module docstring).
+
+A ``SlotLayer`` is a transformers DynamicLayer over buffers sized for one generate call, so a decode step writes
+one slot per row instead of concatenating the whole cache. KV tensors are ``(batch, kv_heads, slots, head_dim)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+KVGroup = list[tuple[torch.Tensor, torch.Tensor]]  # rows set aside together: per layer (keys, values) (n, H, S, D)
+
+
+@dataclass
+class CacheEntry:
+    """Where one kept sequence's K/V lives: row ``row`` of ``group``, at ``slots`` (one per cached token)."""
+
+    group: KVGroup
+    row: int
+    slots: np.ndarray  # (len(key) - 1,) int64, increasing
+
+
+class SlotLayer(DynamicLayer):
+    """A DynamicLayer over preallocated (B, H, capacity, D) buffers; ``keys``/``values`` view the first ``length``.
+
+    ``update`` writes the new slots in place. The capacity is planned per generate call (cached + tail + new
+    tokens), so it never grows.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        shape = (key_states.shape[0], key_states.shape[1], self.capacity, key_states.shape[3])
+        self.set_buffers(key_states.new_zeros(shape), value_states.new_zeros(shape), 0)
+
+    def set_buffers(self, kbuf: torch.Tensor, vbuf: torch.Tensor, length: int) -> None:
+        self.dtype, self.device, self.is_initialized = kbuf.dtype, kbuf.device, True
+        self._kbuf, self._vbuf, self.length = kbuf, vbuf, length
+        self.keys, self.values = kbuf[:, :, :length], vbuf[:, :, :length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]  # the capacity was planned for the call: no overflow check
+        self._kbuf[:, :, self.length:end] = key_states
+        self._vbuf[:, :, self.length:end] = value_states
+        self.set_buffers(self._kbuf, self._vbuf, end)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:  # (kv_length, kv_offset)
+        return self.length + query_length, 0
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep/repeat rows: copies only the ``length`` filled slots (unfilled ones are written before read)."""
+        if self.is_initialized:
+            shape = (len(indices), *self._kbuf.shape[1:])
+            kbuf, vbuf = self._kbuf.new_empty(shape), self._vbuf.new_empty(shape)
+            torch.index_select(self.keys, 0, indices, out=kbuf[:, :, :self.length])
+            torch.index_select(self.values, 0, indices, out=vbuf[:, :, :self.length])
+            self.set_buffers(kbuf, vbuf, self.length)
+
+
+class SlotCache(DynamicCache):
+    """A DynamicCache whose layers are _SlotLayers (the model only calls update / get_seq_length / mask sizes)."""
+
+    def __init__(self, layers: list[SlotLayer]) -> None:
+        Cache.__init__(self, layers=layers)

@@ -1,0 +1,228 @@
+"""TreeRPOConfig and TreeRPO: the algorithm on RLlib's new API stack, in one file like RLlib's PPOConfig and PPO.
+
+training_step reads like the loop it is (SPEC.md s.1-s.4): sample trees -> advantages and rows -> learner update ->
+weight sync, each stage timed through the MetricsLogger. The config carries TreeRPO's own fields
+(:data:`rllib_treerpo.settings.FIELDS`, documented there once) beside RLlib's AlgorithmConfig attributes (env,
+env_config, lr, num_env_runners, num_learners, seed, ...); unknown keys and bad values are rejected by name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+from ray.rllib.utils.annotations import override
+from ray.rllib.utils.metrics import (
+    ENV_RUNNER_RESULTS,
+    ENV_RUNNER_SAMPLING_TIMER,
+    LEARNER_RESULTS,
+    LEARNER_UPDATE_TIMER,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+    SYNCH_WORKER_WEIGHTS_TIMER,
+    TIMERS,
+)
+
+from rllib_treerpo.iteration import minibatch_plan, minibatch_seed
+from rllib_treerpo.model_io import load_tokenizer, pad_token_id
+from rllib_treerpo.rows import build_training_batch
+from rllib_treerpo.sampler import TreeSpec
+from rllib_treerpo.settings import FIELDS, check_fields, default_value, read_config_file, split_fields
+
+# RLlib fields a TreeRPO run depends on: written to a run folder's config.yaml beside FIELDS.
+RLLIB_FIELDS = ("env", "env_config", "seed", "lr", "grad_clip", "num_epochs", "minibatch_size", "num_env_runners",
+                "num_learners", "num_gpus_per_learner")
+
+
+class TreeRPOConfig(AlgorithmConfig):
+    """Configuration of the TreeRPO algorithm: :data:`~rllib_treerpo.settings.FIELDS` plus RLlib's AlgorithmConfig."""
+
+    def __init__(self, algo_class=None):
+        from rllib_treerpo.rllib.env_runner import TreeEnvRunner
+
+        super().__init__(algo_class=algo_class or TreeRPO)
+        for name, field in FIELDS.items():
+            setattr(self, name, default_value(field))
+        # RLlib settings that TreeRPO needs: trees are grown by our env runner, connectors are not used.
+        self.env_runner_cls = TreeEnvRunner
+        self.env = "treerpo/Arithmetic-v0"
+        self.lr = 1e-6
+        self.grad_clip = 1.0
+        self.grad_clip_by = "global_norm"
+        self.num_epochs = 1
+        self.minibatch_size = None  # None: the whole batch in one step
+        self.merge_env_runner_states = False
+        self.broadcast_env_runner_states = False
+
+    @override(AlgorithmConfig)
+    def training(self, **kwargs) -> TreeRPOConfig:
+        """Sets TreeRPO fields (see FIELDS) and any of AlgorithmConfig.training's arguments."""
+        for name in list(kwargs):
+            if name in FIELDS:
+                value = kwargs.pop(name)
+                if value is not NotProvided:
+                    setattr(self, name, value)
+        super().training(**kwargs)
+        return self
+
+    @override(AlgorithmConfig)
+    def validate(self) -> None:
+        super().validate()
+        self.validate_fields()
+
+    def validate_fields(self) -> None:
+        """TreeRPO's own checks; raises ValueError naming the first bad field."""
+        check_fields({name: getattr(self, name) for name in FIELDS}, FIELDS)
+        for name, optional in (("minibatch_size", True), ("num_epochs", False)):
+            value = getattr(self, name)
+            if (value is not None or not optional) and not (
+                    isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise ValueError(f"config field {name!r} = {value!r}: must be a positive integer")
+
+    def tree_spec(self, seed: int | None = None) -> TreeSpec:
+        """The sampling settings (SPEC.md s.1) as the sampler's validated :class:`TreeSpec`."""
+        return TreeSpec(tuple(self.branching), self.step_tokens, self.step_delimiter, self.temperature,
+                        self.top_p, self.top_k, self.stop_at_eos, seed)
+
+    @override(AlgorithmConfig)
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        from rllib_treerpo.rllib.rl_module import CausalLMModule
+
+        return RLModuleSpec(module_class=CausalLMModule, model_config=self.module_model_config())
+
+    def module_model_config(self) -> dict:
+        return {"model_name_or_path": self.model_name_or_path, "dtype": self.dtype}
+
+    @override(AlgorithmConfig)
+    def get_default_learner_class(self):
+        from rllib_treerpo.rllib.learner import TreeRPOTorchLearner
+
+        return TreeRPOTorchLearner
+
+    # --- flat mappings (YAML files) ------------------------------------------------------------
+    def known_fields(self) -> list[str]:
+        """TreeRPO's fields plus every public RLlib AlgorithmConfig attribute."""
+        return sorted(set(FIELDS) | {k for k in vars(self) if not k.startswith("_")})
+
+    def update_from_flat_dict(self, values: dict[str, Any], *, source: str = "config") -> TreeRPOConfig:
+        """Set fields from a flat mapping; an unknown key is an error naming it (and close matches)."""
+        known = set(self.known_fields())
+        for key, value in values.items():
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=3)
+                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+                raise ValueError(f"{source}: unknown config field {key!r}{hint}")
+            setattr(self, key, value)
+        return self
+
+    @classmethod
+    def from_flat_dict(cls, values: dict[str, Any] | None = None, *, source: str = "config") -> TreeRPOConfig:
+        """Defaults, then ``values``; validated (TreeRPO's fields)."""
+        config = cls().update_from_flat_dict(dict(values or {}), source=source)
+        config.validate_fields()
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TreeRPOConfig:
+        """Defaults, then the algorithm fields of a flat config file, then those of ``overrides``; validated.
+
+        Job fields (``settings.JOB_FIELDS``) and sections (``sweep:``, ``ppo:``) are left out: they are the job's
+        (:func:`rllib_treerpo.jobs.config.load_run_config` reads both parts)."""
+        config = cls()
+        for source, values in ((str(path), read_config_file(path) if path is not None else {}),
+                               ("--set", dict(overrides or {}))):
+            config.update_from_flat_dict(split_fields(values)[0], source=source)
+        config.validate_fields()
+        return config
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """The resolved TreeRPO fields plus the RLlib fields a run depends on (for the output folder)."""
+        return {name: getattr(self, name) for name in (*FIELDS, *RLLIB_FIELDS)}
+
+
+class TreeRPO(Algorithm):
+    """Tree Relative Policy Optimization (arXiv 2506.05183) on RLlib's new API stack."""
+
+    @classmethod
+    @override(Algorithm)
+    def get_default_config(cls) -> TreeRPOConfig:
+        return TreeRPOConfig()
+
+    @override(Algorithm)
+    def training_step(self) -> None:
+        c = self.config
+        start = time.perf_counter()
+        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
+            trees, runner_metrics = self._sample_trees()
+        self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
+        sample_seconds = time.perf_counter() - start
+
+        rows, tree_metrics = build_training_batch(
+            trees, tau=c.tau, advantage_std=c.advantage_std, value_estimate=c.value_estimate,
+            eps=c.advantage_eps, pad_id=self._pad_id())
+        for key, value in tree_metrics.items():
+            self.metrics.log_value(key, value, window=1)
+        # Tune's and RLlib's usual headline metric: the mean leaf reward of this iteration.
+        self.metrics.log_value((ENV_RUNNER_RESULTS, "episode_return_mean"), tree_metrics["reward/mean"], window=1)
+
+        start = time.perf_counter()
+        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+            steps = self._update(rows)
+        learn_seconds = time.perf_counter() - start
+        self.metrics.log_value("loss/optimizer_steps", float(steps), window=1)
+
+        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
+            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group,
+                                               inference_only=True)
+
+        self.metrics.log_value("perf/sample_seconds", sample_seconds, window=1)
+        self.metrics.log_value("perf/learn_seconds", learn_seconds, window=1)
+        self.metrics.log_value("perf/decode_tokens_per_s",
+                               tree_metrics["tree/generated_tokens"] / max(sample_seconds, 1e-9), window=1)
+        self.metrics.log_value("perf/learner_tokens_per_s",
+                               float(rows["attention_mask"].sum()) / max(learn_seconds, 1e-9), window=1)
+        self.metrics.log_value("perf/generated_tokens_lifetime", tree_metrics["tree/generated_tokens"],
+                               reduce="lifetime_sum")
+        self.metrics.log_value("perf/prompts_lifetime", tree_metrics["tree/trees"], reduce="lifetime_sum")
+
+    def _update(self, rows: dict) -> int:
+        """One learner update per planned minibatch (every row exactly once per epoch); returns the step count.
+
+        The minibatches are planned here, not by RLlib's cyclic iterator (which repeats rows to fill its last
+        minibatch), with a seed per (seed, iteration) so a resumed run replays them.
+        """
+        c = self.config
+        n = len(rows["input_ids"])
+        if not n:  # every group may have been filtered out (e.g. all leaves equal)
+            return 0
+        plan = minibatch_plan(n, c.minibatch_size, num_epochs=c.num_epochs, seed=minibatch_seed(c.seed, self.iteration))
+        lifetime = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
+        for index in plan:
+            minibatch = {k: v[index] for k, v in rows.items()}
+            results = self.learner_group.update(
+                batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(minibatch)}, env_steps=len(index)),
+                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime})
+            self.metrics.aggregate(results, key=LEARNER_RESULTS)
+        return len(plan)
+
+    def _sample_trees(self):
+        """Each env runner grows its share of prompts_per_iteration trees (in parallel when remote)."""
+        group = self.env_runner_group
+        remote = group.num_remote_workers() > 0
+        results = group.foreach_env_runner(
+            lambda runner: (runner.sample(), runner.get_metrics()),
+            local_env_runner=not remote,
+        )
+        trees = [tree for runner_trees, _ in results for tree in runner_trees]
+        return trees, [metrics for _, metrics in results]
+
+    def _pad_id(self) -> int:
+        if not hasattr(self, "_cached_pad_id"):
+            self._cached_pad_id = pad_token_id(load_tokenizer(self.config.model_name_or_path))
+        return self._cached_pad_id

@@ -1,0 +1,148 @@
+"""TreeEnvRunner: the only place that grows trees (ARCHITECTURE.md).
+
+It owns a reasoning env (cloned per prompt and per branch) and a generation backend that loads the policy itself
+(``GenerationBackend.from_pretrained``); new weights from the learners reach the backend only through
+``GenerationBackend.load_weights``, so any backend (hf, vllm) plugs in. ``sample(num_prompts)`` returns a list of
+:class:`rllib_treerpo.tree.Tree` grown by the Ray-free :func:`rllib_treerpo.iteration.sample_iteration`. As Ray
+actors (num_env_runners >= 1) several runners sample in parallel; with num_env_runners = 0 the local runner samples.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection
+
+from ray.rllib.core import COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+from ray.rllib.env.env_runner import EnvRunner
+from ray.rllib.utils.annotations import override
+from ray.rllib.utils.checkpoints import Checkpointable
+from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME, WEIGHTS_SEQ_NO
+
+from rllib_treerpo.model_io import hf_weights, module_state
+
+STATE_COUNTERS = "tree_runner_counters"
+
+
+class TreeEnvRunner(EnvRunner, Checkpointable):
+    """Samples TreeRPO trees with a generation backend."""
+
+    @override(EnvRunner)
+    def __init__(self, *, config, **kwargs):
+        super().__init__(config=config, **kwargs)
+        self.worker_index = kwargs.get("worker_index") or 0
+        self._num_calls = 0
+        self._weights_seq_no = 0
+        self.make_env()
+        self.make_module()
+
+    @override(EnvRunner)
+    def make_env(self) -> None:
+        from envs import make_reasoning_env
+
+        self.env = make_reasoning_env(self.config.env, self.config.env_config)
+
+    @override(EnvRunner)
+    def make_module(self) -> None:
+        """The backend plays the RLModule's part here: it holds the policy's weights and samples with them."""
+        from rllib_treerpo.generation import get_backend_class
+        from rllib_treerpo.model_io import load_tokenizer
+        from rllib_treerpo.prompts import prompt_tokenizer
+
+        c = self.config
+        self.module = None  # RLlib's module API is not used: trees are grown by the backend
+        self.tokenizer = load_tokenizer(c.model_name_or_path)
+        # Prompts may be wrapped in the chat template (instruct models); the backend keeps the plain tokenizer.
+        self.prompt_tokenizer = prompt_tokenizer(self.tokenizer, chat_template=c.chat_template,
+                                                 system_prompt=c.system_prompt)
+        self.backend = get_backend_class(c.backend).from_pretrained(c.model_name_or_path, self.tokenizer,
+                                                                    dtype=c.dtype)
+        self.spec = c.tree_spec()
+
+    @override(EnvRunner)
+    def get_spaces(self):
+        spaces = (self.env.observation_space, self.env.action_space)
+        return {"__env__": spaces, "__env_single__": spaces, DEFAULT_MODULE_ID: spaces}
+
+    @override(EnvRunner)
+    def sample(self, *, num_prompts: int | None = None, **kwargs):
+        """Grow one tree per prompt; ``num_prompts`` defaults to this runner's share of the iteration."""
+        from rllib_treerpo.iteration import sample_iteration, sampling_seed
+
+        c = self.config
+        if num_prompts is None:
+            num_prompts = self.prompts_share(c.prompts_per_iteration, self.worker_index, c.num_env_runners)
+        seed = sampling_seed(c.seed, self.worker_index, self._num_calls)
+        self._num_calls += 1
+        self.backend.reset_stats()
+        start = time.perf_counter()
+        trees = sample_iteration(self.env, self.backend, self.prompt_tokenizer, self.spec, num_prompts, seed)
+        stats = self.backend.stats
+        self.metrics.log_value("perf/sample_seconds", time.perf_counter() - start, reduce="sum")
+        self.metrics.log_value("perf/decode_tokens", stats.decode_tokens, reduce="sum")
+        self.metrics.log_value("perf/model_tokens", stats.tokens_fed, reduce="sum")
+        nodes = sum(len(t.nodes) - 1 for t in trees)
+        self.num_env_steps_sampled_lifetime += nodes
+        self.metrics.log_value(NUM_ENV_STEPS_SAMPLED_LIFETIME, nodes, reduce="lifetime_sum")
+        return trees
+
+    @staticmethod
+    def prompts_share(total: int, worker_index: int, num_runners: int) -> int:
+        """Runner i's part of ``total`` prompts (remote runners are 1-based; the local runner alone gets all)."""
+        if num_runners <= 0 or worker_index == 0:
+            return total
+        base, extra = divmod(total, num_runners)
+        return base + (1 if worker_index <= extra else 0)
+
+    @override(EnvRunner)
+    def get_metrics(self):
+        return self.metrics.reduce()
+
+    @override(EnvRunner)
+    def assert_healthy(self):
+        assert self.env is not None and hasattr(self, "backend")
+
+    @override(EnvRunner)
+    def stop(self) -> None:
+        if getattr(self, "env", None) is not None:
+            self.env.close()
+        if getattr(self, "backend", None) is not None:
+            self.backend.release()
+
+    # --- Checkpointable: weights, weight version and the sampling counter ------------------
+    @override(Checkpointable)
+    def get_state(self, components: str | Collection[str] | None = None, *,
+                  not_components: str | Collection[str] | None = None, **kwargs):
+        state = {NUM_ENV_STEPS_SAMPLED_LIFETIME: self.num_env_steps_sampled_lifetime,
+                 STATE_COUNTERS: {"num_calls": self._num_calls}}
+        if self._check_component(COMPONENT_RL_MODULE, components, not_components):
+            state[COMPONENT_RL_MODULE] = module_state(self.backend.weights())
+            state[WEIGHTS_SEQ_NO] = self._weights_seq_no
+        return state
+
+    @override(Checkpointable)
+    def set_state(self, state) -> None:
+        import ray
+
+        if COMPONENT_RL_MODULE in state:
+            seq_no = state.get(WEIGHTS_SEQ_NO, 0)
+            if seq_no == 0 or self._weights_seq_no < seq_no:
+                weights = state[COMPONENT_RL_MODULE]
+                if isinstance(weights, ray.ObjectRef):
+                    weights = ray.get(weights)
+                if isinstance(weights, dict) and DEFAULT_MODULE_ID in weights:
+                    weights = weights[DEFAULT_MODULE_ID]
+                self.backend.load_weights(hf_weights(weights))  # also drops K/V cached with the old weights
+            if seq_no > 0:
+                self._weights_seq_no = seq_no
+        if NUM_ENV_STEPS_SAMPLED_LIFETIME in state:
+            self.num_env_steps_sampled_lifetime = state[NUM_ENV_STEPS_SAMPLED_LIFETIME]
+        if STATE_COUNTERS in state:
+            self._num_calls = state[STATE_COUNTERS]["num_calls"]
+
+    @override(Checkpointable)
+    def get_ctor_args_and_kwargs(self):
+        return (), {"config": self.config, "worker_index": self.worker_index}
+
+    @override(Checkpointable)
+    def get_checkpointable_components(self):
+        return []
