@@ -37,8 +37,12 @@ from benchmarks import compare_lib as lib
 # optimizer steps per iteration (a quarter of the rows a batch of that tree shape has).
 ABLATIONS = {
     "base [4,4,4] x 16-token cuts, tau 0.1, group std, lr 3e-5, minibatches of 100": {},
-    "one line per step [3,3,3,3] (12-token lines)": {"branching": [3, 3, 3, 3], "step_tokens": 12,
-                                                     "step_delimiter": "\n", "minibatch_size": 200},
+    "one line per step [3,3,3,3] (12-token lines)": {
+        "branching": [3, 3, 3, 3],
+        "step_tokens": 12,
+        "step_delimiter": "\n",
+        "minibatch_size": 200,
+    },
     "narrow [2,2,2]": {"branching": [2, 2, 2], "minibatch_size": 16},
     "wide [8,8,8]": {"branching": [8, 8, 8], "minibatch_size": 400},
     "depth 2 [8,8], 24-token cuts": {"branching": [8, 8], "step_tokens": 24, "minibatch_size": 70},
@@ -55,13 +59,19 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="reduced run: easy only, 1 seed, 50k tokens")
     p.add_argument("--ablate", action="store_true", help="TreeRPO ablations on the easy task instead")
-    p.add_argument("--budget", type=float, help="generated tokens per run (default 300k; quick 50k; ablate 200k)")
+    p.add_argument(
+        "--budget", type=float, help="generated tokens per run (default 300k; quick 50k; ablate 200k)"
+    )
     p.add_argument("--seeds", type=int, help="seeds per algorithm (default 3; quick 1; ablate 2)")
     p.add_argument("--difficulties", default=None, help="comma-separated: easy,hard")
     p.add_argument("--algorithms", default="TreeRPO,GRPO,PPO")
     p.add_argument("--evals", type=int, default=None, help="evaluations per run along the budget (default 4)")
-    p.add_argument("--eval-problems", type=int, default=None, help="held-out problems (default 200; quick 100)")
-    p.add_argument("--eval-samples", type=int, default=None, help="samples per problem for pass@1 (default 4)")
+    p.add_argument(
+        "--eval-problems", type=int, default=None, help="held-out problems (default 200; quick 100)"
+    )
+    p.add_argument(
+        "--eval-samples", type=int, default=None, help="samples per problem for pass@1 (default 4)"
+    )
     p.add_argument("--model", help="start every run from this model folder (no warm start)")
     p.add_argument("--set", action="append", default=[], metavar="[ALGO:]FIELD=VALUE")
     p.add_argument("--output", help="output folder")
@@ -75,7 +85,9 @@ def parse_args(argv):
     a.evals = a.evals or (2 if quick else 4)
     a.eval_problems = a.eval_problems or (100 if quick else 200)
     a.eval_samples = a.eval_samples or (2 if quick else 4)
-    a.output = Path(a.output or ("runs/ablate" if ablate else "runs/compare_quick" if quick else "runs/compare"))
+    a.output = Path(
+        a.output or ("runs/ablate" if ablate else "runs/compare_quick" if quick else "runs/compare")
+    )
     for d in a.difficulties:
         if d not in lib.DIFFICULTIES:
             p.error(f"--difficulties: unknown {d!r}; choose from {sorted(lib.DIFFICULTIES)}")
@@ -114,20 +126,45 @@ def run_difficulty(args, difficulty: str, variants: dict[str, tuple[str, dict]],
     """Every (variant, seed) of one difficulty; variants: label -> (algorithm, overrides)."""
     model = args.model or lib.warm_model(difficulty, sets.get("*", {}))
     spec = lib.DIFFICULTIES[difficulty]
-    evaluator = lib.evaluator(model, spec["env_config"], problems=args.eval_problems, samples=args.eval_samples,
-                              max_tokens=spec["eval_tokens"])
+    evaluator = lib.evaluator(
+        model,
+        spec["env_config"],
+        problems=args.eval_problems,
+        samples=args.eval_samples,
+        max_tokens=spec["eval_tokens"],
+    )
     before = evaluator()
-    lib.log(f"[{difficulty}] model {model}: before RL pass@1 {before['pass@1']:.3f}  greedy {before['greedy']:.3f}"
-            f"  len {before['response_tokens']:.1f}")
+    lib.log(
+        f"[{difficulty}] model {model}: before RL pass@1 {before['pass@1']:.3f}  greedy {before['greedy']:.3f}"
+        f"  len {before['response_tokens']:.1f}"
+    )
     runs = {label: [] for label in variants}
     for seed in range(args.seeds):
         for label, (algorithm, overrides) in variants.items():
-            values = lib.load_settings(algorithm, difficulty, {**sets.get("*", {}), **sets.get(algorithm, {}),
-                                                               **overrides})
-            key = {"label": label, "difficulty": difficulty, "seed": seed, "budget": args.budget, "model": model,
-                   "values": values, "evals": args.evals, "eval": [args.eval_problems, args.eval_samples]}
-            train = functools.partial(lib.run, algorithm, values, model, seed, evaluator, budget=args.budget,
-                                      num_evals=args.evals, before=before)
+            values = lib.load_settings(
+                algorithm, difficulty, {**sets.get("*", {}), **sets.get(algorithm, {}), **overrides}
+            )
+            key = {
+                "label": label,
+                "difficulty": difficulty,
+                "seed": seed,
+                "budget": args.budget,
+                "model": model,
+                "values": values,
+                "evals": args.evals,
+                "eval": [args.eval_problems, args.eval_samples],
+            }
+            train = functools.partial(
+                lib.run,
+                algorithm,
+                values,
+                model,
+                seed,
+                evaluator,
+                budget=args.budget,
+                num_evals=args.evals,
+                before=before,
+            )
             runs[label].append(store.get_or_run(key, train))
     equal_prompts = min(sum(r["points"][-1]["prompts"] for r in rs) / len(rs) for rs in runs.values())
     results = {label: lib.aggregate(rs, equal_prompts) for label, rs in runs.items()}
@@ -141,8 +178,12 @@ def main(argv=None) -> dict:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, logging_level="ERROR",
-                 log_to_driver=False)
+        ray.init(
+            num_cpus=max(2, os.cpu_count() or 2),
+            include_dashboard=False,
+            logging_level="ERROR",
+            log_to_driver=False,
+        )
     start = time.perf_counter()
     store = RunStore(args.output / "runs.jsonl", args.resume)
     if args.ablate:
@@ -151,30 +192,56 @@ def main(argv=None) -> dict:
     else:
         variants = {name: (name, {}) for name in args.algorithms}
         title = "TreeRPO vs GRPO vs PPO"
-    lib.log(f"{title}: {args.difficulties} x {list(variants)} x {args.seeds} seeds, {args.budget / 1e3:.0f}k "
-            f"generated tokens per run, held-out {args.eval_problems} problems x {args.eval_samples} samples")
-    results, md = {}, [f"## {title}", "",
-                       f"Budget {args.budget / 1e3:.0f}k generated tokens per run, {args.seeds} seed(s) each; "
-                       f"held-out test split, {args.eval_problems} problems, pass@1 = mean over "
-                       f"{args.eval_samples} samples at T=1; mean ± std over seeds. 'pass@1 at equal prompts' "
-                       "interpolates each curve at the fewest training prompts any row saw.", ""]
+    lib.log(
+        f"{title}: {args.difficulties} x {list(variants)} x {args.seeds} seeds, {args.budget / 1e3:.0f}k "
+        f"generated tokens per run, held-out {args.eval_problems} problems x {args.eval_samples} samples"
+    )
+    results, md = (
+        {},
+        [
+            f"## {title}",
+            "",
+            f"Budget {args.budget / 1e3:.0f}k generated tokens per run, {args.seeds} seed(s) each; "
+            f"held-out test split, {args.eval_problems} problems, pass@1 = mean over "
+            f"{args.eval_samples} samples at T=1; mean ± std over seeds. 'pass@1 at equal prompts' "
+            "interpolates each curve at the fewest training prompts any row saw.",
+            "",
+        ],
+    )
     for difficulty in args.difficulties:
         before, runs, res = run_difficulty(args, difficulty, variants, sets, store)
         results[difficulty] = {"before": before, **res}
-        md.append(lib.markdown_table(f"{difficulty} ({lib.DIFFICULTIES[difficulty]['env_config']})", before, res))
+        md.append(
+            lib.markdown_table(f"{difficulty} ({lib.DIFFICULTIES[difficulty]['env_config']})", before, res)
+        )
         lib.plot_curves(runs, f"{title}: {difficulty}", args.output / f"curves_{difficulty}.png")
         lib.save_json(args.output / "results.json", results)
         (args.output / "results.md").write_text("\n".join(md))
     wall = round(time.perf_counter() - start, 1)
-    results["settings"] = {"budget": args.budget, "seeds": args.seeds, "eval_problems": args.eval_problems,
-                           "eval_samples": args.eval_samples, "wall_seconds": wall, "sets": sets}
+    results["settings"] = {
+        "budget": args.budget,
+        "seeds": args.seeds,
+        "eval_problems": args.eval_problems,
+        "eval_samples": args.eval_samples,
+        "wall_seconds": wall,
+        "sets": sets,
+    }
     lib.save_json(args.output / "results.json", results)
     md.append(f"Wall time of the whole benchmark: {wall / 60:.1f} min.\n")
     (args.output / "results.md").write_text("\n".join(md))
     print("\n".join(md), flush=True)
-    final = {"output": str(args.output), "wall_seconds": wall, **{
-        d: {k: {"pass@1": round(v["accuracy_mean"], 4), "greedy": round(v["greedy_mean"], 4)}
-            for k, v in results[d].items() if k != "before"} for d in args.difficulties}}
+    final = {
+        "output": str(args.output),
+        "wall_seconds": wall,
+        **{
+            d: {
+                k: {"pass@1": round(v["accuracy_mean"], 4), "greedy": round(v["greedy_mean"], 4)}
+                for k, v in results[d].items()
+                if k != "before"
+            }
+            for d in args.difficulties
+        },
+    }
     print(json.dumps(final), flush=True)
     return results
 

@@ -12,20 +12,32 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"TreeRPO": ROOT / "configs/tiny_arith.yaml", "GRPO": ROOT / "configs/tiny_arith_grpo.yaml",
-           "PPO": ROOT / "configs/tiny_arith_ppo.yaml"}
+CONFIGS = {
+    "TreeRPO": ROOT / "configs/tiny_arith.yaml",
+    "GRPO": ROOT / "configs/tiny_arith_grpo.yaml",
+    "PPO": ROOT / "configs/tiny_arith_ppo.yaml",
+}
 
 # Difficulty -> env and per-algorithm overrides of the config files above. `eval_tokens` is the response budget
 # of the held-out evaluation (= the training response budget: depth x step_tokens).
 DIFFICULTIES = {
-    "easy": {"env_config": {"num_ops": 3, "operand_min": 1, "operand_max": 9, "seed": 0}, "eval_tokens": 48,
-             "TreeRPO": {}, "GRPO": {}, "PPO": {}},
+    "easy": {
+        "env_config": {"num_ops": 3, "operand_min": 1, "operand_max": 9, "seed": 0},
+        "eval_tokens": 48,
+        "TreeRPO": {},
+        "GRPO": {},
+        "PPO": {},
+    },
     # 5 operations on operands 1-20: 6 lines (5 operations and the answer), ~53 tokens. The tree keeps its shape
     # with steps of a third of the 72-token budget; PPO steps once per line. Minibatches: ~4 steps per iteration
     # (hard batches keep fewer rows: ~250 for the tree, ~370 for GRPO).
-    "hard": {"env_config": {"num_ops": 5, "operand_min": 1, "operand_max": 20, "seed": 0}, "eval_tokens": 72,
-             "TreeRPO": {"step_tokens": 24, "minibatch_size": 62}, "GRPO": {"step_tokens": 72, "minibatch_size": 92},
-             "PPO": {"branching": [1, 1, 1, 1, 1, 1]}},
+    "hard": {
+        "env_config": {"num_ops": 5, "operand_min": 1, "operand_max": 20, "seed": 0},
+        "eval_tokens": 72,
+        "TreeRPO": {"step_tokens": 24, "minibatch_size": 62},
+        "GRPO": {"step_tokens": 72, "minibatch_size": 92},
+        "PPO": {"branching": [1, 1, 1, 1, 1, 1]},
+    },
 }
 
 
@@ -62,7 +74,9 @@ def parse_sets(items: list[str]) -> dict[str, dict]:
 
 
 # --- models and evaluation ----------------------------------------------------------------------------
-def run_config(algorithm: str, difficulty: str, overrides: dict, model_path: str | None = None, seed: int = 0):
+def run_config(
+    algorithm: str, difficulty: str, overrides: dict, model_path: str | None = None, seed: int = 0
+):
     """(TreeRPOConfig, JobConfig, sections) of one (algorithm, difficulty) with ``overrides``, a model and a seed."""
     from rllib_treerpo.jobs.config import load_run_config
 
@@ -89,14 +103,24 @@ def evaluator(model_path: str, env_config: dict, *, problems: int, samples: int,
     from rllib_treerpo.evaluation import Evaluator
     from rllib_treerpo.model_io import load_causal_lm
 
-    evaluate = Evaluator.from_model(model_path, ArithmeticEnv(**{**env_config, "split": "test"}), problems=problems,
-                                    samples=samples, max_new_tokens=max_tokens, temperature=1.0, seed=1234)
+    evaluate = Evaluator.from_model(
+        model_path,
+        ArithmeticEnv(**{**env_config, "split": "test"}),
+        problems=problems,
+        samples=samples,
+        max_new_tokens=max_tokens,
+        temperature=1.0,
+        seed=1234,
+    )
     initial = load_causal_lm(model_path).state_dict()
 
     def call(weights: dict | None = None) -> dict:
         summary, _ = evaluate(initial if weights is None else weights)
-        return {"pass@1": summary["pass@1"], "greedy": summary["greedy_accuracy"],
-                "response_tokens": summary["mean_response_tokens"]}
+        return {
+            "pass@1": summary["pass@1"],
+            "greedy": summary["greedy_accuracy"],
+            "response_tokens": summary["mean_response_tokens"],
+        }
 
     return call
 
@@ -110,7 +134,9 @@ def build(algorithm: str, values: dict, model_path: str, seed: int):
     if algorithm == "PPO":
         from rllib_treerpo.baselines.ppo.job import build_ppo_config, ppo_metrics_row, ppo_settings
 
-        return build_ppo_config(config, ppo_settings(config, sections.get("ppo"))).build_algo(), ppo_metrics_row
+        return build_ppo_config(
+            config, ppo_settings(config, sections.get("ppo"))
+        ).build_algo(), ppo_metrics_row
     from rllib_treerpo.jobs.train import metrics_row
 
     return config.build_algo(), metrics_row
@@ -123,8 +149,17 @@ def tokens_and_prompts(row: dict) -> tuple[float, float]:
     return row["perf/generated_tokens"], row["perf/prompts"]
 
 
-def run(algorithm: str, values: dict, model_path: str, seed: int, evaluate, *, budget: float,
-        num_evals: int, before: dict) -> dict:
+def run(
+    algorithm: str,
+    values: dict,
+    model_path: str,
+    seed: int,
+    evaluate,
+    *,
+    budget: float,
+    num_evals: int,
+    before: dict,
+) -> dict:
     """Train until ``budget`` generated tokens, evaluating at every budget/num_evals tokens (and at the end)."""
     from rllib_treerpo.rllib.rl_module import learner_policy_weights
 
@@ -142,18 +177,32 @@ def run(algorithm: str, values: dict, model_path: str, seed: int, evaluate, *, b
             rows.append(row)
             if tokens >= next_eval or tokens >= budget:
                 point = evaluate(learner_policy_weights(algo))
-                points.append({"tokens": tokens, "prompts": prompts, "iteration": len(rows),
-                               "seconds": round(train_seconds, 1), **point})
-                log(f"    {algorithm:8s} seed {seed} it {len(rows):3d}  {tokens / 1e3:6.0f}k tokens  "
+                points.append(
+                    {
+                        "tokens": tokens,
+                        "prompts": prompts,
+                        "iteration": len(rows),
+                        "seconds": round(train_seconds, 1),
+                        **point,
+                    }
+                )
+                log(
+                    f"    {algorithm:8s} seed {seed} it {len(rows):3d}  {tokens / 1e3:6.0f}k tokens  "
                     f"{prompts:6.0f} prompts  pass@1 {point['pass@1']:.3f}  greedy {point['greedy']:.3f}  "
                     f"len {point['response_tokens']:.1f}  train reward {row.get('reward/mean', 0):.3f}  "
-                    f"({train_seconds:.0f}s)")
+                    f"({train_seconds:.0f}s)"
+                )
                 while next_eval <= tokens:
                     next_eval += budget / num_evals
     finally:
         algo.stop()
-    return {"algorithm": algorithm, "seed": seed, "points": points, "train_seconds": round(train_seconds, 1),
-            "metrics": rows}
+    return {
+        "algorithm": algorithm,
+        "seed": seed,
+        "points": points,
+        "train_seconds": round(train_seconds, 1),
+        "metrics": rows,
+    }
 
 
 # --- aggregation, table, plots ---------------------------------------------------------------------------
@@ -173,32 +222,44 @@ def aggregate(runs: list[dict], equal_prompts: float) -> dict:
     acc, greedy = ms([f["pass@1"] for f in finals]), ms([f["greedy"] for f in finals])
     at_p = ms([interpolate(r["points"], "prompts", equal_prompts, "pass@1") for r in runs])
     greedy_at_p = ms([interpolate(r["points"], "prompts", equal_prompts, "greedy") for r in runs])
-    return {"accuracy_mean": acc[0], "accuracy_std": acc[1], "greedy_mean": greedy[0], "greedy_std": greedy[1],
-            "response_tokens_mean": float(np.mean([f["response_tokens"] for f in finals])),
-            "generated_tokens": float(np.mean([f["tokens"] for f in finals])),
-            "prompts": float(np.mean([f["prompts"] for f in finals])),
-            "iterations": float(np.mean([f["iteration"] for f in finals])),
-            "wall_seconds": float(np.mean([r["train_seconds"] for r in runs])),
-            "equal_prompts": equal_prompts, "accuracy_at_equal_prompts_mean": at_p[0],
-            "accuracy_at_equal_prompts_std": at_p[1], "greedy_at_equal_prompts_mean": greedy_at_p[0],
-            "seeds": [r["seed"] for r in runs], "per_seed_accuracy": [f["pass@1"] for f in finals],
-            "per_seed_greedy": [f["greedy"] for f in finals]}
+    return {
+        "accuracy_mean": acc[0],
+        "accuracy_std": acc[1],
+        "greedy_mean": greedy[0],
+        "greedy_std": greedy[1],
+        "response_tokens_mean": float(np.mean([f["response_tokens"] for f in finals])),
+        "generated_tokens": float(np.mean([f["tokens"] for f in finals])),
+        "prompts": float(np.mean([f["prompts"] for f in finals])),
+        "iterations": float(np.mean([f["iteration"] for f in finals])),
+        "wall_seconds": float(np.mean([r["train_seconds"] for r in runs])),
+        "equal_prompts": equal_prompts,
+        "accuracy_at_equal_prompts_mean": at_p[0],
+        "accuracy_at_equal_prompts_std": at_p[1],
+        "greedy_at_equal_prompts_mean": greedy_at_p[0],
+        "seeds": [r["seed"] for r in runs],
+        "per_seed_accuracy": [f["pass@1"] for f in finals],
+        "per_seed_greedy": [f["greedy"] for f in finals],
+    }
 
 
 def markdown_table(title: str, before: dict, results: dict[str, dict]) -> str:
-    lines = [f"### {title}", "",
-             "| algorithm | pass@1 (T=1) | greedy | response tokens | generated tokens | prompts seen | iterations "
-             "| train s | pass@1 at equal prompts |",
-             "|---|---|---|---|---|---|---|---|---|",
-             f"| before RL | {before['pass@1']:.3f} | {before['greedy']:.3f} | {before['response_tokens']:.1f} "
-             "| 0 | 0 | 0 | 0 | |"]
+    lines = [
+        f"### {title}",
+        "",
+        "| algorithm | pass@1 (T=1) | greedy | response tokens | generated tokens | prompts seen | iterations "
+        "| train s | pass@1 at equal prompts |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| before RL | {before['pass@1']:.3f} | {before['greedy']:.3f} | {before['response_tokens']:.1f} "
+        "| 0 | 0 | 0 | 0 | |",
+    ]
     for name, r in results.items():
         lines.append(
             f"| {name} | {r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f} | {r['greedy_mean']:.3f} ± "
             f"{r['greedy_std']:.3f} | {r['response_tokens_mean']:.1f} | {r['generated_tokens'] / 1e3:.0f}k | "
             f"{r['prompts']:.0f} | {r['iterations']:.1f} | {r['wall_seconds']:.0f} | "
             f"{r['accuracy_at_equal_prompts_mean']:.3f} ± {r['accuracy_at_equal_prompts_std']:.3f} "
-            f"(@{r['equal_prompts']:.0f}) |")
+            f"(@{r['equal_prompts']:.0f}) |"
+        )
     return "\n".join(lines) + "\n"
 
 

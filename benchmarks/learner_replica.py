@@ -29,60 +29,103 @@ from pathlib import Path
 from benchmarks import compare_lib as lib
 
 
+class Replica:
+    """One training run without Ray: the policy, its optimizer and reference, the train and held-out envs."""
+
+    def __init__(self, args) -> None:
+        import torch
+
+        from envs import make_reasoning_env
+        from rllib_treerpo.evaluation import Evaluator
+        from rllib_treerpo.generation import make_backend
+        from rllib_treerpo.iteration import LossSettings
+        from rllib_treerpo.model_io import load_causal_lm, load_tokenizer
+
+        model_path = args.model or lib.warm_model(args.difficulty, lib.parse_sets(args.set).get("*", {}))
+        c, job, _ = lib.run_config(args.algorithm, args.difficulty, _overrides(args), model_path, args.seed)
+        self.config, self.tok = c, load_tokenizer(model_path)
+        self.model = load_causal_lm(model_path, c.dtype).to(args.device).eval()
+        self.ref = load_causal_lm(model_path, c.dtype).to(args.device).eval() if c.kl_coef > 0 else None
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        self.backend = make_backend("hf", self.model, self.tok)  # samples with the weights being trained
+        self.env = make_reasoning_env(c.env, c.env_config)
+        test = make_reasoning_env(c.env, {**c.env_config, **job.eval_env_config})
+        self.evaluate = Evaluator(
+            test,
+            self.backend,
+            self.tok,
+            problems=args.problems,
+            samples=args.samples,
+            max_new_tokens=c.tree_spec().response_tokens,
+            seed=1234,
+        )
+        self.spec, self.settings = c.tree_spec(), LossSettings.from_config(c)
+
+    def iteration(self, it: int) -> dict[str, float]:
+        """Iteration ``it`` as TreeRPO.training_step runs it with num_env_runners=0; returns the tree metrics."""
+        from rllib_treerpo.iteration import (
+            minibatch_seed,
+            policy_update,
+            sample_iteration,
+            sampling_seed,
+            training_rows,
+        )
+        from rllib_treerpo.model_io import pad_token_id
+
+        c = self.config
+        trees = sample_iteration(
+            self.env, self.backend, self.tok, self.spec, c.prompts_per_iteration, sampling_seed(c.seed, 0, it)
+        )
+        rows, metrics = training_rows(trees, c, pad_token_id(self.tok))
+        if len(rows["input_ids"]):
+            policy_update(
+                self.model,
+                self.optimizer,
+                rows,
+                self.settings,
+                minibatch_size=c.minibatch_size,
+                num_epochs=c.num_epochs,
+                grad_clip=c.grad_clip,
+                seed=minibatch_seed(c.seed, it),
+                ref_model=self.ref,
+            )
+            self.backend.clear_cache()  # its K/V were computed with the old weights
+        return metrics
+
+
 def run(args) -> None:
     """Train one (difficulty, algorithm, seed) for --budget generated tokens (or --iters), evaluating on the way."""
     import torch
 
-    from envs import make_reasoning_env
-    from rllib_treerpo.evaluation import Evaluator
-    from rllib_treerpo.generation import make_backend
-    from rllib_treerpo.iteration import (
-        LossSettings,
-        minibatch_seed,
-        policy_update,
-        sample_iteration,
-        sampling_seed,
-    )
-    from rllib_treerpo.model_io import load_causal_lm, load_tokenizer, pad_token_id
-    from rllib_treerpo.rows import build_training_batch
-
     torch.set_num_threads(1)
-    model_path = args.model or lib.warm_model(args.difficulty, lib.parse_sets(args.set).get("*", {}))
-    c, job, _ = lib.run_config(args.algorithm, args.difficulty, _overrides(args), model_path, args.seed)
-    tok = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, c.dtype).to(args.device).eval()
-    ref = load_causal_lm(model_path, c.dtype).to(args.device).eval() if c.kl_coef > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-    backend = make_backend("hf", model, tok)
-    env = make_reasoning_env(c.env, c.env_config)
-    test = make_reasoning_env(c.env, {**c.env_config, **job.eval_env_config})
-    evaluate = Evaluator(test, backend, tok, problems=args.problems, samples=args.samples,
-                         max_new_tokens=c.tree_spec().response_tokens, seed=1234)
-    spec, settings = c.tree_spec(), LossSettings.from_config(c)
+    replica = Replica(args)
     evals = sorted(float(x) for x in args.evals.split(",")) if args.evals else []
     tokens, it, prompts, t0, kept = 0.0, 0, 0, time.time(), []
 
     def report() -> None:
-        summary, _ = evaluate()
-        row = {"label": args.label or args.algorithm, "difficulty": args.difficulty, "seed": args.seed, "iter": it,
-               "tokens": tokens, "prompts": prompts, "kept_groups": sum(kept) / len(kept) if kept else None,
-               "seconds": round(time.time() - t0, 1), "pass@1": summary["pass@1"],
-               "greedy": summary["greedy_accuracy"], "len": summary["mean_response_tokens"]}
+        summary, _ = replica.evaluate()
+        row = {
+            "label": args.label or args.algorithm,
+            "difficulty": args.difficulty,
+            "seed": args.seed,
+            "iter": it,
+            "tokens": tokens,
+            "prompts": prompts,
+            "kept_groups": sum(kept) / len(kept) if kept else None,
+            "seconds": round(time.time() - t0, 1),
+            "pass@1": summary["pass@1"],
+            "greedy": summary["greedy_accuracy"],
+            "len": summary["mean_response_tokens"],
+        }
         print(json.dumps(row), flush=True)
 
     if args.eval_start:
         report()
     while (args.iters and it < args.iters) or (not args.iters and tokens < args.budget):
-        trees = sample_iteration(env, backend, tok, spec, c.prompts_per_iteration, sampling_seed(c.seed, 0, it))
-        rows, m = build_training_batch(trees, tau=c.tau, advantage_std=c.advantage_std,
-                                       value_estimate=c.value_estimate, eps=c.advantage_eps, pad_id=pad_token_id(tok))
-        tokens += m["tree/generated_tokens"]
-        prompts += c.prompts_per_iteration
-        kept.append(1.0 - m["tree/frac_groups_filtered"])
-        if len(rows["input_ids"]):
-            policy_update(model, optimizer, rows, settings, minibatch_size=c.minibatch_size, num_epochs=c.num_epochs,
-                          grad_clip=c.grad_clip, seed=minibatch_seed(c.seed, it), ref_model=ref)
-            backend.clear_cache()  # its K/V were computed with the old weights
+        metrics = replica.iteration(it)
+        tokens += metrics["tree/generated_tokens"]
+        prompts += int(metrics["tree/trees"])
+        kept.append(1.0 - metrics["tree/frac_groups_filtered"])
         it += 1
         due = [e for e in evals if (it if args.iters else tokens) >= e]
         if due:
@@ -103,14 +146,40 @@ def sweep(args) -> None:
     for item in args.runs.split(","):
         difficulty, _, algorithm = item.partition(":")
         if difficulty not in lib.DIFFICULTIES or algorithm not in ("TreeRPO", "GRPO"):
-            raise SystemExit(f"--runs {item!r}: expected DIFFICULTY:ALGORITHM with {sorted(lib.DIFFICULTIES)} and "
-                             "TreeRPO or GRPO")
+            raise SystemExit(
+                f"--runs {item!r}: expected DIFFICULTY:ALGORITHM with {sorted(lib.DIFFICULTIES)} and "
+                "TreeRPO or GRPO"
+            )
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            cmd = [sys.executable, "-m", "benchmarks.learner_replica", "run", "--difficulty", difficulty,
-                   "--algorithm", algorithm, "--seed", str(seed), "--budget", str(args.budget), "--evals", args.evals,
-                   "--iters", str(args.iters), "--device", args.device, "--problems", str(args.problems),
-                   "--samples", str(args.samples), "--label", args.label or algorithm]
-            cmd += [x for s in args.set for x in ("--set", s)] + (["--model", args.model] if args.model else [])
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.learner_replica",
+                "run",
+                "--difficulty",
+                difficulty,
+                "--algorithm",
+                algorithm,
+                "--seed",
+                str(seed),
+                "--budget",
+                str(args.budget),
+                "--evals",
+                args.evals,
+                "--iters",
+                str(args.iters),
+                "--device",
+                args.device,
+                "--problems",
+                str(args.problems),
+                "--samples",
+                str(args.samples),
+                "--label",
+                args.label or algorithm,
+            ]
+            cmd += [x for s in args.set for x in ("--set", s)] + (
+                ["--model", args.model] if args.model else []
+            )
             if args.eval_start and seed == args.first_seed:
                 cmd.append("--eval-start")
             jobs.append((cmd, out / f"{difficulty}_{args.label or algorithm}_{seed}.jsonl"))
@@ -118,8 +187,12 @@ def sweep(args) -> None:
     while jobs or running:
         while jobs and len(running) < args.parallel:
             cmd, path = jobs.pop(0)
-            running.append((subprocess.Popen(cmd, stdout=path.open("w"), stderr=path.with_suffix(".err").open("w")),
-                            path))
+            running.append(
+                (
+                    subprocess.Popen(cmd, stdout=path.open("w"), stderr=path.with_suffix(".err").open("w")),
+                    path,
+                )
+            )
         time.sleep(1)
         for p, path in list(running):
             if p.poll() is not None:
@@ -161,9 +234,11 @@ def table(args) -> None:
             return f"{x.mean():.3f} ± {x.std():.3f}"
 
         kept = [r["kept_groups"] for r in rs if r.get("kept_groups") is not None]
-        print(f"| {difficulty} | {label} | {ms('pass@1')} | {ms('greedy')} | "
-              f"{np.mean([r['tokens'] for r in rs]) / 1e3:.0f}k | {np.mean([r['prompts'] for r in rs]):.0f} | "
-              f"{np.mean([r['iter'] for r in rs]):.0f} | {f'{np.mean(kept):.2f}' if kept else ''} | {len(rs)} |")
+        print(
+            f"| {difficulty} | {label} | {ms('pass@1')} | {ms('greedy')} | "
+            f"{np.mean([r['tokens'] for r in rs]) / 1e3:.0f}k | {np.mean([r['prompts'] for r in rs]):.0f} | "
+            f"{np.mean([r['iter'] for r in rs]):.0f} | {f'{np.mean(kept):.2f}' if kept else ''} | {len(rs)} |"
+        )
     if args.plot:
         curves: dict[str, list[dict]] = {}
         for (difficulty, label, _), rows in sorted(runs.items()):
@@ -183,8 +258,11 @@ def main(argv=None) -> None:
         r.add_argument("--set", action="append", default=[], metavar="[ALGO:]FIELD=VALUE")
         r.add_argument("--budget", type=float, default=300_000, help="generated tokens to train for")
         r.add_argument("--iters", type=int, default=0, help="train this many iterations instead of --budget")
-        r.add_argument("--evals", default="100000,200000,300000",
-                       help="comma-separated: generated tokens (or iterations with --iters) to evaluate at")
+        r.add_argument(
+            "--evals",
+            default="100000,200000,300000",
+            help="comma-separated: generated tokens (or iterations with --iters) to evaluate at",
+        )
         r.add_argument("--eval-start", action="store_true", help="also evaluate before training")
         r.add_argument("--problems", type=int, default=200)
         r.add_argument("--samples", type=int, default=4)

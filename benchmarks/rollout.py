@@ -134,13 +134,18 @@ def throughput(model, tok, backend, args) -> tuple[float, float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads; 0 = all cores on an idle machine, 1 when other work loads it")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads; 0 = all cores on an idle machine, 1 when other work loads it",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--batch", type=int, default=64, help="rows for the throughput comparison (c)")
-    parser.add_argument("--compaction", action="store_true",
-                        help="also time compact_fraction settings with early EOS (d)")
+    parser.add_argument(
+        "--compaction", action="store_true", help="also time compact_fraction settings with early EOS (d)"
+    )
     args = parser.parse_args()
     if args.threads <= 0:
         # Measured: on 2 busy cores, 2 OpenMP threads made a tiny-model step ~50x slower than 1 thread.
@@ -157,8 +162,9 @@ def main() -> None:
     def run_tree():
         backend.clear_cache()
         backend.reset_stats()
-        trees = sample_trees(envs, backend, tok, branching=BRANCHING, step_tokens=STEP_TOKENS,
-                             stop_at_eos=False, seed=0)
+        trees = sample_trees(
+            envs, backend, tok, branching=BRANCHING, step_tokens=STEP_TOKENS, stop_at_eos=False, seed=0
+        )
         return trees, backend.stats.as_dict()
 
     # (b) flat: as many independent full-length responses (64 per prompt, 48 tokens), one batched call.
@@ -171,32 +177,75 @@ def main() -> None:
         return backend.generate(prompts, per_prompt, flat_params), backend.stats.as_dict()
 
     runs = timed({"tree": run_tree, "flat": run_flat}, args.repeats)
-    paired = statistics.median(t / f for t, f in zip(timed.last_walls["tree"], timed.last_walls["flat"], strict=True))
+    paired = statistics.median(
+        t / f for t, f in zip(timed.last_walls["tree"], timed.last_walls["flat"], strict=True)
+    )
     tree_seconds, tree_cpu, (trees, tree_stats_) = runs["tree"]
     flat_seconds, flat_cpu, (_, flat_stats) = runs["flat"]
     shape = tree_stats(trees)
-    n_leaves = shape["leaves"]
-    tree_unique = shape["prompt_tokens"] + shape["generated_tokens"]
 
     hf_tps, bare_tps, new = throughput(model, tok, backend, args)
 
-    tree_dec, flat_dec = tree_stats_["decode_tokens"], flat_stats["decode_tokens"]
-    print(f"device {args.device} {args.dtype}, threads {args.threads}, median of {args.repeats}")
-    print(f"(a) tree {BRANCHING} x {STEP_TOKENS} tokens, {PROMPTS} prompts: nodes {shape['nodes']}, leaves "
-          f"{n_leaves}, decode tokens {tree_dec}, tokens fed {tree_stats_['tokens_fed']} "
-          f"(unique {tree_unique}, padding {tree_stats_['pad_tokens']}), {tree_seconds:.3f} s (cpu {tree_cpu:.3f}) "
-          f"(last round: generate calls {tree_stats_['seconds']:.3f} s, envs and tree building the rest)")
-    print(f"(b) flat {per_prompt} x {flat_params.max_new_tokens} tokens per prompt: decode tokens {flat_dec}, "
-          f"tokens fed {flat_stats['tokens_fed']}, {flat_seconds:.3f} s (cpu {flat_cpu:.3f})")
-    token_ratio, time_ratio = tree_dec / flat_dec, tree_seconds / flat_seconds
-    print(f"    tree/flat: decode tokens {token_ratio:.3f}, seconds {time_ratio:.3f} "
-          f"(time per decode token x{time_ratio / token_ratio:.2f}; cpu seconds {tree_cpu / flat_cpu:.3f}, "
-          f"x{tree_cpu / flat_cpu / token_ratio:.2f}; median of per-round ratios {paired:.3f}, "
-          f"x{paired / token_ratio:.2f})")
-    print(f"(c) batch {args.batch} x {new} new tokens: hf backend {hf_tps:,.0f} tok/s, bare loop "
-          f"{bare_tps:,.0f} tok/s (hf/bare {hf_tps / bare_tps:.2f})")
+    report(
+        args,
+        shape,
+        tree_stats_,
+        flat_stats,
+        tree_seconds,
+        flat_seconds,
+        tree_cpu,
+        flat_cpu,
+        paired,
+        flat_params,
+        hf_tps,
+        bare_tps,
+        new,
+    )
     if args.compaction:
         compaction_sweep(tok, prompts, args.device, args.dtype, args.repeats)
+
+
+def report(
+    args,
+    shape,
+    tree_stats_,
+    flat_stats,
+    tree_seconds,
+    flat_seconds,
+    tree_cpu,
+    flat_cpu,
+    paired,
+    flat_params,
+    hf_tps,
+    bare_tps,
+    new,
+) -> None:
+    """The table, the targets, and the JSON line."""
+    n_leaves, tree_unique = shape["leaves"], shape["prompt_tokens"] + shape["generated_tokens"]
+    per_prompt = BRANCHING[0] * BRANCHING[1] * BRANCHING[2]
+    tree_dec, flat_dec = tree_stats_["decode_tokens"], flat_stats["decode_tokens"]
+    print(f"device {args.device} {args.dtype}, threads {args.threads}, median of {args.repeats}")
+    print(
+        f"(a) tree {BRANCHING} x {STEP_TOKENS} tokens, {PROMPTS} prompts: nodes {shape['nodes']}, leaves "
+        f"{n_leaves}, decode tokens {tree_dec}, tokens fed {tree_stats_['tokens_fed']} "
+        f"(unique {tree_unique}, padding {tree_stats_['pad_tokens']}), {tree_seconds:.3f} s (cpu {tree_cpu:.3f}) "
+        f"(last round: generate calls {tree_stats_['seconds']:.3f} s, envs and tree building the rest)"
+    )
+    print(
+        f"(b) flat {per_prompt} x {flat_params.max_new_tokens} tokens per prompt: decode tokens {flat_dec}, "
+        f"tokens fed {flat_stats['tokens_fed']}, {flat_seconds:.3f} s (cpu {flat_cpu:.3f})"
+    )
+    token_ratio, time_ratio = tree_dec / flat_dec, tree_seconds / flat_seconds
+    print(
+        f"    tree/flat: decode tokens {token_ratio:.3f}, seconds {time_ratio:.3f} "
+        f"(time per decode token x{time_ratio / token_ratio:.2f}; cpu seconds {tree_cpu / flat_cpu:.3f}, "
+        f"x{tree_cpu / flat_cpu / token_ratio:.2f}; median of per-round ratios {paired:.3f}, "
+        f"x{paired / token_ratio:.2f})"
+    )
+    print(
+        f"(c) batch {args.batch} x {new} new tokens: hf backend {hf_tps:,.0f} tok/s, bare loop "
+        f"{bare_tps:,.0f} tok/s (hf/bare {hf_tps / bare_tps:.2f})"
+    )
     checks = {
         "tree_model_tokens <= 1.02 x tree_unique_tokens": tree_stats_["tokens_fed"] <= 1.02 * tree_unique,
         "tree/flat seconds <= 1.35 x tree/flat decode tokens": time_ratio <= 1.35 * token_ratio,
@@ -204,12 +253,20 @@ def main() -> None:
     }
     for name, ok in checks.items():
         print(f"    target {'MET   ' if ok else 'MISSED'} {name}")
-    print(json.dumps({
-        "tree_decode_tokens": tree_dec, "flat_decode_tokens": flat_dec, "tree_unique_tokens": tree_unique,
-        "tree_model_tokens": tree_stats_["tokens_fed"], "tree_seconds": round(tree_seconds, 4),
-        "flat_seconds": round(flat_seconds, 4), "hf_tokens_per_s": round(hf_tps, 1),
-        "bare_tokens_per_s": round(bare_tps, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "tree_decode_tokens": tree_dec,
+                "flat_decode_tokens": flat_dec,
+                "tree_unique_tokens": tree_unique,
+                "tree_model_tokens": tree_stats_["tokens_fed"],
+                "tree_seconds": round(tree_seconds, 4),
+                "flat_seconds": round(flat_seconds, 4),
+                "hf_tokens_per_s": round(hf_tps, 1),
+                "bare_tokens_per_s": round(bare_tps, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,9 @@ def main() -> None:
         e = env.clone()
         e.reset(seed=int(rng.integers(2**31)))
         roots.append(e)
-    trees = sample_trees(roots, backend, tok, branching=args.branching, step_tokens=12, step_delimiter="\n",
-                         seed=args.seed)
+    trees = sample_trees(
+        roots, backend, tok, branching=args.branching, step_tokens=12, step_delimiter="\n", seed=args.seed
+    )
     counts = {"pos_right": 0, "pos_wrong": 0, "neg_right": 0, "neg_wrong": 0}
     for tree in trees:
         _, adv = tree_advantages(tree.parent_array(), tree.leaf_rewards(), tau=args.tau)
@@ -66,8 +67,11 @@ def main() -> None:
             counts[f"{sign}_{'right' if ok else 'wrong'}"] += 1
     pos = counts["pos_right"] + counts["pos_wrong"]
     neg = counts["neg_right"] + counts["neg_wrong"]
-    result = {**counts, "frac_positive_wrong": counts["pos_wrong"] / max(pos, 1),
-              "frac_negative_right": counts["neg_right"] / max(neg, 1)}
+    result = {
+        **counts,
+        "frac_positive_wrong": counts["pos_wrong"] / max(pos, 1),
+        "frac_negative_right": counts["neg_right"] / max(neg, 1),
+    }
     print(f"positive-advantage lines: {pos}, wrong {result['frac_positive_wrong']:.1%}")
     print(f"negative-advantage lines: {neg}, right {result['frac_negative_right']:.1%}")
     print(json.dumps(result))

@@ -29,7 +29,14 @@ from envs.base import ReasoningEnv
 from envs.math_problems import MathProblemsEnv
 from envs.rewards import math_reward
 
-__all__ = ["ArithmeticEnv", "MathProblemsEnv", "REGISTERED_IDS", "ReasoningEnv", "make_reasoning_env", "math_reward"]
+__all__ = [
+    "ArithmeticEnv",
+    "MathProblemsEnv",
+    "REGISTERED_IDS",
+    "ReasoningEnv",
+    "make_reasoning_env",
+    "math_reward",
+]
 
 REGISTERED_IDS: dict[str, tuple[str, dict]] = {
     "treerpo/Arithmetic-v0": ("envs.arithmetic:ArithmeticEnv", {}),
@@ -60,6 +67,8 @@ def make_reasoning_env(env, env_config: dict | None = None) -> ReasoningEnv:
     else:
         raise ValueError(f"config field 'env' = {env!r}: expected a gymnasium id or a ReasoningEnv subclass")
     if not isinstance(instance, ReasoningEnv):
-        raise ValueError(f"config field 'env' = {env!r} is a {type(instance).__name__}, not a ReasoningEnv: "
-                         "TreeRPO grows trees by cloning text environments")
+        raise ValueError(
+            f"config field 'env' = {env!r} is a {type(instance).__name__}, not a ReasoningEnv: "
+            "TreeRPO grows trees by cloning text environments"
+        )
     return instance

@@ -108,7 +108,9 @@ class ReasoningGymEnv(ReasoningEnv):
         if task not in names:
             close = difflib.get_close_matches(str(task), names, n=5, cutoff=0.5)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ValueError(f"unknown reasoning-gym task {task!r}{hint} (see envs.reasoning_gym.task_names())")
+            raise ValueError(
+                f"unknown reasoning-gym task {task!r}{hint} (see envs.reasoning_gym.task_names())"
+            )
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {list(_SPLITS)}, got {split!r}")
         for name, value, low in (("size", size, 1), ("test_size", test_size, 0)):
@@ -137,7 +139,10 @@ class ReasoningGymEnv(ReasoningEnv):
             sample += [self._item(self._dataset_index(i)) for i in range(min(size, _CHARSET_TRAIN_SAMPLE))]
             charset = build_charset(self._render_prompt(e) + str(e["answer"]) for e in sample)
         super().__init__(
-            stop_text=stop_text, max_steps=max_steps, max_chars=max_chars, charset=charset,
+            stop_text=stop_text,
+            max_steps=max_steps,
+            max_chars=max_chars,
+            charset=charset,
             render_mode=render_mode,
         )
         self._seed_stream(seed)
@@ -149,12 +154,16 @@ class ReasoningGymEnv(ReasoningEnv):
         from reasoning_gym.factory import DATASETS
 
         config_cls = DATASETS[task][1]
-        valid = [f.name for f in dataclasses.fields(config_cls)] if dataclasses.is_dataclass(config_cls) else None
+        valid = (
+            [f.name for f in dataclasses.fields(config_cls)] if dataclasses.is_dataclass(config_cls) else None
+        )
         if valid is not None:
             unknown = sorted(set(task_config) - set(valid))
             if unknown:
-                raise ValueError(f"task_config of {task!r}: unknown field(s) {unknown}; valid: "
-                                 f"{sorted(set(valid) - {'size', 'seed'})}")
+                raise ValueError(
+                    f"task_config of {task!r}: unknown field(s) {unknown}; valid: "
+                    f"{sorted(set(valid) - {'size', 'seed'})}"
+                )
         try:
             return rg.create_dataset(task, size=size, seed=seed, **task_config)
         except (AssertionError, TypeError, ValueError) as e:
@@ -196,7 +205,9 @@ class ReasoningGymEnv(ReasoningEnv):
         if index is None:
             index = int(rng.integers(self.num_problems))
         elif not 0 <= int(index) < self.num_problems:
-            raise IndexError(f"problem_index {index} out of range [0, {self.num_problems}) of split {self.split!r}")
+            raise IndexError(
+                f"problem_index {index} out of range [0, {self.num_problems}) of split {self.split!r}"
+            )
         entry = self._item(self._dataset_index(int(index)))
         self._entry = entry
         return f"{self.task}/{self.split}/{int(index)}", self._render_prompt(entry), str(entry["answer"])

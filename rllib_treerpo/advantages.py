@@ -22,7 +22,9 @@ def _check_parent(parent: np.ndarray) -> None:
     bad = np.nonzero((parent[1:] < 0) | (parent[1:] >= idx[1:]))[0]
     if len(bad):
         i = int(bad[0]) + 1
-        raise ValueError(f"parent[{i}] = {parent[i]}: every non-root node needs a parent with a smaller index")
+        raise ValueError(
+            f"parent[{i}] = {parent[i]}: every non-root node needs a parent with a smaller index"
+        )
 
 
 def node_values(parent, leaf_reward, *, value_estimate: str = "child_mean") -> np.ndarray:
@@ -125,5 +127,8 @@ def tree_stats(parent, advantages) -> dict[str, float]:
     parents_with_children = np.unique(parent[1:])
     kept = {int(parent[i]) for i in range(1, len(parent)) if np.isfinite(advantages[i])}
     groups = len(parents_with_children)
-    return {"groups": float(groups), "groups_kept": float(len(kept)),
-            "frac_groups_filtered": 1.0 - len(kept) / groups if groups else 0.0}
+    return {
+        "groups": float(groups),
+        "groups_kept": float(len(kept)),
+        "frac_groups_filtered": 1.0 - len(kept) / groups if groups else 0.0,
+    }

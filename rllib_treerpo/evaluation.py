@@ -39,8 +39,17 @@ class Evaluator:
     batch_problems: int = 50
 
     @classmethod
-    def from_model(cls, model_name_or_path: str, env: Any, *, dtype: str = "float32", backend: str = "hf",
-                   chat_template: bool = False, system_prompt: str | None = None, **settings: Any) -> Evaluator:
+    def from_model(
+        cls,
+        model_name_or_path: str,
+        env: Any,
+        *,
+        dtype: str = "float32",
+        backend: str = "hf",
+        chat_template: bool = False,
+        system_prompt: str | None = None,
+        **settings: Any,
+    ) -> Evaluator:
         """An evaluator with its own backend on the model at ``model_name_or_path`` (Hugging Face folder)."""
         from rllib_treerpo.generation import get_backend_class
         from rllib_treerpo.model_io import load_tokenizer
@@ -48,11 +57,16 @@ class Evaluator:
 
         tokenizer = load_tokenizer(model_name_or_path)
         gen = get_backend_class(backend).from_pretrained(model_name_or_path, tokenizer, dtype=dtype)
-        return cls(env, gen, prompt_tokenizer(tokenizer, chat_template=chat_template, system_prompt=system_prompt),
-                   **settings)
+        return cls(
+            env,
+            gen,
+            prompt_tokenizer(tokenizer, chat_template=chat_template, system_prompt=system_prompt),
+            **settings,
+        )
 
-    def __call__(self, weights: Mapping[str, Any] | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, float], list[dict]]:
+    def __call__(
+        self, weights: Mapping[str, Any] | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> tuple[dict[str, float], list[dict]]:
         """The summary and one row per problem (prompt, answer, sampled responses and rewards, greedy response).
 
         ``weights`` (Hugging Face names), when given, are loaded into the backend first.
@@ -69,10 +83,17 @@ class Evaluator:
                 root = self.env.clone()
                 root.reset(options={"problem_index": i})
                 roots.append(root)
-            sampled = grow_trees(roots, self.backend, self.tokenizer, sampled_spec.with_seed(self.seed + start))
-            greedy = grow_trees(roots, self.backend, self.tokenizer, greedy_spec) if self.greedy else [None] * len(
-                roots)
-            rows += [_problem_row(i, tree, gtree) for i, tree, gtree in zip(idx, sampled, greedy, strict=True)]
+            sampled = grow_trees(
+                roots, self.backend, self.tokenizer, sampled_spec.with_seed(self.seed + start)
+            )
+            greedy = (
+                grow_trees(roots, self.backend, self.tokenizer, greedy_spec)
+                if self.greedy
+                else [None] * len(roots)
+            )
+            rows += [
+                _problem_row(i, tree, gtree) for i, tree, gtree in zip(idx, sampled, greedy, strict=True)
+            ]
             self.backend.clear_cache()
             if progress is not None:
                 progress(len(rows), self.problems)

@@ -1,7 +1,7 @@
 """One TreeRPO iteration without Ray: what the RLlib adapters and every benchmark replica call.
 
 - sampling: :func:`sample_iteration` draws prompts from an env and grows their trees (sampler.py);
-- rows: :func:`rllib_treerpo.rows.build_training_batch` turns trees into advantages and training rows;
+- rows: :func:`training_rows` turns trees into advantages and training rows (rows.py) with a config's settings;
 - minibatches: :func:`minibatch_plan` splits the rows of one iteration so that every row is trained exactly once
   per epoch (SPEC.md s.4);
 - the loss: :func:`compute_loss` goes from the policy's logits (and the reference model's, for the KL term) to the
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from rllib_treerpo.losses import policy_loss, token_entropy, token_logprobs
+from rllib_treerpo.rows import build_training_batch
 from rllib_treerpo.sampler import TreeSpec, draw_prompts, grow_trees
 from rllib_treerpo.tree import Tree
 
@@ -35,11 +36,26 @@ def minibatch_seed(seed: int | None, iteration: int) -> int:
     return int(np.random.SeedSequence([seed or 0, iteration, 17]).generate_state(1)[0])
 
 
-def sample_iteration(env: Any, backend: Any, tokenizer: Any, spec: TreeSpec, num_prompts: int,
-                     seed: int) -> list[Tree]:
+def sample_iteration(
+    env: Any, backend: Any, tokenizer: Any, spec: TreeSpec, num_prompts: int, seed: int
+) -> list[Tree]:
     """``num_prompts`` trees: prompts drawn from ``env`` with ``seed``, grown with ``spec`` (its seed: ``seed``)."""
     roots = draw_prompts(env, num_prompts, seed)
     return grow_trees(roots, backend, tokenizer, spec.with_seed(seed))
+
+
+def training_rows(
+    trees: list[Tree], config: Any, pad_id: int
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Advantages and rows of an iteration's trees with a config's tau, advantage_std, value_estimate and eps."""
+    return build_training_batch(
+        trees,
+        tau=config.tau,
+        advantage_std=config.advantage_std,
+        value_estimate=config.value_estimate,
+        eps=config.advantage_eps,
+        pad_id=pad_id,
+    )
 
 
 @dataclass(frozen=True)
@@ -58,8 +74,12 @@ class LossSettings:
         return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
 
 
-def compute_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], settings: LossSettings,
-                 ref_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def compute_loss(
+    logits: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    settings: LossSettings,
+    ref_logits: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The TreeRPO loss of one minibatch from the policy's logits (B, T, V).
 
     ``batch`` holds the rows of :func:`rllib_treerpo.rows.build_training_batch` as tensors (input_ids,
@@ -71,9 +91,17 @@ def compute_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], settings:
     logprobs = token_logprobs(logits, input_ids, settings.temperature)
     ref_logprobs = None if ref_logits is None else token_logprobs(ref_logits, input_ids, settings.temperature)
     loss, stats = policy_loss(
-        logprobs, batch["old_logprobs"], batch["advantages"], mask, eps_low=settings.clip_eps_low,
-        eps_high=settings.clip_eps_high, ref_logprobs=ref_logprobs, kl_coef=settings.kl_coef,
-        kl_estimator=settings.kl_estimator, loss_agg=settings.loss_agg)
+        logprobs,
+        batch["old_logprobs"],
+        batch["advantages"],
+        mask,
+        eps_low=settings.clip_eps_low,
+        eps_high=settings.clip_eps_high,
+        ref_logprobs=ref_logprobs,
+        kl_coef=settings.kl_coef,
+        kl_estimator=settings.kl_estimator,
+        loss_agg=settings.loss_agg,
+    )
     with torch.no_grad():
         entropy = (token_entropy(logits, settings.temperature) * mask).sum() / mask.sum().clamp(min=1)
     out = {name: float(value) for name, value in stats.items()}
@@ -81,8 +109,9 @@ def compute_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], settings:
     return loss, out
 
 
-def minibatch_plan(num_rows: int, minibatch_size: int | None, *, num_epochs: int = 1, shuffle: bool = True,
-                   seed: int = 0) -> list[np.ndarray]:
+def minibatch_plan(
+    num_rows: int, minibatch_size: int | None, *, num_epochs: int = 1, shuffle: bool = True, seed: int = 0
+) -> list[np.ndarray]:
     """Row indices of each minibatch: every row exactly once per epoch, in ``ceil(rows / minibatch_size)`` parts.
 
     ``minibatch_size`` None: the whole batch per epoch. With ``shuffle`` each epoch is permuted with a generator
@@ -93,12 +122,13 @@ def minibatch_plan(num_rows: int, minibatch_size: int | None, *, num_epochs: int
     plan = []
     for _ in range(num_epochs):
         order = rng.permutation(num_rows) if shuffle else np.arange(num_rows)
-        plan += [order[start:start + size] for start in range(0, num_rows, max(size, 1))]
+        plan += [order[start : start + size] for start in range(0, num_rows, max(size, 1))]
     return plan
 
 
-def as_tensors(rows: dict[str, np.ndarray], index: np.ndarray | None = None,
-               device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def as_tensors(
+    rows: dict[str, np.ndarray], index: np.ndarray | None = None, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """Rows (numpy) -> tensors on ``device``, optionally only the rows at ``index``."""
     return {k: torch.as_tensor(v if index is None else v[index], device=device) for k, v in rows.items()}
 
@@ -108,10 +138,19 @@ def model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
 
 
-def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rows: dict[str, np.ndarray],
-                  settings: LossSettings, *, minibatch_size: int | None = None, num_epochs: int = 1,
-                  grad_clip: float | None = 1.0, shuffle: bool = True, seed: int = 0,
-                  ref_model: torch.nn.Module | None = None) -> list[dict[str, float]]:
+def policy_update(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rows: dict[str, np.ndarray],
+    settings: LossSettings,
+    *,
+    minibatch_size: int | None = None,
+    num_epochs: int = 1,
+    grad_clip: float | None = 1.0,
+    shuffle: bool = True,
+    seed: int = 0,
+    ref_model: torch.nn.Module | None = None,
+) -> list[dict[str, float]]:
     """One learner update without Ray: per minibatch forward, :func:`compute_loss`, backward, clip, step.
 
     Returns the stats of every minibatch. What the RLlib learner does with the same rows and settings.
@@ -120,8 +159,9 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rows
     params = [p for p in model.parameters() if p.requires_grad]
     out = []
     model.train()
-    for index in minibatch_plan(len(rows["input_ids"]), minibatch_size, num_epochs=num_epochs, shuffle=shuffle,
-                                seed=seed):
+    for index in minibatch_plan(
+        len(rows["input_ids"]), minibatch_size, num_epochs=num_epochs, shuffle=shuffle, seed=seed
+    ):
         batch = as_tensors(rows, index, device)
         ref_logits = None
         if ref_model is not None and settings.kl_coef > 0:

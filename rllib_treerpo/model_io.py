@@ -28,8 +28,10 @@ def load_causal_lm(model_name_or_path: str | None, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 
     if not model_name_or_path:
-        raise ValueError("config field 'model_name_or_path' is not set: give a model folder or hub name "
-                         "(`treerpo train` sets it to its warm-started tiny model when it is null)")
+        raise ValueError(
+            "config field 'model_name_or_path' is not set: give a model folder or hub name "
+            "(`treerpo train` sets it to its warm-started tiny model when it is null)"
+        )
     if dtype not in DTYPES:
         raise ValueError(f"config field 'dtype' = {dtype!r}: must be one of {list(DTYPES)}")
     return AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=DTYPES[dtype])
@@ -49,8 +51,11 @@ def pad_token_id(tokenizer: Any) -> int:
 
 def hf_weights(module_state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """RLModule state -> the policy's weights under Hugging Face names (tensors, never numpy)."""
-    return {k.removeprefix(MODULE_PREFIX): torch.as_tensor(v) for k, v in module_state.items()
-            if k.startswith(MODULE_PREFIX)}
+    return {
+        k.removeprefix(MODULE_PREFIX): torch.as_tensor(v)
+        for k, v in module_state.items()
+        if k.startswith(MODULE_PREFIX)
+    }
 
 
 def module_state(weights: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -58,7 +63,9 @@ def module_state(weights: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return {MODULE_PREFIX + k: torch.as_tensor(v) for k, v in weights.items()}
 
 
-def save_hf_folder(base_model: str, weights: Mapping[str, Any], folder: str | Path, dtype: str = "float32") -> None:
+def save_hf_folder(
+    base_model: str, weights: Mapping[str, Any], folder: str | Path, dtype: str = "float32"
+) -> None:
     """Write ``weights`` (Hugging Face names) on the architecture and tokenizer of ``base_model`` to ``folder``."""
     model = load_causal_lm(base_model, dtype)
     model.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
@@ -137,16 +144,20 @@ def resolve_model(path: str) -> ResolvedModel:
             return ResolvedModel("hf", path, description=f"hub model {path}")
         raise ValueError(f"{path}: no such file or folder")
     if not p.is_dir():
-        raise ValueError(f"{path}: is a file; expected a model folder, a `treerpo train` output folder or an "
-                         "RLlib checkpoint folder")
+        raise ValueError(
+            f"{path}: is a file; expected a model folder, a `treerpo train` output folder or an "
+            "RLlib checkpoint folder"
+        )
     if is_hf_folder(p):
         run_config = p.parent / "config.yaml"  # OUTPUT/final_model: the run's config gives the defaults
         train_config = _read_yaml(run_config) if p.name == "final_model" and run_config.is_file() else {}
         return ResolvedModel("hf", str(p), train_config, f"Hugging Face model {p}")
     if is_checkpoint(p):
         if not (p / MODULE_PATH).is_dir():
-            raise ValueError(f"{path}: an RLlib checkpoint without {MODULE_PATH} (the learner's policy); not a "
-                             "TreeRPO checkpoint?")
+            raise ValueError(
+                f"{path}: an RLlib checkpoint without {MODULE_PATH} (the learner's policy); not a "
+                "TreeRPO checkpoint?"
+            )
         return ResolvedModel("checkpoint", str(p), _checkpoint_config(p), f"checkpoint {p}")
     if (p / "final_model").is_dir() and is_hf_folder(p / "final_model"):
         train_config = _read_yaml(p / "config.yaml") if (p / "config.yaml").is_file() else {}
@@ -154,9 +165,11 @@ def resolve_model(path: str) -> ResolvedModel:
     for ckpt_dir in (p / "checkpoints", p):
         if ckpt_dir.is_dir() and (ckpt := latest_checkpoint(ckpt_dir)) is not None:
             return resolve_model(str(ckpt))
-    raise ValueError(f"{path}: not a model: expected a Hugging Face model folder (config.json), a `treerpo train` "
-                     "output folder (final_model/ or checkpoints/latest) or an RLlib checkpoint folder "
-                     "(rllib_checkpoint.json)")
+    raise ValueError(
+        f"{path}: not a model: expected a Hugging Face model folder (config.json), a `treerpo train` "
+        "output folder (final_model/ or checkpoints/latest) or an RLlib checkpoint folder "
+        "(rllib_checkpoint.json)"
+    )
 
 
 def read_module_state(module_dir: Path) -> dict[str, Any]:
@@ -194,11 +207,15 @@ def load_policy(resolved: ResolvedModel, dtype: str = "float32"):
     try:
         model, tokenizer = load_causal_lm(base, dtype), load_tokenizer(base)
     except OSError as e:
-        raise ValueError(f"{resolved.path}: its base model {base!r} (model_name_or_path) cannot be loaded: "
-                         f"{str(e).splitlines()[0]}") from e
+        raise ValueError(
+            f"{resolved.path}: its base model {base!r} (model_name_or_path) cannot be loaded: "
+            f"{str(e).splitlines()[0]}"
+        ) from e
     try:
         model.load_state_dict(hf_weights(read_module_state(Path(resolved.path) / MODULE_PATH)), strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{resolved.path}: the checkpoint's weights do not fit its base model {base!r}: "
-                         f"{str(e).splitlines()[0]}") from e
+        raise ValueError(
+            f"{resolved.path}: the checkpoint's weights do not fit its base model {base!r}: "
+            f"{str(e).splitlines()[0]}"
+        ) from e
     return model.eval(), tokenizer, base

@@ -20,7 +20,9 @@ from typing import Any
 __all__ = ["PromptTokenizer", "format_prompt", "prompt_tokenizer"]
 
 
-def format_prompt(tokenizer: Any, text: str, *, chat_template: bool = False, system_prompt: str | None = None) -> str:
+def format_prompt(
+    tokenizer: Any, text: str, *, chat_template: bool = False, system_prompt: str | None = None
+) -> str:
     """The text the model sees for the env prompt ``text`` (module docstring for the two cases).
 
     Raises ValueError naming the config field when ``chat_template`` is set but the tokenizer has no chat
@@ -30,18 +32,22 @@ def format_prompt(tokenizer: Any, text: str, *, chat_template: bool = False, sys
         return text if not system_prompt else f"{system_prompt}\n{text}"
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ValueError(f"config field 'chat_template' is true, but the tokenizer {name!r} has no chat template "
-                         "(a base model? set chat_template: false)")
+        raise ValueError(
+            f"config field 'chat_template' is true, but the tokenizer {name!r} has no chat template "
+            "(a base model? set chat_template: false)"
+        )
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": text}]
+        {"role": "user", "content": text}
+    ]
     try:
         out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # jinja errors, e.g. "System role not supported"
         field = "system_prompt" if system_prompt else "chat_template"
         raise ValueError(f"config field {field!r}: the tokenizer's chat template failed: {e}") from e
     if not isinstance(out, str):
-        raise ValueError(f"config field 'chat_template': apply_chat_template returned {type(out).__name__}, "
-                         "expected text")
+        raise ValueError(
+            f"config field 'chat_template': apply_chat_template returned {type(out).__name__}, expected text"
+        )
     return out
 
 
@@ -53,14 +59,17 @@ class PromptTokenizer:
     ``evaluate.evaluate``: hand them this object as their tokenizer and the backend the plain one.
     """
 
-    def __init__(self, tokenizer: Any, *, chat_template: bool = False, system_prompt: str | None = None) -> None:
+    def __init__(
+        self, tokenizer: Any, *, chat_template: bool = False, system_prompt: str | None = None
+    ) -> None:
         self.tokenizer = tokenizer
         self.chat_template = bool(chat_template)
         self.system_prompt = system_prompt
 
     def format(self, text: str) -> str:
-        return format_prompt(self.tokenizer, text, chat_template=self.chat_template,
-                             system_prompt=self.system_prompt)
+        return format_prompt(
+            self.tokenizer, text, chat_template=self.chat_template, system_prompt=self.system_prompt
+        )
 
     def __call__(self, text: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(text, str):

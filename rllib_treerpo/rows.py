@@ -25,8 +25,14 @@ def build_training_batch(
     leaf_rewards, leaf_lengths, depths = [], [], []
     for tree in trees:
         parent = tree.parent_array()
-        _, adv = tree_advantages(parent, tree.leaf_rewards(), advantage_std=advantage_std, tau=tau,
-                                 value_estimate=value_estimate, eps=eps)
+        _, adv = tree_advantages(
+            parent,
+            tree.leaf_rewards(),
+            advantage_std=advantage_std,
+            tau=tau,
+            value_estimate=value_estimate,
+            eps=eps,
+        )
         advantages.append(adv)
         stats = tree_stats(parent, adv)
         groups += stats["groups"]
@@ -51,13 +57,16 @@ def build_training_batch(
         # A leaf is correct when its reward is (numerically) full: the verifier accepted the answer.
         "reward/accuracy": float(np.mean(rewards >= 1.0 - 1e-9)) if len(rewards) else 0.0,
         "reward/frac_trees_all_wrong": float(np.mean([np.nanmax(t.leaf_rewards()) <= 0 for t in trees]))
-        if trees else 0.0,
+        if trees
+        else 0.0,
         "completions/mean_length": float(np.mean(leaf_lengths)) if leaf_lengths else 0.0,
     }
     return rows, metrics
 
 
-def flatten_trees(trees: list[Tree], advantages: list[np.ndarray], *, pad_id: int = 0) -> dict[str, np.ndarray]:
+def flatten_trees(
+    trees: list[Tree], advantages: list[np.ndarray], *, pad_id: int = 0
+) -> dict[str, np.ndarray]:
     """Training rows: one per node with a finite advantage (SPEC.md s.4).
 
     Row of node c: ``input_ids = path_ids(parent(c)) ++ tokens(c)``; only c's tokens carry loss. Nodes whose
@@ -99,10 +108,10 @@ def flatten_trees(trees: list[Tree], advantages: list[np.ndarray], *, pad_id: in
     for r, (t, i, context, target, logprobs, a) in enumerate(rows):
         c, n = len(context), len(target)
         out["input_ids"][r, :c] = context
-        out["input_ids"][r, c:c + n] = target
-        out["attention_mask"][r, :c + n] = 1
-        out["loss_mask"][r, c:c + n] = 1.0
-        out["advantages"][r, c:c + n] = a
-        out["old_logprobs"][r, c:c + n] = logprobs
+        out["input_ids"][r, c : c + n] = target
+        out["attention_mask"][r, : c + n] = 1
+        out["loss_mask"][r, c : c + n] = 1.0
+        out["advantages"][r, c : c + n] = a
+        out["old_logprobs"][r, c : c + n] = logprobs
         out["tree_index"][r], out["node_index"][r] = t, i
     return out

@@ -81,9 +81,14 @@ class TreeSpec:
         if self.seed is not None:
             seed = int(np.random.SeedSequence([int(self.seed), level]).generate_state(1)[0])
         return SamplingParams(
-            max_new_tokens=self.step_tokens, temperature=self.temperature, top_p=self.top_p,
-            top_k=self.top_k, stop_at_eos=self.stop_at_eos,
-            stop_strings=(self.step_delimiter,) if self.step_delimiter else (), seed=seed)
+            max_new_tokens=self.step_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            stop_at_eos=self.stop_at_eos,
+            stop_strings=(self.step_delimiter,) if self.step_delimiter else (),
+            seed=seed,
+        )
 
 
 @dataclass
@@ -107,12 +112,24 @@ def draw_prompts(env: Any, num_prompts: int, seed: int) -> list[Any]:
     return roots
 
 
-def sample_trees(envs: Sequence[Any], backend: GenerationBackend, tokenizer: Any, *, branching: Sequence[int],
-                 step_tokens: int, step_delimiter: str | None = None, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, stop_at_eos: bool = True,
-                 seed: int | None = None) -> list[Tree]:
+def sample_trees(
+    envs: Sequence[Any],
+    backend: GenerationBackend,
+    tokenizer: Any,
+    *,
+    branching: Sequence[int],
+    step_tokens: int,
+    step_delimiter: str | None = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop_at_eos: bool = True,
+    seed: int | None = None,
+) -> list[Tree]:
     """One tree per env (each already reset on its prompt); see the module docstring for the rules."""
-    spec = TreeSpec(tuple(branching), step_tokens, step_delimiter, temperature, top_p, top_k, stop_at_eos, seed)
+    spec = TreeSpec(
+        tuple(branching), step_tokens, step_delimiter, temperature, top_p, top_k, stop_at_eos, seed
+    )
     return grow_trees(envs, backend, tokenizer, spec)
 
 
@@ -121,17 +138,27 @@ def grow_trees(envs: Sequence[Any], backend: GenerationBackend, tokenizer: Any, 
     trees: list[Tree] = []
     frontier: list[_Open] = []
     for t, env in enumerate(envs):
-        env = getattr(env, "unwrapped", env)  # gymnasium wrappers do not forward clone() or the text properties
+        env = getattr(
+            env, "unwrapped", env
+        )  # gymnasium wrappers do not forward clone() or the text properties
         max_steps = getattr(env, "max_steps", None)
         if max_steps is not None and max_steps < spec.depth:
-            raise ValueError(f"tree depth {spec.depth} (branching {list(spec.branching)}) is deeper than env {t} "
-                             f"allows: its max_steps = {max_steps}; raise the env's max_steps (env_config) or use "
-                             "fewer levels")
+            raise ValueError(
+                f"tree depth {spec.depth} (branching {list(spec.branching)}) is deeper than env {t} "
+                f"allows: its max_steps = {max_steps}; raise the env's max_steps (env_config) or use "
+                "fewer levels"
+            )
         prompt_ids = list(tokenizer(env.prompt, add_special_tokens=False)["input_ids"])
         if not prompt_ids:
             raise ValueError(f"env {t} has an empty prompt; reset every env before sampling")
-        trees.append(Tree(prompt_ids=prompt_ids, prompt_text=env.prompt,
-                          problem_id=str(getattr(env, "problem_id", "") or ""), answer=str(env.answer)))
+        trees.append(
+            Tree(
+                prompt_ids=prompt_ids,
+                prompt_text=env.prompt,
+                problem_id=str(getattr(env, "problem_id", "") or ""),
+                answer=str(env.answer),
+            )
+        )
         frontier.append(_Open(t, 0, env, prompt_ids))
     window = backend.max_length
     if window is not None:
@@ -140,7 +167,8 @@ def grow_trees(envs: Sequence[Any], backend: GenerationBackend, tokenizer: Any, 
             if len(tree.prompt_ids) + need > window:
                 raise ValueError(
                     f"tree {t}: prompt of {len(tree.prompt_ids)} tokens + depth {spec.depth} x step_tokens "
-                    f"{spec.step_tokens} = {len(tree.prompt_ids) + need} > the model window {window}")
+                    f"{spec.step_tokens} = {len(tree.prompt_ids) + need} > the model window {window}"
+                )
     stop_text = tokenizer.eos_token if spec.stop_at_eos else None
 
     for level, n_children in enumerate(spec.branching):
@@ -148,8 +176,11 @@ def grow_trees(envs: Sequence[Any], backend: GenerationBackend, tokenizer: Any, 
             break
         results = backend.generate([f.path for f in frontier], n_children, spec.params(level))
         # Special tokens stay in the text: the EOS text must reach the env to terminate it.
-        texts = iter(tokenizer.batch_decode([s.token_ids for samples in results for s in samples],
-                                            skip_special_tokens=False))
+        texts = iter(
+            tokenizer.batch_decode(
+                [s.token_ids for samples in results for s in samples], skip_special_tokens=False
+            )
+        )
         next_frontier: list[_Open] = []
         for parent, samples in zip(frontier, results, strict=True):
             tree = trees[parent.tree]

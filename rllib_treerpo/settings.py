@@ -31,11 +31,15 @@ def _non_negative_int(v):
 
 
 def _non_negative(v):
-    return None if isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 else "must be a number >= 0"
+    return (
+        None if isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 else "must be a number >= 0"
+    )
 
 
 def _positive(v):
-    return None if isinstance(v, int | float) and not isinstance(v, bool) and v > 0 else "must be a number > 0"
+    return (
+        None if isinstance(v, int | float) and not isinstance(v, bool) and v > 0 else "must be a number > 0"
+    )
 
 
 def _unit_interval(v):
@@ -64,64 +68,118 @@ def _dict(v):
 
 FIELDS: dict[str, Field] = {
     # --- tree sampling (SPEC.md s.1) ---
-    "branching": Field([8, 8, 8], "Children per node at each level; its length is the tree depth D. "
-                       "GRPO is [G] with step_tokens as long as a whole response.", _branching),
+    "branching": Field(
+        [8, 8, 8],
+        "Children per node at each level; its length is the tree depth D. "
+        "GRPO is [G] with step_tokens as long as a whole response.",
+        _branching,
+    ),
     "step_tokens": Field(384, "Maximum new tokens of one reasoning step (L_step).", _positive_int),
-    "step_delimiter": Field(None, "Optional string that ends a step early (semantic steps, e.g. a newline); "
-                            "null cuts steps by token count only, as the paper does.", _optional_str),
-    "stop_at_eos": Field(True, "End a branch (a leaf) when the model emits EOS.", lambda v: None if isinstance(
-        v, bool) else "must be true or false"),
-    "temperature": Field(1.0, "Sampling temperature; the learner divides logits by the same value.", _positive),
+    "step_delimiter": Field(
+        None,
+        "Optional string that ends a step early (semantic steps, e.g. a newline); "
+        "null cuts steps by token count only, as the paper does.",
+        _optional_str,
+    ),
+    "stop_at_eos": Field(
+        True,
+        "End a branch (a leaf) when the model emits EOS.",
+        lambda v: None if isinstance(v, bool) else "must be true or false",
+    ),
+    "temperature": Field(
+        1.0, "Sampling temperature; the learner divides logits by the same value.", _positive
+    ),
     "top_p": Field(1.0, "Nucleus sampling mass.", _unit_interval),
     "top_k": Field(0, "Top-k sampling; 0 disables it.", _non_negative_int),
-    "prompts_per_iteration": Field(8, "Prompts (trees) sampled per training iteration across all env runners.",
-                                   _positive_int),
+    "prompts_per_iteration": Field(
+        8, "Prompts (trees) sampled per training iteration across all env runners.", _positive_int
+    ),
     # --- values and advantages (SPEC.md s.2, s.3) ---
     "tau": Field(0.1, "Drop a sibling group whose value std (ddof=1) is below tau.", _non_negative),
-    "advantage_std": Field("group", "Advantage denominator: group std, tree-wide std of centred values, or none.",
-                           _one_of("group", "tree", "none")),
-    "value_estimate": Field("child_mean", "Internal node value: mean of children's values or of leaf rewards.",
-                            _one_of("child_mean", "leaf_mean")),
+    "advantage_std": Field(
+        "group",
+        "Advantage denominator: group std, tree-wide std of centred values, or none.",
+        _one_of("group", "tree", "none"),
+    ),
+    "value_estimate": Field(
+        "child_mean",
+        "Internal node value: mean of children's values or of leaf rewards.",
+        _one_of("child_mean", "leaf_mean"),
+    ),
     "advantage_eps": Field(1e-6, "Added to the advantage denominator.", _non_negative),
     # --- objective (SPEC.md s.4) ---
     "clip_eps_low": Field(0.2, "Lower PPO clip range: rho is clipped at 1 - clip_eps_low.", _non_negative),
     "clip_eps_high": Field(0.2, "Upper PPO clip range: rho is clipped at 1 + clip_eps_high.", _non_negative),
-    "kl_coef": Field(0.0, "Weight beta of KL(pi_theta || pi_ref); 0 builds no reference model.", _non_negative),
+    "kl_coef": Field(
+        0.0, "Weight beta of KL(pi_theta || pi_ref); 0 builds no reference model.", _non_negative
+    ),
     "kl_estimator": Field("k3", "KL estimator: k1, k2 or k3 (Schulman).", _one_of("k1", "k2", "k3")),
-    "loss_agg": Field("token_mean", "token_mean over all target tokens, or seq_mean_token_mean (GRPO).",
-                      _one_of("token_mean", "seq_mean_token_mean")),
+    "loss_agg": Field(
+        "token_mean",
+        "token_mean over all target tokens, or seq_mean_token_mean (GRPO).",
+        _one_of("token_mean", "seq_mean_token_mean"),
+    ),
     "weight_decay": Field(0.0, "AdamW weight decay.", _non_negative),
     # --- model and generation ---
-    "model_name_or_path": Field(None, "Hugging Face model folder or hub name (loaded with from_pretrained). "
-                                "null: `treerpo train` builds and warm-starts the tiny model (tiny_model, "
-                                "warmstart).", _optional_str),
+    "model_name_or_path": Field(
+        None,
+        "Hugging Face model folder or hub name (loaded with from_pretrained). "
+        "null: `treerpo train` builds and warm-starts the tiny model (tiny_model, "
+        "warmstart).",
+        _optional_str,
+    ),
     "dtype": Field("float32", "Model weights dtype.", _one_of("float32", "bfloat16")),
     "backend": Field("hf", "Generation backend on the env runners.", _one_of("hf", "vllm")),
-    "chat_template": Field(False, "Wrap each env prompt with the tokenizer's chat template as a user message "
-                           "(plus the generation prompt); for instruct models (rllib_treerpo/prompts.py).",
-                           lambda v: None if isinstance(v, bool) else "must be true or false"),
-    "system_prompt": Field(None, "Optional system message: a system turn with chat_template, otherwise "
-                           "prepended to every prompt followed by a newline.", _optional_str),
+    "chat_template": Field(
+        False,
+        "Wrap each env prompt with the tokenizer's chat template as a user message "
+        "(plus the generation prompt); for instruct models (rllib_treerpo/prompts.py).",
+        lambda v: None if isinstance(v, bool) else "must be true or false",
+    ),
+    "system_prompt": Field(
+        None,
+        "Optional system message: a system turn with chat_template, otherwise "
+        "prepended to every prompt followed by a newline.",
+        _optional_str,
+    ),
 }
 
 
 JOB_FIELDS: dict[str, Field] = {
-    "algorithm": Field("TreeRPO", "Which algorithm `treerpo train` runs: TreeRPO (GRPO is TreeRPO with a depth-1 "
-                       "tree) or RLlib's stock PPO on the token-id wrapper of the same env.",
-                       _one_of("TreeRPO", "PPO")),
+    "algorithm": Field(
+        "TreeRPO",
+        "Which algorithm `treerpo train` runs: TreeRPO (GRPO is TreeRPO with a depth-1 "
+        "tree) or RLlib's stock PPO on the token-id wrapper of the same env.",
+        _one_of("TreeRPO", "PPO"),
+    ),
     "iterations": Field(20, "Training iterations run by `treerpo train`.", _positive_int),
-    "checkpoint_every": Field(1, "Save a checkpoint every this many iterations (0: only at the end).",
-                              _non_negative_int),
-    "eval_problems": Field(200, "Held-out problems evaluated before and after training (0 disables).",
-                           _non_negative_int),
-    "eval_samples": Field(4, "Sampled responses per held-out problem for pass@1 (plus one greedy).",
-                          _positive_int),
-    "eval_env_config": Field({"split": "test"}, "env_config overrides for the held-out evaluation env "
-                             "(the arithmetic env's test split is disjoint from its train split).", _dict),
-    "tiny_model": Field({}, "Architecture of the tiny model built when model_name_or_path is null: any of "
-                        "hidden_size, num_layers, num_heads, intermediate_size, max_positions.", _dict),
-    "warmstart": Field({}, "Supervised warm start of the tiny model on the env's demonstrations: any of "
-                       "steps, batch_size, lr, error_rate, demos, seed.", _dict),
+    "checkpoint_every": Field(
+        1, "Save a checkpoint every this many iterations (0: only at the end).", _non_negative_int
+    ),
+    "eval_problems": Field(
+        200, "Held-out problems evaluated before and after training (0 disables).", _non_negative_int
+    ),
+    "eval_samples": Field(
+        4, "Sampled responses per held-out problem for pass@1 (plus one greedy).", _positive_int
+    ),
+    "eval_env_config": Field(
+        {"split": "test"},
+        "env_config overrides for the held-out evaluation env "
+        "(the arithmetic env's test split is disjoint from its train split).",
+        _dict,
+    ),
+    "tiny_model": Field(
+        {},
+        "Architecture of the tiny model built when model_name_or_path is null: any of "
+        "hidden_size, num_layers, num_heads, intermediate_size, max_positions.",
+        _dict,
+    ),
+    "warmstart": Field(
+        {},
+        "Supervised warm start of the tiny model on the env's demonstrations: any of "
+        "steps, batch_size, lr, error_rate, demos, seed.",
+        _dict,
+    ),
 }
 
 

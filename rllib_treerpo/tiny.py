@@ -28,7 +28,9 @@ def build_char_tokenizer(charset: str = DEFAULT_CHARSET) -> PreTrainedTokenizerF
     byte_char = _bytes_to_unicode()
     chars = list(dict.fromkeys(charset))  # de-duplicate, keep order
     specials = [PAD, UNK, EOS]
-    vocab = {tok: i for i, tok in enumerate(specials + ["".join(byte_char[b] for b in c.encode()) for c in chars])}
+    vocab = {
+        tok: i for i, tok in enumerate(specials + ["".join(byte_char[b] for b in c.encode()) for c in chars])
+    }
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
@@ -38,8 +40,11 @@ def build_char_tokenizer(charset: str = DEFAULT_CHARSET) -> PreTrainedTokenizerF
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (what a byte-level BPE vocabulary is written in)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(
-        range(ord("\xae"), ord("\xff") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\xa1"), ord("\xac") + 1))
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:

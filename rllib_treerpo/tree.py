@@ -44,10 +44,13 @@ class Tree:
         self.prompt_ids = np.asarray(self.prompt_ids, dtype=np.int64)
         if not self.nodes:
             empty_i, empty_f = np.zeros(0, np.int64), np.zeros(0, np.float32)
-            self.nodes.append(Node(parent=-1, depth=0, token_ids=empty_i, logprobs=empty_f, finish_reason="root"))
+            self.nodes.append(
+                Node(parent=-1, depth=0, token_ids=empty_i, logprobs=empty_f, finish_reason="root")
+            )
 
-    def add_node(self, parent: int, token_ids, logprobs, finish_reason: str, text: str = "",
-                 terminal: bool = False) -> int:
+    def add_node(
+        self, parent: int, token_ids, logprobs, finish_reason: str, text: str = "", terminal: bool = False
+    ) -> int:
         """Append a child of ``parent`` and return its index."""
         if not 0 <= parent < len(self.nodes):
             raise IndexError(f"parent={parent} is not a node of this tree (it has {len(self.nodes)} nodes)")
@@ -58,8 +61,9 @@ class Tree:
         if token_ids.shape != logprobs.shape:
             raise ValueError(f"token_ids {token_ids.shape} and logprobs {logprobs.shape} differ in shape")
         index = len(self.nodes)
-        self.nodes.append(Node(parent, self.nodes[parent].depth + 1, token_ids, logprobs, finish_reason, text,
-                               terminal))
+        self.nodes.append(
+            Node(parent, self.nodes[parent].depth + 1, token_ids, logprobs, finish_reason, text, terminal)
+        )
         self.nodes[parent].children.append(index)
         return index
 

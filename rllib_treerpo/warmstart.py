@@ -20,7 +20,14 @@ import numpy as np
 import torch
 
 CACHE_DIR = Path(os.environ.get("TREERPO_CACHE", Path.home() / ".cache" / "rllib_treerpo"))
-WARMSTART_DEFAULTS = {"steps": 1500, "batch_size": 128, "lr": 2e-3, "error_rate": 0.2, "demos": 20000, "seed": 0}
+WARMSTART_DEFAULTS = {
+    "steps": 1500,
+    "batch_size": 128,
+    "lr": 2e-3,
+    "error_rate": 0.2,
+    "demos": 20000,
+    "seed": 0,
+}
 
 
 def encode_demonstrations(tokenizer, demos: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
@@ -36,7 +43,7 @@ def encode_demonstrations(tokenizer, demos: list[tuple[str, str]]) -> tuple[np.n
     mask = np.zeros((len(encoded), width), dtype=np.float32)
     for i, (p, r) in enumerate(encoded):
         ids[i, : len(p) + len(r)] = p + r
-        mask[i, len(p): len(p) + len(r)] = 1.0
+        mask[i, len(p) : len(p) + len(r)] = 1.0
     return ids, mask
 
 
@@ -62,7 +69,9 @@ def sft(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
+    )
     model.train()
     losses = []
     for step in range(steps):
@@ -71,8 +80,9 @@ def sft(
         width = int(m.nonzero()[:, 1].max()) + 1  # trim shared right padding
         x, m = x[:, :width], m[:, :width]
         logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                                reduction="none").view_as(m[:, 1:])
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none"
+        ).view_as(m[:, 1:])
         loss = (nll * m[:, 1:]).sum() / m[:, 1:].sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -86,8 +96,13 @@ def sft(
     return losses
 
 
-def embedded_model(env: Any, env_config: dict | None, tiny_model: dict | None = None,
-                   warmstart: dict | None = None, log: Callable[[str], None] = print) -> str:
+def embedded_model(
+    env: Any,
+    env_config: dict | None,
+    tiny_model: dict | None = None,
+    warmstart: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> str:
     """The embedded default model: the tiny char-level model warm-started on the env's demonstrations.
 
     Built once per settings and cached under ``CACHE_DIR`` (``$TREERPO_CACHE``); returns the Hugging Face folder.
@@ -96,27 +111,48 @@ def embedded_model(env: Any, env_config: dict | None, tiny_model: dict | None = 
     from rllib_treerpo.tiny import build_char_tokenizer, build_tiny_model
 
     tiny_model, ws = dict(tiny_model or {}), {**WARMSTART_DEFAULTS, **(warmstart or {})}
-    key = json.dumps({"tiny": tiny_model, "warmstart": ws, "env": str(env), "env_config": env_config or {},
-                      "v": 1}, sort_keys=True, default=str)
+    key = json.dumps(
+        {"tiny": tiny_model, "warmstart": ws, "env": str(env), "env_config": env_config or {}, "v": 1},
+        sort_keys=True,
+        default=str,
+    )
     folder = CACHE_DIR / f"warmstart-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (folder / "config.json").exists():
         log(f"warm start: cached model {folder}")
         return str(folder)
     instance = make_reasoning_env(env, env_config)
     if not hasattr(instance, "demonstrations"):
-        raise ValueError(f"config field 'model_name_or_path' is null, but env {env!r} has no demonstrations() to "
-                         "warm-start the tiny model: give a model_name_or_path")
+        raise ValueError(
+            f"config field 'model_name_or_path' is null, but env {env!r} has no demonstrations() to "
+            "warm-start the tiny model: give a model_name_or_path"
+        )
     tokenizer = build_char_tokenizer()
-    model = build_tiny_model(len(tokenizer), seed=ws["seed"], eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, **tiny_model)
+    model = build_tiny_model(
+        len(tokenizer),
+        seed=ws["seed"],
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **tiny_model,
+    )
     demos = instance.demonstrations(ws["demos"], seed=ws["seed"], error_rate=ws["error_rate"])
-    log(f"warm start: SFT of a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter model on "
-        f"{len(demos)} demonstrations ({ws['error_rate']:.0%} step errors), {ws['steps']} steps")
+    log(
+        f"warm start: SFT of a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter model on "
+        f"{len(demos)} demonstrations ({ws['error_rate']:.0%} step errors), {ws['steps']} steps"
+    )
     torch.manual_seed(ws["seed"])
     start = time.perf_counter()
-    sft(model, tokenizer, demos, steps=ws["steps"], batch_size=ws["batch_size"], lr=ws["lr"], seed=ws["seed"],
-        progress=lambda s, loss: log(f"  sft step {s + 1}/{ws['steps']} loss {loss:.3f} "
-                                     f"({time.perf_counter() - start:.0f}s)"))
+    sft(
+        model,
+        tokenizer,
+        demos,
+        steps=ws["steps"],
+        batch_size=ws["batch_size"],
+        lr=ws["lr"],
+        seed=ws["seed"],
+        progress=lambda s, loss: log(
+            f"  sft step {s + 1}/{ws['steps']} loss {loss:.3f} ({time.perf_counter() - start:.0f}s)"
+        ),
+    )
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

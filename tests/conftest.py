@@ -10,8 +10,9 @@ def tiny_lm_dir(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny_lm")
     tokenizer = build_char_tokenizer()
-    model = build_tiny_model(len(tokenizer), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                             max_positions=256)
+    model = build_tiny_model(
+        len(tokenizer), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=256
+    )
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)

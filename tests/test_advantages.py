@@ -26,8 +26,9 @@ def test_values_child_mean_tree_a():
 def test_values_child_mean_vs_leaf_mean_tree_b():
     # child_mean: V2 = 1/3, V0 = mean(1, 1/3) = 2/3.  leaf_mean: V0 = mean(1, 0, 0, 1) = 1/2.
     np.testing.assert_allclose(node_values(B_PARENT, B_REWARD), [2 / 3, 1, 1 / 3, 0, 0, 1])
-    np.testing.assert_allclose(node_values(B_PARENT, B_REWARD, value_estimate="leaf_mean"),
-                               [0.5, 1, 1 / 3, 0, 0, 1])
+    np.testing.assert_allclose(
+        node_values(B_PARENT, B_REWARD, value_estimate="leaf_mean"), [0.5, 1, 1 / 3, 0, 0, 1]
+    )
 
 
 def test_group_std_tree_a():

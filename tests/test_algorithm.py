@@ -9,8 +9,15 @@ from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from rllib_treerpo.losses import policy_loss, token_logprobs
 from rllib_treerpo.rllib.algorithm import TreeRPOConfig
 
-SMALL = {"branching": [2, 2], "step_tokens": 6, "prompts_per_iteration": 2, "tau": 0.0, "lr": 1e-3,
-         "env_config": {"num_ops": 1}, "seed": 0}
+SMALL = {
+    "branching": [2, 2],
+    "step_tokens": 6,
+    "prompts_per_iteration": 2,
+    "tau": 0.0,
+    "lr": 1e-3,
+    "env_config": {"num_ops": 1},
+    "seed": 0,
+}
 
 
 def small_config(model_dir, **overrides):
@@ -25,7 +32,9 @@ def hand_batch(seed=0):
     mask[1, 2:6] = 1
     mask[2, 5:] = 1
     return {
-        "input_ids": ids, "attention_mask": np.ones((3, 7), np.int64), "loss_mask": mask,
+        "input_ids": ids,
+        "attention_mask": np.ones((3, 7), np.int64),
+        "loss_mask": mask,
         "advantages": (rng.normal(size=(3, 1)) * mask).astype(np.float32),
         "old_logprobs": (rng.normal(size=(3, 7)) * 0.1 - 4.5).astype(np.float32) * mask,
     }
@@ -49,8 +58,14 @@ def test_learner_step_equals_losses_and_changes_parameters(tiny_lm_dir):
     with torch.no_grad():
         t = {k: torch.as_tensor(v) for k, v in batch.items()}
         logits = module.model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
-        expected, _ = policy_loss(token_logprobs(logits, t["input_ids"]), t["old_logprobs"], t["advantages"],
-                                  t["loss_mask"], eps_low=0.1, eps_high=0.3)
+        expected, _ = policy_loss(
+            token_logprobs(logits, t["input_ids"]),
+            t["old_logprobs"],
+            t["advantages"],
+            t["loss_mask"],
+            eps_low=0.1,
+            eps_high=0.3,
+        )
     result = learner.update(batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(batch)}, env_steps=3))
     logged = result[DEFAULT_MODULE_ID]["loss/total"].peek()
     assert logged == pytest.approx(expected.item(), rel=1e-5)
@@ -106,9 +121,12 @@ def test_env_runner_samples_trees_with_the_weights_it_was_given(tiny_lm_dir):
             assert 0.0 <= tree.nodes[leaf].reward <= 1.0
             assert len(tree.nodes[leaf].token_ids) <= 6
 
-    other = build_tiny_model(99, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                             max_positions=256, seed=123)
-    runner.set_state({"rl_module": {DEFAULT_MODULE_ID: {f"model.{k}": v for k, v in other.state_dict().items()}}})
+    other = build_tiny_model(
+        99, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=256, seed=123
+    )
+    runner.set_state(
+        {"rl_module": {DEFAULT_MODULE_ID: {f"model.{k}": v for k, v in other.state_dict().items()}}}
+    )
     tree = runner.sample(num_prompts=1)[0]
     fresh = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     fresh.load_state_dict(other.state_dict())
@@ -167,8 +185,13 @@ def test_tune_run_by_name(tiny_lm_dir, tmp_path, ray_session):
     import rllib_treerpo  # noqa: F401  registers "TreeRPO"
 
     config = small_config(tiny_lm_dir)
-    analysis = tune.run("TreeRPO", config=config.to_dict(), stop={"training_iteration": 1},
-                        storage_path=str(tmp_path), verbose=0)
+    analysis = tune.run(
+        "TreeRPO",
+        config=config.to_dict(),
+        stop={"training_iteration": 1},
+        storage_path=str(tmp_path),
+        verbose=0,
+    )
     trial = analysis.trials[0]
     assert trial.status == "TERMINATED"
     assert trial.last_result["training_iteration"] == 1
@@ -182,9 +205,12 @@ def test_bf16_module_state_round_trips_without_numpy(tiny_lm_dir):
     from rllib_treerpo.rllib.rl_module import CausalLMModule
 
     env = ArithmeticEnv()
-    spec = RLModuleSpec(module_class=CausalLMModule, observation_space=env.observation_space,
-                        action_space=env.action_space,
-                        model_config={"model_name_or_path": tiny_lm_dir, "dtype": "bfloat16"})
+    spec = RLModuleSpec(
+        module_class=CausalLMModule,
+        observation_space=env.observation_space,
+        action_space=env.action_space,
+        model_config={"model_name_or_path": tiny_lm_dir, "dtype": "bfloat16"},
+    )
     a, b = spec.build(), spec.build()
     state = a.get_state()
     assert all(v.dtype == torch.bfloat16 for v in state.values())
@@ -192,4 +218,6 @@ def test_bf16_module_state_round_trips_without_numpy(tiny_lm_dir):
         for p in a.parameters():
             p.add_(0.5)
     b.set_state(a.get_state())
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )

@@ -7,12 +7,36 @@ from benchmarks import compare
 
 def test_compare_smoke(tiny_lm_dir, ray_session, tmp_path, capsys):
     out = tmp_path / "cmp"
-    results = compare.main([
-        "--model", tiny_lm_dir, "--budget", "1200", "--seeds", "1", "--difficulties", "easy", "--evals", "1",
-        "--eval-problems", "3", "--eval-samples", "2", "--output", str(out),
-        "--set", "prompts_per_iteration=2", "--set", "TreeRPO:branching=[2, 2]",
-        "--set", "PPO:train_batch_size=24", "--set", "PPO:minibatch_size=24",
-        "--set", "PPO:ppo={num_envs_per_env_runner: 6}"])
+    results = compare.main(
+        [
+            "--model",
+            tiny_lm_dir,
+            "--budget",
+            "1200",
+            "--seeds",
+            "1",
+            "--difficulties",
+            "easy",
+            "--evals",
+            "1",
+            "--eval-problems",
+            "3",
+            "--eval-samples",
+            "2",
+            "--output",
+            str(out),
+            "--set",
+            "prompts_per_iteration=2",
+            "--set",
+            "TreeRPO:branching=[2, 2]",
+            "--set",
+            "PPO:train_batch_size=24",
+            "--set",
+            "PPO:minibatch_size=24",
+            "--set",
+            "PPO:ppo={num_envs_per_env_runner: 6}",
+        ]
+    )
     easy = results["easy"]
     assert set(easy) == {"before", "TreeRPO", "GRPO", "PPO"}
     for name in ("TreeRPO", "GRPO", "PPO"):

@@ -13,8 +13,12 @@ CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob
 def test_paper_defaults():
     c = TreeRPOConfig()
     assert c.branching == [8, 8, 8] and c.step_tokens == 384 and c.tau == 0.1
-    assert (c.advantage_std, c.value_estimate, c.loss_agg, c.kl_estimator) == ("group", "child_mean",
-                                                                               "token_mean", "k3")
+    assert (c.advantage_std, c.value_estimate, c.loss_agg, c.kl_estimator) == (
+        "group",
+        "child_mean",
+        "token_mean",
+        "k3",
+    )
     assert c.clip_eps_low == c.clip_eps_high == 0.2
 
 
@@ -32,10 +36,23 @@ def test_defaults_are_not_shared_between_configs():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("branching", []), ("branching", [4, 0]), ("step_tokens", 0), ("tau", -0.1), ("advantage_std", "batch"),
-     ("value_estimate", "max"), ("kl_estimator", "k5"), ("loss_agg", "sum"), ("top_p", 0.0),
-     ("temperature", 0), ("dtype", "float16"), ("backend", "tgi"), ("prompts_per_iteration", 2.5),
-     ("num_epochs", 0), ("minibatch_size", -1)],
+    [
+        ("branching", []),
+        ("branching", [4, 0]),
+        ("step_tokens", 0),
+        ("tau", -0.1),
+        ("advantage_std", "batch"),
+        ("value_estimate", "max"),
+        ("kl_estimator", "k5"),
+        ("loss_agg", "sum"),
+        ("top_p", 0.0),
+        ("temperature", 0),
+        ("dtype", "float16"),
+        ("backend", "tgi"),
+        ("prompts_per_iteration", 2.5),
+        ("num_epochs", 0),
+        ("minibatch_size", -1),
+    ],
 )
 def test_bad_value_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"'{field}'"):

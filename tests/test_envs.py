@@ -33,14 +33,20 @@ def math_jsonl(tmp_path) -> str:
 
 
 def make_registered(env_id: str, math_path: str) -> gymnasium.Env:
-    kwargs = {"treerpo/MathProblems-v0": {"dataset": math_path},
-              "treerpo/ReasoningGym-v0": {"task": "chain_sum", "size": 50}}.get(env_id, {})
+    kwargs = {
+        "treerpo/MathProblems-v0": {"dataset": math_path},
+        "treerpo/ReasoningGym-v0": {"task": "chain_sum", "size": 50},
+    }.get(env_id, {})
     return gymnasium.make(env_id, **kwargs)
 
 
 # ------------------------------------------------------------------------------ registration
-REGISTERED = ["treerpo/Arithmetic-v0", "treerpo/ArithmeticHard-v0", "treerpo/MathProblems-v0",
-              "treerpo/ReasoningGym-v0"]
+REGISTERED = [
+    "treerpo/Arithmetic-v0",
+    "treerpo/ArithmeticHard-v0",
+    "treerpo/MathProblems-v0",
+    "treerpo/ReasoningGym-v0",
+]
 
 
 def test_every_registered_id_is_checked():

@@ -14,8 +14,16 @@ from rllib_treerpo.jobs.eval import eval_model
 from rllib_treerpo.model_io import load_policy, resolve_model
 from rllib_treerpo.rllib.algorithm import TreeRPOConfig
 
-SMALL = {"branching": [2, 2], "step_tokens": 6, "prompts_per_iteration": 2, "tau": 0.0, "lr": 1e-2,
-         "env_config": {"num_ops": 1}, "eval_env_config": {"split": "test"}, "seed": 0}
+SMALL = {
+    "branching": [2, 2],
+    "step_tokens": 6,
+    "prompts_per_iteration": 2,
+    "tau": 0.0,
+    "lr": 1e-2,
+    "env_config": {"num_ops": 1},
+    "eval_env_config": {"split": "test"},
+    "seed": 0,
+}
 
 
 def read_rows(folder):
@@ -51,9 +59,27 @@ def checkpoint(tiny_lm_dir, tmp_path_factory, ray_session):
 
 def test_eval_hf_folder_writes_summary_and_rows(tiny_lm_dir, tmp_path, capsys):
     out = tmp_path / "eval"
-    rc = main(["eval", "--model", tiny_lm_dir, "--env", "treerpo/Arithmetic-v0", "--env-config", "num_ops=1",
-               "split=test", "--samples", "2", "--problems", "3", "--max-new-tokens", "8", "--output", str(out),
-               "--quiet"])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            tiny_lm_dir,
+            "--env",
+            "treerpo/Arithmetic-v0",
+            "--env-config",
+            "num_ops=1",
+            "split=test",
+            "--samples",
+            "2",
+            "--problems",
+            "3",
+            "--max-new-tokens",
+            "8",
+            "--output",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     assert "pass@1" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
@@ -73,12 +99,22 @@ def test_eval_reasoning_gym_with_chat_template(tiny_lm_dir, tmp_path):
     model = tmp_path / "chat_model"
     shutil.copytree(tiny_lm_dir, model)
     tok = AutoTokenizer.from_pretrained(model)
-    tok.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}<|assistant|>"
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}<|assistant|>"
+    )
     tok.save_pretrained(model)
-    summary = eval_model(str(model), env="treerpo/ReasoningGym-v0",
-                         env_config={"task": "chain_sum", "split": "test", "test_size": 2}, samples=3,
-                         greedy=False, problems=5, max_new_tokens=4, chat_template=True, output=tmp_path / "o",
-                         progress=False)
+    summary = eval_model(
+        str(model),
+        env="treerpo/ReasoningGym-v0",
+        env_config={"task": "chain_sum", "split": "test", "test_size": 2},
+        samples=3,
+        greedy=False,
+        problems=5,
+        max_new_tokens=4,
+        chat_template=True,
+        output=tmp_path / "o",
+        progress=False,
+    )
     check_summary(summary, 2, 3, greedy=False)  # capped at the env's 2 test problems
     rows = read_rows(tmp_path / "o")
     assert rows[0]["model_prompt"].startswith("<|user|>State the final answer")
@@ -112,10 +148,18 @@ def test_eval_train_output_folder(checkpoint, tmp_path):
     shutil.copytree(path, run / "checkpoints" / "iter_000001")
     (run / "checkpoints" / "latest").write_text("iter_000001")
     config = yaml.safe_load(yaml.safe_dump(resolve_model(str(path)).train_config["env_config"]))
-    (run / "config.yaml").write_text(yaml.safe_dump({"env": "treerpo/Arithmetic-v0", "env_config": config,
-                                                     "eval_env_config": {"split": "test"}, "step_tokens": 5,
-                                                     "branching": [2], "model_name_or_path":
-                                                     resolve_model(str(path)).train_config["model_name_or_path"]}))
+    (run / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "env": "treerpo/Arithmetic-v0",
+                "env_config": config,
+                "eval_env_config": {"split": "test"},
+                "step_tokens": 5,
+                "branching": [2],
+                "model_name_or_path": resolve_model(str(path)).train_config["model_name_or_path"],
+            }
+        )
+    )
     resolved = resolve_model(str(run))
     assert resolved.kind == "checkpoint" and resolved.path == str(run / "checkpoints" / "iter_000001")
     assert resolved.train_config["step_tokens"] == 5  # the run's config.yaml
@@ -134,8 +178,12 @@ def test_bad_model_paths_are_one_line_errors(tmp_path, tiny_lm_dir, capsys):
     fake = tmp_path / "fake_ckpt"
     fake.mkdir()
     (fake / "rllib_checkpoint.json").write_text("{}")
-    cases = [(tmp_path / "missing", "no such file or folder"), (tmp_path / "empty", "not a model"),
-             (tmp_path / "file.txt", "is a file"), (fake, "not a TreeRPO checkpoint")]
+    cases = [
+        (tmp_path / "missing", "no such file or folder"),
+        (tmp_path / "empty", "not a model"),
+        (tmp_path / "file.txt", "is a file"),
+        (fake, "not a TreeRPO checkpoint"),
+    ]
     for path, message in cases:
         rc = main(["eval", "--model", str(path), "--env", "treerpo/Arithmetic-v0", "--quiet"])
         err = capsys.readouterr().err.strip()
@@ -148,7 +196,10 @@ def test_unknown_env_and_missing_env_are_named(tiny_lm_dir, capsys):
     assert "treerpo/Arithmetc-v0" in err and "Arithmetic-v0" in err
     assert main(["eval", "--model", tiny_lm_dir, "--quiet"]) == 2
     assert "--env is required" in capsys.readouterr().err
-    assert main(["eval", "--model", tiny_lm_dir, "--env", "treerpo/Arithmetic-v0", "--env-config", "num_ops"]) == 2
+    assert (
+        main(["eval", "--model", tiny_lm_dir, "--env", "treerpo/Arithmetic-v0", "--env-config", "num_ops"])
+        == 2
+    )
     assert "expected key=value" in capsys.readouterr().err
 
 
@@ -156,12 +207,32 @@ def test_bad_dataset_is_named_before_the_model_loads(tiny_lm_dir, tmp_path, caps
     """MathProblemsEnv's own row checks (missing column, missing gold answer) surface as one-line errors."""
     data = tmp_path / "problems.jsonl"
     data.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
-    rc = main(["eval", "--model", tiny_lm_dir, "--env", "treerpo/MathProblems-v0", "--env-config",
-               f"dataset={data}", "--quiet"])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            tiny_lm_dir,
+            "--env",
+            "treerpo/MathProblems-v0",
+            "--env-config",
+            f"dataset={data}",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]  # (datasets prints a progress line before)
     assert rc == 2 and err.startswith("treerpo: error: column 'problem' not found") and "question" in err
     data.write_text(json.dumps({"problem": "1+1?", "answer": ""}) + "\n")
-    rc = main(["eval", "--model", tiny_lm_dir, "--env", "treerpo/MathProblems-v0", "--env-config",
-               f"dataset={data}", "--quiet"])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            tiny_lm_dir,
+            "--env",
+            "treerpo/MathProblems-v0",
+            "--env-config",
+            f"dataset={data}",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and err.startswith("treerpo: error: bad row 0") and "'answer' is missing or empty" in err

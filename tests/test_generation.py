@@ -8,12 +8,7 @@ import sys
 import pytest
 import torch
 
-from rllib_treerpo.generation import (
-    GenerationBackend,
-    SamplingParams,
-    get_backend_class,
-    make_backend,
-)
+from rllib_treerpo.generation import GenerationBackend, SamplingParams, get_backend_class, make_backend
 from rllib_treerpo.tiny import build_char_tokenizer, build_tiny_model
 
 WINDOW = 128
@@ -30,8 +25,15 @@ def tiny_lm(tok, bias: dict[str, float] | None = None, seed: int = 0):
     ``bias`` adds a constant to some tokens' logits (a forward hook on lm_head), to make EOS or a delimiter
     likely; the fresh reference forwards go through the same hook.
     """
-    model = build_tiny_model(len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                             max_positions=WINDOW, seed=seed).eval()
+    model = build_tiny_model(
+        len(tok),
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=64,
+        max_positions=WINDOW,
+        seed=seed,
+    ).eval()
     g = torch.Generator().manual_seed(seed)
     model.lm_head.weight = torch.nn.Parameter(torch.randn(len(tok), 32, generator=g) * 0.5)
     with torch.no_grad():
@@ -68,8 +70,10 @@ def fresh_logprobs_many(model, seqs: list[list[int]], starts: list[int], tempera
     batch = torch.tensor([seq + [0] * (width - len(seq)) for seq in seqs])
     with torch.inference_mode():
         logp = torch.log_softmax(model(batch).logits.float() / temperature, dim=-1)
-    return [[logp[b, t - 1, seq[t]].item() for t in range(start, len(seq))]
-            for b, (seq, start) in enumerate(zip(seqs, starts, strict=True))]
+    return [
+        [logp[b, t - 1, seq[t]].item() for t in range(start, len(seq))]
+        for b, (seq, start) in enumerate(zip(seqs, starts, strict=True))
+    ]
 
 
 def grow(backend, contexts, levels: int, n: int, params_for) -> list[tuple[list[int], list[float], int]]:
@@ -80,8 +84,11 @@ def grow(backend, contexts, levels: int, n: int, params_for) -> list[tuple[list[
     paths = [(list(c), [], i) for i, c in enumerate(contexts)]
     for level in range(levels):
         out = backend.generate([p[0] for p in paths], n, params_for(level))
-        paths = [(seq + s.token_ids, lps + s.logprobs, root)
-                 for (seq, lps, root), samples in zip(paths, out, strict=True) for s in samples]
+        paths = [
+            (seq + s.token_ids, lps + s.logprobs, root)
+            for (seq, lps, root), samples in zip(paths, out, strict=True)
+            for s in samples
+        ]
     return paths
 
 
@@ -97,7 +104,7 @@ def test_greedy_cached_branching_equals_fresh(tok):
     assert [x[2] for x in paths] == [p for p in range(len(prompts)) for _ in range(8)]
     for (seq, lps, p), lps_forward in zip(paths, forward, strict=True):
         ref = refs[p][0]  # greedy: all 8 branches of a prompt are the same continuation
-        assert seq[len(prompts[p]):] == ref.token_ids
+        assert seq[len(prompts[p]) :] == ref.token_ids
         assert lps == pytest.approx(ref.logprobs, abs=1e-4)
         assert lps == pytest.approx(lps_forward, abs=1e-4)
 
@@ -109,8 +116,14 @@ def test_logprobs_match_fresh_forward(tok, temperature, top_k, top_p):
     prompts = [ids(tok, p) for p in PROMPTS]
 
     def params(level):
-        return SamplingParams(max_new_tokens=6, temperature=temperature, top_k=top_k, top_p=top_p,
-                              stop_strings=("\n",), seed=level)
+        return SamplingParams(
+            max_new_tokens=6,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop_strings=("\n",),
+            seed=level,
+        )
 
     paths = grow(backend, prompts, 3, 2, params)
     assert backend.stats.cache_hits > 0
@@ -190,7 +203,8 @@ def test_stops_eos_delimiter_length(tok):
     eos, nl = tok.eos_token_id, token_id(tok, "\n")
     prompts = [ids(tok, p) for p in PROMPTS]
     out = make_backend("hf", tiny_lm(tok, bias={"</s>": 4.0}), tok).generate(
-        prompts, 4, SamplingParams(max_new_tokens=10, seed=0))
+        prompts, 4, SamplingParams(max_new_tokens=10, seed=0)
+    )
     samples = [s for xs in out for s in xs]
     assert any(s.finish_reason == "eos" for s in samples)
     for s in samples:
@@ -199,11 +213,13 @@ def test_stops_eos_delimiter_length(tok):
         assert s.finish_reason == "eos" or len(s.token_ids) == 10
     # EOS disabled: every sample runs to the length limit, EOS tokens included.
     out = make_backend("hf", tiny_lm(tok, bias={"</s>": 4.0}), tok).generate(
-        prompts, 2, SamplingParams(max_new_tokens=10, stop_at_eos=False, seed=0))
+        prompts, 2, SamplingParams(max_new_tokens=10, stop_at_eos=False, seed=0)
+    )
     assert all(s.finish_reason == "length" and len(s.token_ids) == 10 for xs in out for s in xs)
     # A one-token delimiter ends the step at that token.
     out = make_backend("hf", tiny_lm(tok, bias={"\n": 3.0}), tok).generate(
-        prompts, 4, SamplingParams(max_new_tokens=10, stop_strings=("\n",), seed=0))
+        prompts, 4, SamplingParams(max_new_tokens=10, stop_strings=("\n",), seed=0)
+    )
     samples = [s for xs in out for s in xs]
     assert any(s.finish_reason == "delimiter" for s in samples)
     for s in samples:
@@ -215,7 +231,8 @@ def test_multi_token_delimiter(tok):
     """'ab' spans two tokens: the step ends at the 'b' that completes the first 'ab'."""
     model = tiny_lm(tok, bias={"a": 4.0, "b": 4.0})
     out = make_backend("hf", model, tok).generate(
-        [ids(tok, p) for p in PROMPTS], 4, SamplingParams(max_new_tokens=16, stop_strings=("ab",), seed=0))
+        [ids(tok, p) for p in PROMPTS], 4, SamplingParams(max_new_tokens=16, stop_strings=("ab",), seed=0)
+    )
     samples = [s for xs in out for s in xs]
     assert any(s.finish_reason == "delimiter" for s in samples)
     for s in samples:
@@ -293,7 +310,9 @@ def test_backend_registry(tok):
 
 def test_package_import_is_lazy_and_ray_free():
     """With Ray absent (as on the GPU machine) generation and sampler import, and no backend until chosen."""
-    code = ("import sys; sys.modules['ray'] = None; "  # `import ray` now fails, find_spec('ray') is None
-            "import rllib_treerpo.generation, rllib_treerpo.sampler; "
-            "assert not {'transformers', 'vllm', 'torch'} & set(sys.modules), sorted(sys.modules)")
+    code = (
+        "import sys; sys.modules['ray'] = None; "  # `import ray` now fails, find_spec('ray') is None
+        "import rllib_treerpo.generation, rllib_treerpo.sampler; "
+        "assert not {'transformers', 'vllm', 'torch'} & set(sys.modules), sorted(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

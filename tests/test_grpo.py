@@ -32,8 +32,9 @@ def test_depth1_batch_has_exactly_grpo_advantages(kind):
     groups.append(np.ones(G))  # all right: GRPO's advantages are all 0
     groups.append(np.zeros(G))  # all wrong: likewise
     trees = [depth1_tree(rng, r) for r in groups]
-    rows, metrics = build_training_batch(trees, tau=0.0, advantage_std="group", value_estimate="child_mean",
-                                         eps=EPS)
+    rows, metrics = build_training_batch(
+        trees, tau=0.0, advantage_std="group", value_estimate="child_mean", eps=EPS
+    )
     seen = set()
     for r in range(len(rows["input_ids"])):
         t, node = int(rows["tree_index"][r]), int(rows["node_index"][r])
@@ -43,15 +44,16 @@ def test_depth1_batch_has_exactly_grpo_advantages(kind):
         # the row trains the whole response after the prompt, with the sampling log-probs
         tree = trees[t]
         assert mask.sum() == len(tree.nodes[node].token_ids)
-        np.testing.assert_array_equal(rows["input_ids"][r][:len(tree.prompt_ids)], tree.prompt_ids)
+        np.testing.assert_array_equal(rows["input_ids"][r][: len(tree.prompt_ids)], tree.prompt_ids)
         np.testing.assert_allclose(rows["old_logprobs"][r][mask], tree.nodes[node].logprobs)
         seen.add((t, node))
     assert seen == {(t, i) for t in range(len(groups)) for i in range(1, G + 1)}  # tau = 0 keeps every group
     assert metrics["tree/groups"] == len(groups) and metrics["tree/frac_groups_filtered"] == 0.0
 
     # tau > 0 drops exactly the constant groups (where GRPO's advantage is 0 anyway); the rest is unchanged
-    kept, metrics = build_training_batch(trees, tau=0.1, advantage_std="group", value_estimate="child_mean",
-                                         eps=EPS)
+    kept, metrics = build_training_batch(
+        trees, tau=0.1, advantage_std="group", value_estimate="child_mean", eps=EPS
+    )
     varied = [t for t, r in enumerate(groups) if np.std(r, ddof=1) >= 0.1]
     assert sorted(set(kept["tree_index"].tolist())) == varied
     assert metrics["tree/frac_groups_filtered"] == pytest.approx(1 - len(varied) / len(groups))
@@ -80,7 +82,9 @@ def test_sampled_depth1_trees_are_grpo_groups(tiny_lm_dir):
         assert len(tree.nodes) == G + 1 and all(n.terminal for n in tree.nodes[1:])
         for leaf in tree.leaves():  # a random model scores 0 everywhere: give the group varied rewards
             tree.nodes[leaf].reward = float(rng.integers(0, 2))
-    rows, _ = build_training_batch(trees, tau=0.0, advantage_std="group", value_estimate="child_mean", eps=EPS)
+    rows, _ = build_training_batch(
+        trees, tau=0.0, advantage_std="group", value_estimate="child_mean", eps=EPS
+    )
     for r in range(len(rows["input_ids"])):
         tree = trees[int(rows["tree_index"][r])]
         rewards = np.array([tree.nodes[i].reward for i in tree.leaves()])
@@ -99,5 +103,7 @@ def test_grpo_config_is_a_depth1_tree_with_whole_response_steps():
     assert grpo.tree_spec().response_tokens == tree.tree_spec().response_tokens  # the same response budget
     assert grpo.prompts_per_iteration == tree.prompts_per_iteration == 32
     assert all(getattr(grpo, k) == getattr(tree, k) for k in ("env", "env_config", "lr", "temperature"))
-    assert all(getattr(grpo_job, k) == getattr(tree_job, k)
-               for k in ("tiny_model", "warmstart", "iterations", "eval_problems"))
+    assert all(
+        getattr(grpo_job, k) == getattr(tree_job, k)
+        for k in ("tiny_model", "warmstart", "iterations", "eval_problems")
+    )

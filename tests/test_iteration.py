@@ -15,13 +15,15 @@ from rllib_treerpo.rllib.algorithm import TreeRPOConfig
 from rllib_treerpo.rows import build_training_batch
 
 
-@pytest.mark.parametrize("rows, size, epochs, parts", [(10, None, 1, 1), (10, 4, 1, 3), (9, 3, 2, 6), (3, 8, 1, 1)])
+@pytest.mark.parametrize(
+    "rows, size, epochs, parts", [(10, None, 1, 1), (10, 4, 1, 3), (9, 3, 2, 6), (3, 8, 1, 1)]
+)
 def test_minibatch_plan_trains_every_row_once_per_epoch(rows, size, epochs, parts):
     plan = minibatch_plan(rows, size, num_epochs=epochs, seed=3)
     assert len(plan) == parts
     per_epoch = len(plan) // epochs
     for e in range(epochs):
-        assert sorted(np.concatenate(plan[e * per_epoch:(e + 1) * per_epoch]).tolist()) == list(range(rows))
+        assert sorted(np.concatenate(plan[e * per_epoch : (e + 1) * per_epoch]).tolist()) == list(range(rows))
     assert all(len(p) <= (size or rows) for p in plan)
     again = minibatch_plan(rows, size, num_epochs=epochs, seed=3)
     assert all(np.array_equal(a, b) for a, b in zip(plan, again, strict=True))  # a resumed run replays it
@@ -47,10 +49,20 @@ def sampled_rows(model_dir: str, seed: int = 0) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("minibatch_size, kl_coef, grad_clip", [(None, 0.0, 1.0), (4, 0.2, 0.05)])
 def test_rllib_learner_and_replica_give_the_same_parameters(tiny_lm_dir, minibatch_size, kl_coef, grad_clip):
-    config = TreeRPOConfig.from_yaml(None, {
-        "model_name_or_path": tiny_lm_dir, "lr": 3e-3, "kl_coef": kl_coef, "grad_clip": grad_clip,
-        "clip_eps_low": 0.1, "clip_eps_high": 0.3, "temperature": 0.9, "weight_decay": 0.01,
-        "minibatch_size": minibatch_size})
+    config = TreeRPOConfig.from_yaml(
+        None,
+        {
+            "model_name_or_path": tiny_lm_dir,
+            "lr": 3e-3,
+            "kl_coef": kl_coef,
+            "grad_clip": grad_clip,
+            "clip_eps_low": 0.1,
+            "clip_eps_high": 0.3,
+            "temperature": 0.9,
+            "weight_decay": 0.01,
+            "minibatch_size": minibatch_size,
+        },
+    )
     from envs import ArithmeticEnv
 
     env = ArithmeticEnv()
@@ -62,16 +74,28 @@ def test_rllib_learner_and_replica_give_the_same_parameters(tiny_lm_dir, minibat
     rows = sampled_rows(tiny_lm_dir)
     plan_seed = 11
 
-    for index in minibatch_plan(len(rows["input_ids"]), minibatch_size, seed=plan_seed):  # what training_step does
+    for index in minibatch_plan(
+        len(rows["input_ids"]), minibatch_size, seed=plan_seed
+    ):  # what training_step does
         batch = {k: v[index] for k, v in rows.items()}
         learner.update(batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(batch)}, env_steps=len(index)))
     optimizer = torch.optim.AdamW(replica.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    stats = policy_update(replica, optimizer, rows, LossSettings.from_config(config), minibatch_size=minibatch_size,
-                          grad_clip=grad_clip, seed=plan_seed, ref_model=reference)
+    stats = policy_update(
+        replica,
+        optimizer,
+        rows,
+        LossSettings.from_config(config),
+        minibatch_size=minibatch_size,
+        grad_clip=grad_clip,
+        seed=plan_seed,
+        ref_model=reference,
+    )
 
     assert len(stats) == (1 if minibatch_size is None else -(-len(rows["input_ids"]) // minibatch_size))
     if kl_coef:
         assert stats[-1]["kl"] > 0  # the reference term was live
     for (name, a), b in zip(module.model.state_dict().items(), replica.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
-    assert max(float((module.model.state_dict()[k] - v).abs().max()) for k, v in initial.items()) > 1e-4  # moved
+    assert (
+        max(float((module.model.state_dict()[k] - v).abs().max()) for k, v in initial.items()) > 1e-4
+    )  # moved

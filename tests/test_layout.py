@@ -49,14 +49,18 @@ def imports(path: Path, module: str, top_level_only: bool) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             found.add(base)
             found |= {f"{base}.{alias.name}" for alias in node.names}
     known = modules()
     return {name for name in found if name in known}
 
 
-CORE = [m for m in modules() if layer(m) == 0] + ["rllib_treerpo"]  # the facade too: it registers only with Ray
+CORE = [m for m in modules() if layer(m) == 0] + [
+    "rllib_treerpo"
+]  # the facade too: it registers only with Ray
 
 
 def test_core_imports_and_runs_without_ray():
@@ -80,8 +84,12 @@ def test_core_imports_and_runs_without_ray():
 
 
 def test_imports_point_down_the_layers():
-    bad = [f"{m} (layer {layer(m)}) imports {i} (layer {layer(i)})"
-           for m, path in modules().items() for i in imports(path, m, top_level_only=False) if layer(i) > layer(m)]
+    bad = [
+        f"{m} (layer {layer(m)}) imports {i} (layer {layer(i)})"
+        for m, path in modules().items()
+        for i in imports(path, m, top_level_only=False)
+        if layer(i) > layer(m)
+    ]
     assert not bad, bad
 
 
@@ -92,7 +100,9 @@ def test_no_import_cycles():
     def visit(m: str, stack: list[str]) -> None:
         state[m] = 1
         for n in graph[m]:
-            if state.get(n) == 1 and not m.startswith(n + "."):  # a package importing its own submodule is fine
+            if state.get(n) == 1 and not m.startswith(
+                n + "."
+            ):  # a package importing its own submodule is fine
                 raise AssertionError(f"import cycle: {' -> '.join(stack + [m, n])}")
             if n not in state:
                 visit(n, stack + [m])
@@ -112,7 +122,12 @@ def test_files_and_functions_stay_small(folder):
         if len(text.splitlines()) > 400:
             too_big.append(f"{path.relative_to(ROOT)}: {len(text.splitlines())} lines")
         for node in ast.walk(ast.parse(text)):
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 80:
-                too_big.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: "
-                               f"{node.end_lineno - node.lineno + 1} lines")
+            if (
+                isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+                and node.end_lineno - node.lineno + 1 > 80
+            ):
+                too_big.append(
+                    f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: "
+                    f"{node.end_lineno - node.lineno + 1} lines"
+                )
     assert not too_big, too_big

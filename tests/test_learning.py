@@ -21,10 +21,19 @@ class DigitFirstEnv(ReasoningEnv):
 
 
 def test_treerpo_raises_reward(tiny_lm_dir, ray_session):
-    config = TreeRPOConfig.from_yaml(None, {
-        "model_name_or_path": tiny_lm_dir, "branching": [4, 4], "step_tokens": 2, "prompts_per_iteration": 8,
-        "tau": 0.0, "lr": 1e-2, "seed": 0, "stop_at_eos": False,
-    })
+    config = TreeRPOConfig.from_yaml(
+        None,
+        {
+            "model_name_or_path": tiny_lm_dir,
+            "branching": [4, 4],
+            "step_tokens": 2,
+            "prompts_per_iteration": 8,
+            "tau": 0.0,
+            "lr": 1e-2,
+            "seed": 0,
+            "stop_at_eos": False,
+        },
+    )
     config.env = DigitFirstEnv
     algo = config.build_algo()
     try:

@@ -27,12 +27,14 @@ def test_clipping_both_sides():
 
 def test_asymmetric_clip():
     logp = t([math.log(1.5)])
-    loss, _ = policy_loss(logp, torch.zeros_like(logp), t([1.0]), torch.ones_like(logp),
-                          eps_low=0.2, eps_high=0.28)
+    loss, _ = policy_loss(
+        logp, torch.zeros_like(logp), t([1.0]), torch.ones_like(logp), eps_low=0.2, eps_high=0.28
+    )
     assert loss.item() == pytest.approx(-1.28)
     logp = t([math.log(0.5)])
-    loss, _ = policy_loss(logp, torch.zeros_like(logp), t([-1.0]), torch.ones_like(logp),
-                          eps_low=0.1, eps_high=0.28)
+    loss, _ = policy_loss(
+        logp, torch.zeros_like(logp), t([-1.0]), torch.ones_like(logp), eps_low=0.1, eps_high=0.28
+    )
     assert loss.item() == pytest.approx(0.9)
 
 
@@ -76,8 +78,9 @@ def test_aggregate_ignores_empty_rows_and_handles_empty_batch():
 def test_kl_estimators(estimator, expected):
     logp, ref = t([math.log(0.5)]), t([math.log(0.25)])
     assert kl_penalty(logp, ref, estimator).item() == pytest.approx(expected)
-    loss, stats = policy_loss(logp, logp, t([0.0]), torch.ones(1, 1), ref_logprobs=ref, kl_coef=0.1,
-                              kl_estimator=estimator)
+    loss, stats = policy_loss(
+        logp, logp, t([0.0]), torch.ones(1, 1), ref_logprobs=ref, kl_coef=0.1, kl_estimator=estimator
+    )
     assert stats["kl"].item() == pytest.approx(expected)
     assert loss.item() == pytest.approx(0.1 * expected)
 

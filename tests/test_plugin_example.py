@@ -32,8 +32,9 @@ def test_worked_example_runs_as_written(tmp_path):
     assert (tmp_path / "my_envs.py").exists() and script
     (tmp_path / "example.py").write_text("\n".join(script))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
-    proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "example.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert re.fullmatch(r"Parity of [01]{4}\? Answer \\boxed\{even\} or \\boxed\{odd\}\.\n", proc.stdout)
 

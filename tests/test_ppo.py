@@ -51,9 +51,12 @@ def test_step_distribution_logp_is_the_masked_sum_of_token_logprobs(tiny_lm_dir,
     from rllib_treerpo.baselines.ppo.module import PPOCausalLMModule
     from rllib_treerpo.losses import token_logprobs
 
-    module = RLModuleSpec(module_class=PPOCausalLMModule, observation_space=tokenized.observation_space,
-                          action_space=tokenized.action_space,
-                          model_config={"model_name_or_path": tiny_lm_dir, "step_delimiter": "\n"}).build()
+    module = RLModuleSpec(
+        module_class=PPOCausalLMModule,
+        observation_space=tokenized.observation_space,
+        action_space=tokenized.action_space,
+        model_config={"model_name_or_path": tiny_lm_dir, "step_delimiter": "\n"},
+    ).build()
     torch.manual_seed(0)
     observations = [tokenized.reset(seed=s)[0] for s in (1, 2, 3)]
     batch = {Columns.OBS: torch.as_tensor(np.stack(observations))}
@@ -62,18 +65,22 @@ def test_step_distribution_logp_is_the_masked_sum_of_token_logprobs(tiny_lm_dir,
     assert actions.shape == (3, 13) and all(tokenized.action_space.contains(a) for a in actions.numpy())
     train = module.forward_train({**batch, Columns.ACTIONS: actions})
     dist = module.get_train_action_dist_cls().from_logits(train[Columns.ACTION_DIST_INPUTS])
-    np.testing.assert_allclose(dist.logp(actions).detach().numpy(), out[Columns.ACTION_LOGP].numpy(), atol=1e-4)
+    np.testing.assert_allclose(
+        dist.logp(actions).detach().numpy(), out[Columns.ACTION_LOGP].numpy(), atol=1e-4
+    )
     # The same number from a plain forward of the full sequence.
     fresh = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     for obs, act, logp in zip(observations, actions.numpy(), out[Columns.ACTION_LOGP].numpy(), strict=True):
         ctx, step = tokenized.unpack(obs), tokenized.unpack(act)
         ids = torch.as_tensor(np.concatenate([ctx, step]))[None]
         with torch.no_grad():
-            expected = token_logprobs(fresh(input_ids=ids).logits, ids)[0, len(ctx):].sum().item()
+            expected = token_logprobs(fresh(input_ids=ids).logits, ids)[0, len(ctx) :].sum().item()
         assert logp == pytest.approx(expected, abs=1e-4)
     values = module.compute_values(batch)
     assert values.shape == (3,)
-    assert torch.allclose(values, module.compute_values(batch, embeddings=train[Columns.EMBEDDINGS]), atol=1e-5)
+    assert torch.allclose(
+        values, module.compute_values(batch, embeddings=train[Columns.EMBEDDINGS]), atol=1e-5
+    )
 
 
 def test_stock_ppo_trains_one_iteration(tiny_lm_dir, ray_session, tmp_path):
@@ -84,10 +91,22 @@ def test_stock_ppo_trains_one_iteration(tiny_lm_dir, ray_session, tmp_path):
     from rllib_treerpo.rllib.algorithm import TreeRPOConfig
     from rllib_treerpo.rllib.rl_module import learner_policy_weights as policy_weights
 
-    config = TreeRPOConfig.from_yaml(None, {
-        "algorithm": "PPO", "model_name_or_path": tiny_lm_dir, "env_config": {"num_ops": 1}, "branching": [1, 1],
-        "step_tokens": 6, "step_delimiter": "\n", "lr": 1e-3, "seed": 0, "train_batch_size": 32,
-        "minibatch_size": 16, "num_epochs": 2})
+    config = TreeRPOConfig.from_yaml(
+        None,
+        {
+            "algorithm": "PPO",
+            "model_name_or_path": tiny_lm_dir,
+            "env_config": {"num_ops": 1},
+            "branching": [1, 1],
+            "step_tokens": 6,
+            "step_delimiter": "\n",
+            "lr": 1e-3,
+            "seed": 0,
+            "train_batch_size": 32,
+            "minibatch_size": 16,
+            "num_epochs": 2,
+        },
+    )
     ppo_config = build_ppo_config(config, {"num_envs_per_env_runner": 8})
     algo = ppo_config.build_algo()
     try:
@@ -113,14 +132,33 @@ def test_train_ppo_job_writes_the_train_outputs(tiny_lm_dir, ray_session, tmp_pa
     from rllib_treerpo.jobs.config import load_run_config
 
     out = tmp_path / "run"
-    config, job, _ = load_run_config(None, {
-        "algorithm": "PPO", "model_name_or_path": tiny_lm_dir, "env_config": {"num_ops": 1}, "branching": [1, 1],
-        "step_tokens": 6, "step_delimiter": "\n", "train_batch_size": 16, "minibatch_size": 16, "iterations": 1,
-        "eval_problems": 2, "eval_samples": 1, "seed": 1})
+    config, job, _ = load_run_config(
+        None,
+        {
+            "algorithm": "PPO",
+            "model_name_or_path": tiny_lm_dir,
+            "env_config": {"num_ops": 1},
+            "branching": [1, 1],
+            "step_tokens": 6,
+            "step_delimiter": "\n",
+            "train_batch_size": 16,
+            "minibatch_size": 16,
+            "iterations": 1,
+            "eval_problems": 2,
+            "eval_samples": 1,
+            "seed": 1,
+        },
+    )
     summary = train_ppo(config, job, out, ppo={"num_envs_per_env_runner": 4})
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["perf/generated_tokens"] > 0 and "reward/mean" in rows[0]
-    for name in ("eval_before.json", "eval_after.json", "summary.json", "config.yaml", "final_model/config.json"):
+    for name in (
+        "eval_before.json",
+        "eval_after.json",
+        "summary.json",
+        "config.yaml",
+        "final_model/config.json",
+    ):
         assert (out / name).exists(), name
     assert summary["algorithm"] == "PPO" and summary["generated_tokens"] == rows[0]["perf/generated_tokens"]
     assert "pass@1" in summary["eval_after"]

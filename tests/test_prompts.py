@@ -9,10 +9,14 @@ from rllib_treerpo.rllib.algorithm import TreeRPOConfig
 from rllib_treerpo.tiny import build_char_tokenizer
 
 # A ChatML-like template written with characters the char-level tokenizer knows.
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-NO_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
-             "supported') }}{% endif %}[{{ m['content'] }}]{% endfor %}")
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+NO_SYSTEM = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+    "supported') }}{% endif %}[{{ m['content'] }}]{% endfor %}"
+)
 
 
 @pytest.fixture
@@ -65,13 +69,15 @@ def test_sampler_feeds_the_templated_prompt(chat_tok):
     from rllib_treerpo.sampler import sample_trees
     from rllib_treerpo.tiny import build_tiny_model
 
-    model = build_tiny_model(len(chat_tok), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                             max_positions=256).eval()
+    model = build_tiny_model(
+        len(chat_tok), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=256
+    ).eval()
     env = ArithmeticEnv(num_ops=1, seed=0)
     env.reset(options={"problem_index": 0})
     wrapped = prompt_tokenizer(chat_tok, chat_template=True, system_prompt="Add.")
-    tree = sample_trees([env], make_backend("hf", model, chat_tok), wrapped, branching=[2], step_tokens=4,
-                        seed=0)[0]
+    tree = sample_trees(
+        [env], make_backend("hf", model, chat_tok), wrapped, branching=[2], step_tokens=4, seed=0
+    )[0]
     expected = f"<|system|>Add.<|end|>\n<|user|>{env.prompt}<|end|>\n<|assistant|>"
     assert chat_tok.decode(tree.prompt_ids) == expected
     assert len(tree.leaves()) == 2

@@ -52,7 +52,7 @@ def test_right_answer_scores_one_wrong_answer_zero(task):
         assert env.step(f"\\boxed{{{wrong}}}")[1] == 0.0
 
         env.reset(options={"problem_index": index})  # no box: no final answer, even if the number is there
-        _, reward, _, truncated, _ = env.step(f"the answer is {info['answer']}", )
+        _, reward, _, truncated, _ = env.step(f"the answer is {info['answer']}")
         for _ in range(env.unwrapped.max_steps - 1):
             _, reward, _, truncated, _ = env.step(" hmm")
         assert truncated and reward == 0.0
@@ -79,8 +79,12 @@ def test_problem_index_is_deterministic_and_splits_are_disjoint():
 
 
 def test_task_config_and_prompt_template():
-    env = make("basic_arithmetic", task_config={"min_terms": 2, "max_terms": 2}, seed=0,
-               prompt_template="Q: {question}\nA: \\boxed{}\n").unwrapped
+    env = make(
+        "basic_arithmetic",
+        task_config={"min_terms": 2, "max_terms": 2},
+        seed=0,
+        prompt_template="Q: {question}\nA: \\boxed{}\n",
+    ).unwrapped
     prompt, _ = env.reset(options={"problem_index": 0})
     assert prompt.startswith("Q: ") and env.entry["metadata"]["num_terms"] == 2
     assert "{question}" in DEFAULT_PROMPT_TEMPLATE

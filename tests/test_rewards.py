@@ -99,8 +99,10 @@ def test_text_helpers():
     assert rewards.gold_latex("1/2") == "$1/2$" and rewards.gold_latex("$x$") == "$x$"
 
 
-@pytest.mark.parametrize("answer, ok", [("???", False), ("\\frac{", False), ("", False), ("1/2", True),
-                                        ("(0,1]", True), ("\\text{yes}", True)])
+@pytest.mark.parametrize(
+    "answer, ok",
+    [("???", False), ("\\frac{", False), ("", False), ("1/2", True), ("(0,1]", True), ("\\text{yes}", True)],
+)
 def test_can_parse_answer_rejects_what_math_verify_only_echoes(answer, ok):
     from envs.rewards import can_parse_answer
 

@@ -35,7 +35,7 @@ class FakeEnv:
         self.steps += 1
         terminated = False
         if self.stop_text and self.stop_text in step_text:
-            step_text, terminated = step_text[:step_text.index(self.stop_text)], True
+            step_text, terminated = step_text[: step_text.index(self.stop_text)], True
         terminated = terminated or self.end_marker in step_text
         self._response += step_text
         truncated = not terminated and self.steps >= self.max_steps
@@ -86,8 +86,9 @@ def test_full_tree_shape_rewards_and_logprobs(tok):
     model = tiny_lm(tok)
     backend = make_backend("hf", model, tok)
     es = envs()
-    trees = sample_trees(es, backend, tok, branching=[3, 2], step_tokens=4, stop_at_eos=False,
-                         temperature=1.3, seed=0)
+    trees = sample_trees(
+        es, backend, tok, branching=[3, 2], step_tokens=4, stop_at_eos=False, temperature=1.3, seed=0
+    )
     assert len(trees) == 3
     for tree, env in zip(trees, es, strict=True):
         check_structure(tree, 2)
@@ -120,8 +121,14 @@ def test_prefix_is_fed_once(tok):
 
 def test_early_eos_makes_leaves(tok):
     eos = tok.eos_token_id
-    trees = sample_trees(envs(), make_backend("hf", tiny_lm(tok, bias={"</s>": 3.5}), tok), tok,
-                         branching=[3, 3, 3], step_tokens=5, seed=0)
+    trees = sample_trees(
+        envs(),
+        make_backend("hf", tiny_lm(tok, bias={"</s>": 3.5}), tok),
+        tok,
+        branching=[3, 3, 3],
+        step_tokens=5,
+        seed=0,
+    )
     early = [n for t in trees for n in t.nodes[1:] if n.finish_reason == "eos" and n.depth < 3]
     assert early
     for tree in trees:
@@ -144,8 +151,16 @@ def test_eos_id_unknown_to_env_still_scores_the_leaf(tok):
 
 def test_delimiter_steps(tok):
     nl = token_id(tok, "\n")
-    trees = sample_trees(envs(), make_backend("hf", tiny_lm(tok, bias={"\n": 3.0}), tok), tok,
-                         branching=[2, 2, 2], step_tokens=8, step_delimiter="\n", stop_at_eos=False, seed=0)
+    trees = sample_trees(
+        envs(),
+        make_backend("hf", tiny_lm(tok, bias={"\n": 3.0}), tok),
+        tok,
+        branching=[2, 2, 2],
+        step_tokens=8,
+        step_delimiter="\n",
+        stop_at_eos=False,
+        seed=0,
+    )
     nodes = [n for t in trees for n in t.nodes[1:]]
     delim = [n for n in nodes if n.finish_reason == "delimiter"]
     assert delim and any(n.children for n in delim)  # a delimiter ends the step, not the response
@@ -159,8 +174,15 @@ def test_delimiter_steps(tok):
 
 
 def test_env_end_marker_ends_branch(tok):
-    trees = sample_trees(envs(), make_backend("hf", tiny_lm(tok, bias={"#": 3.0}), tok), tok,
-                         branching=[3, 3], step_tokens=6, stop_at_eos=False, seed=0)
+    trees = sample_trees(
+        envs(),
+        make_backend("hf", tiny_lm(tok, bias={"#": 3.0}), tok),
+        tok,
+        branching=[3, 3],
+        step_tokens=6,
+        stop_at_eos=False,
+        seed=0,
+    )
     by_env = [n for t in trees for n in t.nodes[1:] if n.finish_reason == "env"]
     assert by_env and any(n.depth == 1 for n in by_env)
     for n in by_env:
@@ -174,8 +196,15 @@ def test_truncated_leaves_at_depth_d(tok):
     es = [FakeEnv(p, max_steps=8) for p in PROMPTS]
     for e in es:
         e.reset()
-    trees = sample_trees(es, make_backend("hf", tiny_lm(tok), tok), tok, branching=[2, 2], step_tokens=3,
-                         stop_at_eos=False, seed=0)
+    trees = sample_trees(
+        es,
+        make_backend("hf", tiny_lm(tok), tok),
+        tok,
+        branching=[2, 2],
+        step_tokens=3,
+        stop_at_eos=False,
+        seed=0,
+    )
     for tree in trees:
         assert len(tree.nodes) == 7
         assert all(tree.nodes[i].depth == 2 and math.isfinite(tree.nodes[i].reward) for i in tree.leaves())
@@ -192,8 +221,9 @@ def test_a_tree_deeper_than_the_env_allows_is_an_error(tok):
 
 
 def test_grpo_is_depth_one(tok):
-    trees = sample_trees(envs(), make_backend("hf", tiny_lm(tok), tok), tok, branching=[5], step_tokens=12,
-                         seed=0)
+    trees = sample_trees(
+        envs(), make_backend("hf", tiny_lm(tok), tok), tok, branching=[5], step_tokens=12, seed=0
+    )
     for tree in trees:
         assert len(tree.nodes) == 6 and tree.leaves() == [1, 2, 3, 4, 5]
         assert all(tree.nodes[i].depth == 1 and tree.nodes[i].terminal for i in tree.leaves())
@@ -203,8 +233,9 @@ def test_seed_determinism(tok):
     model = tiny_lm(tok, bias={"</s>": 2.0})
 
     def run(seed):
-        trees = sample_trees(envs(), make_backend("hf", model, tok), tok, branching=[2, 2, 2], step_tokens=4,
-                             seed=seed)
+        trees = sample_trees(
+            envs(), make_backend("hf", model, tok), tok, branching=[2, 2, 2], step_tokens=4, seed=seed
+        )
         return [(n.parent, n.token_ids.tolist(), n.finish_reason) for t in trees for n in t.nodes], trees
 
     a, trees_a = run(3)
@@ -216,13 +247,16 @@ def test_seed_determinism(tok):
     assert run(4)[0] != a
 
 
-@pytest.mark.parametrize("knobs,message", [
-    ({"branching": []}, "branching is empty"),
-    ({"branching": [2, 0]}, r"branching\[1\]=0"),
-    ({"branching": [-1]}, r"branching\[0\]=-1"),
-    ({"step_tokens": 0}, "step_tokens=0"),
-    ({"step_tokens": -3}, "step_tokens=-3"),
-])
+@pytest.mark.parametrize(
+    "knobs,message",
+    [
+        ({"branching": []}, "branching is empty"),
+        ({"branching": [2, 0]}, r"branching\[1\]=0"),
+        ({"branching": [-1]}, r"branching\[0\]=-1"),
+        ({"step_tokens": 0}, "step_tokens=0"),
+        ({"step_tokens": -3}, "step_tokens=-3"),
+    ],
+)
 def test_bad_knobs_name_the_value(tok, knobs, message):
     args = {"branching": [2], "step_tokens": 4, **knobs}
     with pytest.raises(ValueError, match=message):
@@ -233,13 +267,22 @@ def test_bad_knobs_name_the_value(tok, knobs, message):
 
 def test_tree_longer_than_window(tok):
     es = envs(["x" * 100])
-    with pytest.raises(ValueError, match=r"100 tokens \+ depth 2 x step_tokens 16 = 132 > the model window 128"):
+    with pytest.raises(
+        ValueError, match=r"100 tokens \+ depth 2 x step_tokens 16 = 132 > the model window 128"
+    ):
         sample_trees(es, make_backend("hf", tiny_lm(tok), tok), tok, branching=[2, 2], step_tokens=16)
 
 
 def test_tree_stats(tok):
-    trees = sample_trees(envs(), make_backend("hf", tiny_lm(tok), tok), tok, branching=[2, 2], step_tokens=3,
-                         stop_at_eos=False, seed=0)
+    trees = sample_trees(
+        envs(),
+        make_backend("hf", tiny_lm(tok), tok),
+        tok,
+        branching=[2, 2],
+        step_tokens=3,
+        stop_at_eos=False,
+        seed=0,
+    )
     stats = tree_stats(trees)
     assert stats["nodes"] == 18 and stats["leaves"] == 12 and stats["generated_tokens"] == 54
     assert stats["finish_length"] == 18 and 0.0 <= stats["mean_leaf_reward"] <= 1.0
@@ -251,8 +294,15 @@ def test_with_arithmetic_env(tok):
     for i, env in enumerate(es):
         env.reset(options={"problem_index": i})
     torch.manual_seed(0)
-    trees = sample_trees(es, make_backend("hf", tiny_lm(tok), tok), tok, branching=[2, 2, 2], step_tokens=8,
-                         step_delimiter="\n", seed=0)
+    trees = sample_trees(
+        es,
+        make_backend("hf", tiny_lm(tok), tok),
+        tok,
+        branching=[2, 2, 2],
+        step_tokens=8,
+        step_delimiter="\n",
+        seed=0,
+    )
     for tree, env in zip(trees, es, strict=True):
         check_structure(tree, 3)
         assert tree.answer == env.answer and tree.problem_id == str(env.problem_id)

@@ -13,8 +13,14 @@ from rllib_treerpo.jobs.sweep import run_sweep
 from rllib_treerpo.jobs.sweep_spec import load_sweep, search_space
 from rllib_treerpo.rllib.algorithm import TreeRPOConfig
 
-SMALL = {"branching": [2, 2], "step_tokens": 6, "prompts_per_iteration": 2, "lr": 1e-3,
-         "env_config": {"num_ops": 1}, "seed": 0}
+SMALL = {
+    "branching": [2, 2],
+    "step_tokens": 6,
+    "prompts_per_iteration": 2,
+    "lr": 1e-3,
+    "env_config": {"num_ops": 1},
+    "seed": 0,
+}
 
 
 def write(tmp_path, sweep, **fields):
@@ -44,20 +50,26 @@ def test_sweep_over_unknown_field_is_one_line_before_ray(tmp_path, no_ray, capsy
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("sweep, match", [
-    ({"space": {"iterations": {"grid_search": [1, 2]}}}, "'iterations' is a job field"),
-    ({"space": {"algorithm": {"choice": ["TreeRPO", "PPO"]}}}, "'algorithm' is a job field"),
-    ({"space": {"tau": [0.0, 0.1]}}, r"sweep.space.tau must be a mapping with exactly one of"),
-    ({"space": {"tau": {"gridsearch": [0.0]}}}, "exactly one of"),
-    ({"space": {"tau": {"grid_search": [0.0, -1.0]}}}, r"sweep.space.tau: value -1.0 must be a number >= 0"),
-    ({"space": {"lr": {"loguniform": [0.0, 1e-3]}}}, "low > 0"),
-    ({"space": {"tau": {"uniform": [0.5, 0.1]}}}, "low < high"),
-    ({"space": {"seed.x": {"choice": [1]}}}, "not a mapping field"),
-    ({"space": {}}, "non-empty mapping"),
-    ({"space": {"tau": {"choice": [0.1]}}, "metrc": "x"}, "unknown sweep key 'metrc'.*'metric'"),
-    ({"space": {"tau": {"choice": [0.1]}}, "mode": "best"}, "sweep.mode must be max or min"),
-    ({"space": {"tau": {"choice": [0.1]}}, "scheduler": "pbt"}, "sweep.scheduler"),
-])
+@pytest.mark.parametrize(
+    "sweep, match",
+    [
+        ({"space": {"iterations": {"grid_search": [1, 2]}}}, "'iterations' is a job field"),
+        ({"space": {"algorithm": {"choice": ["TreeRPO", "PPO"]}}}, "'algorithm' is a job field"),
+        ({"space": {"tau": [0.0, 0.1]}}, r"sweep.space.tau must be a mapping with exactly one of"),
+        ({"space": {"tau": {"gridsearch": [0.0]}}}, "exactly one of"),
+        (
+            {"space": {"tau": {"grid_search": [0.0, -1.0]}}},
+            r"sweep.space.tau: value -1.0 must be a number >= 0",
+        ),
+        ({"space": {"lr": {"loguniform": [0.0, 1e-3]}}}, "low > 0"),
+        ({"space": {"tau": {"uniform": [0.5, 0.1]}}}, "low < high"),
+        ({"space": {"seed.x": {"choice": [1]}}}, "not a mapping field"),
+        ({"space": {}}, "non-empty mapping"),
+        ({"space": {"tau": {"choice": [0.1]}}, "metrc": "x"}, "unknown sweep key 'metrc'.*'metric'"),
+        ({"space": {"tau": {"choice": [0.1]}}, "mode": "best"}, "sweep.mode must be max or min"),
+        ({"space": {"tau": {"choice": [0.1]}}, "scheduler": "pbt"}, "sweep.scheduler"),
+    ],
+)
 def test_bad_sweep_sections_are_named(tmp_path, no_ray, sweep, match):
     with pytest.raises(ValueError, match=match):
         run_sweep(write(tmp_path, sweep), tmp_path / "out")
@@ -71,9 +83,18 @@ def test_config_without_sweep_section(tmp_path, no_ray):
 
 
 def test_search_space_merges_domains_into_the_config(tmp_path):
-    config, job, spec = load_sweep(write(tmp_path, {"space": {"tau": {"grid_search": [0.0, 0.1]},
-                                                         "env_config.num_ops": {"choice": [1, 2]},
-                                                         "lr": {"loguniform": [1e-5, 1e-3]}}}))
+    config, job, spec = load_sweep(
+        write(
+            tmp_path,
+            {
+                "space": {
+                    "tau": {"grid_search": [0.0, 0.1]},
+                    "env_config.num_ops": {"choice": [1, 2]},
+                    "lr": {"loguniform": [1e-5, 1e-3]},
+                }
+            },
+        )
+    )
     space = search_space(config, spec)
     assert space["tau"] == {"grid_search": [0.0, 0.1]}
     assert space["env_config"]["num_ops"].categories == [1, 2]
@@ -82,9 +103,16 @@ def test_search_space_merges_domains_into_the_config(tmp_path):
 
 
 def test_two_trial_sweep_writes_results_and_resumes(tiny_lm_dir, tmp_path, ray_session):
-    path = write(tmp_path, {"space": {"tau": {"grid_search": [0.0, 0.1]}, "lr": {"loguniform": [1e-4, 1e-3]}},
-                            "metric": "reward/mean", "mode": "max", "iterations": 1},
-                 model_name_or_path=tiny_lm_dir)
+    path = write(
+        tmp_path,
+        {
+            "space": {"tau": {"grid_search": [0.0, 0.1]}, "lr": {"loguniform": [1e-4, 1e-3]}},
+            "metric": "reward/mean",
+            "mode": "max",
+            "iterations": 1,
+        },
+        model_name_or_path=tiny_lm_dir,
+    )
     out = tmp_path / "out"
     summary = run_sweep(path, out, verbose=0)
     assert summary["trials"] == summary["expected_trials"] == summary["finished_trials"] == 2
@@ -92,7 +120,9 @@ def test_two_trial_sweep_writes_results_and_resumes(tiny_lm_dir, tmp_path, ray_s
     with open(out / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(float(r["tau"]) for r in rows) == [0.0, 0.1]
-    assert all(1e-4 <= float(r["lr"]) <= 1e-3 and r["iterations"] == "1" and r["status"] == "done" for r in rows)
+    assert all(
+        1e-4 <= float(r["lr"]) <= 1e-3 and r["iterations"] == "1" and r["status"] == "done" for r in rows
+    )
     assert all(0.0 <= float(r["reward/mean (last)"]) <= 1.0 for r in rows)
     best = TreeRPOConfig.from_yaml(out / "best_config.yaml")  # a config `treerpo train` accepts
     assert best.tau in (0.0, 0.1) and best.tau == summary["best_params"]["tau"]

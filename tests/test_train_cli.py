@@ -8,8 +8,18 @@ from rllib_treerpo.jobs.cli import main
 from rllib_treerpo.jobs.config import load_run_config
 from rllib_treerpo.jobs.train import metrics_row, train
 
-JOB = {"branching": [2, 2], "step_tokens": 6, "prompts_per_iteration": 2, "tau": 0.0, "lr": 1e-3, "seed": 0,
-       "env_config": {"num_ops": 1}, "eval_problems": 3, "eval_samples": 2, "checkpoint_every": 1}
+JOB = {
+    "branching": [2, 2],
+    "step_tokens": 6,
+    "prompts_per_iteration": 2,
+    "tau": 0.0,
+    "lr": 1e-3,
+    "seed": 0,
+    "env_config": {"num_ops": 1},
+    "eval_problems": 3,
+    "eval_samples": 2,
+    "checkpoint_every": 1,
+}
 
 
 def test_train_writes_outputs_and_resumes(tiny_lm_dir, tmp_path, ray_session, monkeypatch):
@@ -17,14 +27,27 @@ def test_train_writes_outputs_and_resumes(tiny_lm_dir, tmp_path, ray_session, mo
     out = tmp_path / "run"
     config, job, _ = load_run_config(None, {**JOB, "model_name_or_path": tiny_lm_dir, "iterations": 2})
     summary = train(config, job, "run")
-    for name in ("config.yaml", "metrics.jsonl", "learning_curve.png", "eval_before.json", "eval_after.jsonl",
-                 "summary.json", "final_model/config.json", "checkpoints/latest"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "learning_curve.png",
+        "eval_before.json",
+        "eval_after.jsonl",
+        "summary.json",
+        "final_model/config.json",
+        "checkpoints/latest",
+    ):
         assert (out / name).exists(), name
     assert 0.0 <= summary["eval_after"]["pass@1"] <= 1.0
     assert len((out / "eval_after.jsonl").read_text().splitlines()) == 3
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2]
-    assert {"reward/mean", "tree/frac_groups_filtered", "loss/policy_loss", "perf/decode_tokens_per_s"} <= set(rows[0])
+    assert {
+        "reward/mean",
+        "tree/frac_groups_filtered",
+        "loss/policy_loss",
+        "perf/decode_tokens_per_s",
+    } <= set(rows[0])
     assert all(r["loss/optimizer_steps"] == 1 for r in rows)  # minibatch_size null: one step per iteration
 
     # Simulate an interruption after iteration 2's checkpoint but with a row of a lost iteration 3 written.
@@ -37,10 +60,10 @@ def test_train_writes_outputs_and_resumes(tiny_lm_dir, tmp_path, ray_session, mo
     assert (out / "checkpoints" / "latest").read_text() == "iter_000004"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--set", "branchings=[2]"], "unknown config field 'branchings'"),
-    (["--set", "tau=-1"], "'tau'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--set", "branchings=[2]"], "unknown config field 'branchings'"), (["--set", "tau=-1"], "'tau'")],
+)
 def test_config_errors_are_one_line(args, message, capsys, tmp_path):
     assert main(["train", "--output", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err
@@ -55,7 +78,16 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
 def test_metrics_row_keeps_numpy_scalars():
     import numpy as np
 
-    result = {"training_iteration": 3, "tree": {"trees": np.int64(2)}, "learners": {"default_policy": {
-        "loss/optimizer_steps": np.int64(4), "loss/total": np.float32(0.5), "flag": True}}}
+    result = {
+        "training_iteration": 3,
+        "tree": {"trees": np.int64(2)},
+        "learners": {
+            "default_policy": {
+                "loss/optimizer_steps": np.int64(4),
+                "loss/total": np.float32(0.5),
+                "flag": True,
+            }
+        },
+    }
     row = metrics_row(result)
     assert row == {"iteration": 3, "tree/trees": 2.0, "loss/optimizer_steps": 4.0, "loss/total": 0.5}

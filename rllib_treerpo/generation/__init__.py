@@ -24,10 +24,7 @@ __all__ = [
 ]
 
 # name -> (module relative to this package, class name)
-BACKENDS: dict[str, tuple[str, str]] = {
-    "hf": (".hf", "HFBackend"),
-    "vllm": (".vllm", "VLLMBackend"),
-}
+BACKENDS: dict[str, tuple[str, str]] = {"hf": (".hf", "HFBackend"), "vllm": (".vllm", "VLLMBackend")}
 
 
 def get_backend_class(name: str) -> type[GenerationBackend]:
@@ -40,7 +37,9 @@ def get_backend_class(name: str) -> type[GenerationBackend]:
     except ModuleNotFoundError as err:
         # Only the backend's own module missing means "not written yet"; a missing dependency is re-raised.
         if err.name == __name__ + module_name:
-            raise NotImplementedError(f"the {name} backend is not implemented yet; use backend='hf'") from None
+            raise NotImplementedError(
+                f"the {name} backend is not implemented yet; use backend='hf'"
+            ) from None
         raise
     return getattr(module, class_name)
 

@@ -103,10 +103,7 @@ class GenerationBackend(ABC):
 
     @abstractmethod
     def generate(
-        self,
-        contexts: Sequence[Sequence[int]],
-        num_samples: int | Sequence[int],
-        params: SamplingParams,
+        self, contexts: Sequence[Sequence[int]], num_samples: int | Sequence[int], params: SamplingParams
     ) -> list[list[Sample]]:
         """Sample ``num_samples`` (one int for all, or one per context) continuations of every context.
 
@@ -114,8 +111,9 @@ class GenerationBackend(ABC):
         """
 
     @classmethod
-    def from_pretrained(cls, model_name_or_path: str, tokenizer: Any, *, dtype: str = "float32",
-                        **kwargs: Any) -> GenerationBackend:
+    def from_pretrained(
+        cls, model_name_or_path: str, tokenizer: Any, *, dtype: str = "float32", **kwargs: Any
+    ) -> GenerationBackend:
         """A backend that loads the model itself from a Hugging Face folder or hub name (what env runners build)."""
         raise NotImplementedError(f"the {cls.name} backend cannot load a model by itself")
 
@@ -154,7 +152,8 @@ class GenerationBackend(ABC):
             if window is not None and len(context) + max_new > window:
                 raise ValueError(
                     f"context {i} has {len(context)} tokens; with max_new_tokens={max_new} that is "
-                    f"{len(context) + max_new} > the model window max_position_embeddings={window}")
+                    f"{len(context) + max_new} > the model window max_position_embeddings={window}"
+                )
 
     @staticmethod
     def _expand_num_samples(num_samples: int | Sequence[int], n_contexts: int) -> list[int]:
@@ -193,6 +192,7 @@ class StopStringChecker:
             self.tokens[row].append(int(token))
         if not rows:
             return []
-        texts = self.tokenizer.batch_decode([self.tokens[r][-self.window:] for r in rows],
-                                            skip_special_tokens=False)
+        texts = self.tokenizer.batch_decode(
+            [self.tokens[r][-self.window :] for r in rows], skip_special_tokens=False
+        )
         return [any(s in text for s in self.stops) for text in texts]

@@ -31,37 +31,9 @@ import torch
 
 from .base import GenerationBackend, Sample, SamplingParams, StopStringChecker
 from .kv_slots import CacheEntry, KVGroup, SlotCache, SlotLayer
+from .sampling import sample_tokens
 
 Key = tuple[int, ...]
-
-
-def _sample_tokens(logits: torch.Tensor, params: SamplingParams,
-                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row. logits (B, V) -> tokens (B,) int64, log-probs (B,) float32.
-
-    The log-prob is log_softmax(logits / T) at the token, over the full vocabulary (T = 1 for greedy): top-k
-    and top-p restrict what may be drawn but are not renormalised into it (base.py's convention).
-    """
-    scaled = logits.float()
-    if not params.greedy and params.temperature != 1.0:
-        scaled = scaled / params.temperature
-    logp = torch.log_softmax(scaled, dim=-1)
-    if params.greedy:
-        tokens = scaled.argmax(dim=-1)
-    else:
-        filtered = logp
-        if 0 < params.top_k < logp.shape[-1]:
-            kth = torch.topk(filtered, params.top_k, dim=-1).values[:, -1:]
-            filtered = filtered.masked_fill(filtered < kth, float("-inf")).log_softmax(dim=-1)  # then top-p
-        if params.top_p < 1.0:
-            sorted_lp, order = torch.sort(filtered, dim=-1, descending=True)
-            probs = sorted_lp.exp()
-            # Drop a token when the tokens ranked above it already hold top_p of the mass (the first stays).
-            drop = (probs.cumsum(dim=-1) - probs) > params.top_p
-            sorted_lp = sorted_lp.masked_fill(drop, float("-inf"))
-            filtered = torch.full_like(filtered, float("-inf")).scatter(-1, order, sorted_lp)
-        tokens = torch.multinomial(torch.softmax(filtered, dim=-1), 1, generator=generator).squeeze(-1)
-    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
 class HFBackend(GenerationBackend):
@@ -79,12 +51,21 @@ class HFBackend(GenerationBackend):
 
     name = "hf"
 
-    def __init__(self, model: Any, tokenizer: Any, *, eos_token_ids: Sequence[int] | None = None,
-                 cache_prefixes: bool = True, compact_fraction: float = 0.25) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        eos_token_ids: Sequence[int] | None = None,
+        cache_prefixes: bool = True,
+        compact_fraction: float = 0.25,
+    ) -> None:
         super().__init__()
         layer_types = getattr(model.config, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
-            raise NotImplementedError(f"the hf backend supports full-attention models only; layer_types={layer_types}")
+            raise NotImplementedError(
+                f"the hf backend supports full-attention models only; layer_types={layer_types}"
+            )
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -115,8 +96,9 @@ class HFBackend(GenerationBackend):
             torch.cuda.empty_cache()  # hand the freed K/V blocks back, e.g. to a learner on the same GPU
 
     @classmethod
-    def from_pretrained(cls, model_name_or_path: str, tokenizer: Any, *, dtype: str = "float32",
-                        **kwargs: Any) -> HFBackend:
+    def from_pretrained(
+        cls, model_name_or_path: str, tokenizer: Any, *, dtype: str = "float32", **kwargs: Any
+    ) -> HFBackend:
         from rllib_treerpo.model_io import load_causal_lm
 
         return cls(load_causal_lm(model_name_or_path, dtype), tokenizer, **kwargs)
@@ -130,8 +112,9 @@ class HFBackend(GenerationBackend):
         self.clear_cache()  # cached K/V were computed by the old weights
 
     @torch.inference_mode()
-    def generate(self, contexts: Sequence[Sequence[int]], num_samples: int | Sequence[int],
-                 params: SamplingParams) -> list[list[Sample]]:
+    def generate(
+        self, contexts: Sequence[Sequence[int]], num_samples: int | Sequence[int], params: SamplingParams
+    ) -> list[list[Sample]]:
         start = time.perf_counter()
         counts = self._expand_num_samples(num_samples, len(contexts))
         keys = [tuple(int(t) for t in c) for c in contexts]
@@ -186,7 +169,9 @@ class HFBackend(GenerationBackend):
                     return entry
         return None
 
-    def _prefill(self, ukeys: list[Key], max_new: int) -> tuple[torch.Tensor, SlotCache, torch.Tensor, torch.Tensor]:
+    def _prefill(
+        self, ukeys: list[Key], max_new: int
+    ) -> tuple[torch.Tensor, SlotCache, torch.Tensor, torch.Tensor]:
         """Feed each unique context's uncached tail on top of its merged cache.
 
         Layout of row u: [pad | cached c_u slots | pad | tail s_u tokens]; cached parts right-aligned at Cmax,
@@ -205,8 +190,8 @@ class HFBackend(GenerationBackend):
         pos, mask = np.zeros((n_u, s_max), np.int64), np.zeros((n_u, c_max + s_max), np.bool_)
         for u, (tail, c) in enumerate(zip(tails, cached, strict=True)):
             s = len(tail)
-            ids[u, s_max - s:], pos[u, s_max - s:] = tail, np.arange(c, c + s)
-            mask[u, c_max - c:c_max] = mask[u, c_max + s_max - s:] = True
+            ids[u, s_max - s :], pos[u, s_max - s :] = tail, np.arange(c, c + s)
+            mask[u, c_max - c : c_max] = mask[u, c_max + s_max - s :] = True
         full = bool(mask.all())  # no padding: no mask, so SDPA may take its causal fast path
         ids, pos, mask = (torch.from_numpy(a).to(self.device) for a in (ids, pos, mask))
         layers = [SlotLayer(c_max + s_max + max_new) for _ in range(self.model.config.num_hidden_layers)]
@@ -219,8 +204,14 @@ class HFBackend(GenerationBackend):
         self.stats.tokens_fed += fed
         self.stats.pad_tokens += n_u * s_max - fed
         self.stats.forward_calls += 1
-        out = self.model(input_ids=ids, attention_mask=None if full else mask, position_ids=pos,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=None if full else mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         next_pos = torch.tensor([len(k) for k in ukeys], device=self.device)
         return out.logits[:, -1, :], out.past_key_values, mask, next_pos
 
@@ -238,21 +229,31 @@ class HFBackend(GenerationBackend):
         for group, members in plans.values():
             slots = np.zeros((len(members), c_max), np.int64)
             for r, (_, e) in enumerate(members):
-                slots[r, c_max - len(e.slots):] = e.slots
-                slots[r, :c_max - len(e.slots)] = e.slots[0]  # any real slot: finite, and masked
+                slots[r, c_max - len(e.slots) :] = e.slots
+                slots[r, : c_max - len(e.slots)] = e.slots[0]  # any real slot: finite, and masked
             first = slots[0, 0]
             if (slots == np.arange(first, first + c_max)).all():  # the usual tree case: one contiguous run
                 idx: torch.Tensor | slice = slice(int(first), int(first) + c_max)
             else:
                 idx = torch.from_numpy(slots).to(self.device)
-            gathers.append((group, torch.tensor([u for u, _ in members], device=self.device),
-                            torch.tensor([e.row for _, e in members], device=self.device)[:, None], idx))
+            gathers.append(
+                (
+                    group,
+                    torch.tensor([u for u, _ in members], device=self.device),
+                    torch.tensor([e.row for _, e in members], device=self.device)[:, None],
+                    idx,
+                )
+            )
         # One group filling every row with one run of slots (a tree's next level): a single row gather per tensor.
         whole = len(gathers) == 1 and isinstance(gathers[0][3], slice) and len(gathers[0][1]) == len(entries)
         for index, layer in enumerate(layers):
             k0, v0 = gathers[0][0][index]
             shape = (len(entries), k0.shape[1], layer.capacity, k0.shape[3])
-            bufs = (k0.new_empty(shape), v0.new_empty(shape)) if whole else (k0.new_zeros(shape), v0.new_zeros(shape))
+            bufs = (
+                (k0.new_empty(shape), v0.new_empty(shape))
+                if whole
+                else (k0.new_zeros(shape), v0.new_zeros(shape))
+            )
             for group, targets, src, idx in gathers:
                 for buf, source in zip(bufs, group[index], strict=True):
                     if whole:  # slots past c_max are written before they are read
@@ -264,8 +265,13 @@ class HFBackend(GenerationBackend):
             layer.set_buffers(*bufs, c_max)
 
     @staticmethod
-    def _set_aside(cache: SlotCache, mask: torch.Tensor, batch_rows: torch.Tensor | None,
-                   sample_ids: list[int], groups: list) -> None:
+    def _set_aside(
+        cache: SlotCache,
+        mask: torch.Tensor,
+        batch_rows: torch.Tensor | None,
+        sample_ids: list[int],
+        groups: list,
+    ) -> None:
         """Keep the K/V of ``batch_rows`` (all rows when None: no copy) for ``sample_ids`` (same order)."""
         pick = (lambda t: t) if batch_rows is None else (lambda t: t[batch_rows])
         layers = [(pick(layer.keys), pick(layer.values)) for layer in cache.layers]
@@ -274,8 +280,39 @@ class HFBackend(GenerationBackend):
         for r, s in enumerate(sample_ids):
             groups[s] = CacheEntry(layers, r, np.flatnonzero(valid[r]))
 
-    def _decode(self, logits: torch.Tensor, cache: SlotCache, mask: torch.Tensor, positions: torch.Tensor,
-                params: SamplingParams) -> tuple[list[list[int]], list[list[float]], list[str], list[CacheEntry]]:
+    def _newly_finished(
+        self,
+        tokens: torch.Tensor,
+        done: torch.Tensor,
+        alive: list[int],
+        stops: StopStringChecker | None,
+        params: SamplingParams,
+        step: int,
+    ) -> tuple[list[int], list[bool], list[bool]]:
+        """Batch positions that finish with this step's ``tokens``, and per position: EOS hit, delimiter hit."""
+        if params.stop_at_eos:  # one device->host transfer per step for both flags
+            done_cpu, eos_hit = torch.stack([done, torch.isin(tokens, self._eos) & ~done]).tolist()
+        else:
+            done_cpu, eos_hit = done.tolist(), [False] * len(alive)
+        delim_hit = [False] * len(alive)
+        if stops is not None:
+            live = [b for b, d in enumerate(done_cpu) if not d]
+            tok_list = tokens.tolist()
+            hits = stops.push([alive[b] for b in live], [tok_list[b] for b in live])
+            for b, hit in zip(live, hits, strict=True):
+                delim_hit[b] = hit
+        last = step == params.max_new_tokens - 1
+        newly = [b for b in range(len(alive)) if not done_cpu[b] and (eos_hit[b] or delim_hit[b] or last)]
+        return newly, eos_hit, delim_hit
+
+    def _decode(
+        self,
+        logits: torch.Tensor,
+        cache: SlotCache,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        params: SamplingParams,
+    ) -> tuple[list[list[int]], list[list[float]], list[str], list[CacheEntry]]:
         """The batched decode loop. logits (B, V), mask (B, S) bool, positions (B,) next position ids.
 
         Returns per sample row: new token ids, their log-probs, finish reason, and where its K/V is kept.
@@ -290,24 +327,14 @@ class HFBackend(GenerationBackend):
         alive_t = torch.arange(n_rows, device=device)
         done = torch.zeros(n_rows, dtype=torch.bool, device=device)  # finished rows still in the batch
         n_done = 0
-        stops = StopStringChecker(self.tokenizer, params.stop_strings, n_rows) if params.stop_strings else None
+        stops = (
+            StopStringChecker(self.tokenizer, params.stop_strings, n_rows) if params.stop_strings else None
+        )
         no_padding = bool(mask.all())  # then the mask is all ones until a finished row stays in the batch
         for step in range(max_new):
-            tokens, logps = _sample_tokens(logits, params, generator)
+            tokens, logps = sample_tokens(logits, params, generator)
             tok_buf[alive_t, step], lp_buf[alive_t, step] = tokens, logps
-            if params.stop_at_eos:  # one device->host transfer per step for both flags
-                done_cpu, eos_hit = torch.stack([done, torch.isin(tokens, self._eos) & ~done]).tolist()
-            else:
-                done_cpu, eos_hit = done.tolist(), [False] * len(alive)
-            delim_hit = [False] * len(alive)
-            if stops is not None:
-                live = [b for b, d in enumerate(done_cpu) if not d]
-                tok_list = tokens.tolist()
-                for b, hit in zip(live, stops.push([alive[b] for b in live], [tok_list[b] for b in live]),
-                                  strict=True):
-                    delim_hit[b] = hit
-            newly = [b for b in range(len(alive))
-                     if not done_cpu[b] and (eos_hit[b] or delim_hit[b] or step == max_new - 1)]
+            newly, eos_hit, delim_hit = self._newly_finished(tokens, done, alive, stops, params, step)
             for b in newly:
                 lengths[alive[b]] = step + 1
                 reasons[alive[b]] = "eos" if eos_hit[b] else "delimiter" if delim_hit[b] else "length"
@@ -322,7 +349,9 @@ class HFBackend(GenerationBackend):
                 done_cpu = done.tolist()
                 gone = [b for b, d in enumerate(done_cpu) if d]
                 keep = torch.tensor([b for b, d in enumerate(done_cpu) if not d], device=device)
-                self._set_aside(cache, mask, torch.tensor(gone, device=device), [alive[b] for b in gone], entries)
+                self._set_aside(
+                    cache, mask, torch.tensor(gone, device=device), [alive[b] for b in gone], entries
+                )
                 cache.batch_select_indices(keep)
                 mask, positions, tokens, alive_t = mask[keep], positions[keep], tokens[keep], alive_t[keep]
                 alive = [alive[b] for b, d in enumerate(done_cpu) if not d]
@@ -333,11 +362,19 @@ class HFBackend(GenerationBackend):
             self.stats.tokens_fed += len(alive) - n_done
             self.stats.pad_tokens += n_done
             self.stats.forward_calls += 1
-            out = self.model(input_ids=torch.where(live_t, tokens, self.pad_token_id)[:, None],
-                             attention_mask=None if no_padding and not n_done else mask,
-                             position_ids=positions[:, None], past_key_values=cache, use_cache=True)
+            out = self.model(
+                input_ids=torch.where(live_t, tokens, self.pad_token_id)[:, None],
+                attention_mask=None if no_padding and not n_done else mask,
+                position_ids=positions[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
             cache, logits = out.past_key_values, out.logits[:, -1, :]
             positions = positions + 1
         toks, lps = tok_buf.tolist(), lp_buf.tolist()
-        return ([t[:n] for t, n in zip(toks, lengths, strict=True)],
-                [lp[:n] for lp, n in zip(lps, lengths, strict=True)], reasons, entries)
+        return (
+            [t[:n] for t, n in zip(toks, lengths, strict=True)],
+            [lp[:n] for lp, n in zip(lps, lengths, strict=True)],
+            reasons,
+            entries,
+        )

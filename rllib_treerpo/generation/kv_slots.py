@@ -13,7 +13,9 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-KVGroup = list[tuple[torch.Tensor, torch.Tensor]]  # rows set aside together: per layer (keys, values) (n, H, S, D)
+KVGroup = list[
+    tuple[torch.Tensor, torch.Tensor]
+]  # rows set aside together: per layer (keys, values) (n, H, S, D)
 
 
 @dataclass
@@ -45,13 +47,14 @@ class SlotLayer(DynamicLayer):
         self._kbuf, self._vbuf, self.length = kbuf, vbuf, length
         self.keys, self.values = kbuf[:, :, :length], vbuf[:, :, :length]
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]  # the capacity was planned for the call: no overflow check
-        self._kbuf[:, :, self.length:end] = key_states
-        self._vbuf[:, :, self.length:end] = value_states
+        self._kbuf[:, :, self.length : end] = key_states
+        self._vbuf[:, :, self.length : end] = value_states
         self.set_buffers(self._kbuf, self._vbuf, end)
         return self.keys, self.values
 
@@ -66,8 +69,8 @@ class SlotLayer(DynamicLayer):
         if self.is_initialized:
             shape = (len(indices), *self._kbuf.shape[1:])
             kbuf, vbuf = self._kbuf.new_empty(shape), self._vbuf.new_empty(shape)
-            torch.index_select(self.keys, 0, indices, out=kbuf[:, :, :self.length])
-            torch.index_select(self.values, 0, indices, out=vbuf[:, :, :self.length])
+            torch.index_select(self.keys, 0, indices, out=kbuf[:, :, : self.length])
+            torch.index_select(self.values, 0, indices, out=vbuf[:, :, : self.length])
             self.set_buffers(kbuf, vbuf, self.length)
 
 

@@ -36,7 +36,9 @@ def cmd_train(args) -> int:
     if args.resume:
         folder = Path(args.resume)
         if not (folder / "config.yaml").exists():
-            raise SystemExit(f"--resume {folder}: no config.yaml there; is it a `treerpo train` output folder?")
+            raise SystemExit(
+                f"--resume {folder}: no config.yaml there; is it a `treerpo train` output folder?"
+            )
         config, job, sections = load_run_config(folder / "config.yaml", parse_sets(args.set))
         output = folder
     else:
@@ -66,11 +68,22 @@ def cmd_eval(args) -> int:
     from rllib_treerpo.jobs.eval import eval_model, format_summary
 
     summary = eval_model(
-        args.model, env=args.env, env_config=parse_key_values(args.env_config, "--env-config"),
-        samples=args.samples, greedy=args.greedy, problems=args.problems, output=args.output,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-        chat_template=args.chat_template, system_prompt=args.system_prompt, dtype=args.dtype,
-        batch_problems=args.batch_problems, progress=not args.quiet)
+        args.model,
+        env=args.env,
+        env_config=parse_key_values(args.env_config, "--env-config"),
+        samples=args.samples,
+        greedy=args.greedy,
+        problems=args.problems,
+        output=args.output,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        chat_template=args.chat_template,
+        system_prompt=args.system_prompt,
+        dtype=args.dtype,
+        batch_problems=args.batch_problems,
+        progress=not args.quiet,
+    )
     print(f"{format_summary(summary)}  -> {summary['output']}")
     return 0
 
@@ -79,10 +92,14 @@ def cmd_sweep(args) -> int:
     from rllib_treerpo.jobs.sweep import run_sweep
 
     result = run_sweep(args.config, output=args.output, resume=args.resume, overrides=parse_sets(args.set))
-    print(f"sweep: {result['finished_trials']}/{result['expected_trials']} trials finished; best "
-          f"{result['metric']} = {result['best_metric']} with {result['best_params']}  -> {result['output']}")
+    print(
+        f"sweep: {result['finished_trials']}/{result['expected_trials']} trials finished; best "
+        f"{result['metric']} = {result['best_metric']} with {result['best_params']}  -> {result['output']}"
+    )
     if result["interrupted"]:
-        print(f"sweep: interrupted; continue with: treerpo sweep {args.config} --output {result['output']} --resume")
+        print(
+            f"sweep: interrupted; continue with: treerpo sweep {args.config} --output {result['output']} --resume"
+        )
         return 130
     return 0
 
@@ -90,6 +107,12 @@ def cmd_sweep(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="treerpo", description="TreeRPO on Ray RLlib")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_train_parser, _eval_parser, _sweep_parser):
+        add(sub)
+    return parser
+
+
+def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train with TreeRPO (or the algorithm a config names)")
     p.add_argument("config", nargs="?", help="flat YAML of TreeRPOConfig fields (default: built-in defaults)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a field")
@@ -97,41 +120,89 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a model or checkpoint: pass@1, pass@K, greedy accuracy",
-                       description="Evaluate a Hugging Face model folder, a `treerpo train` output folder or an "
-                       "RLlib checkpoint on a reasoning env; writes summary.json and problems.jsonl.")
-    p.add_argument("--model", required=True, metavar="PATH_OR_CHECKPOINT",
-                   help="HF model folder or hub name, `treerpo train` output folder, or checkpoint folder")
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a model or checkpoint: pass@1, pass@K, greedy accuracy",
+        description="Evaluate a Hugging Face model folder, a `treerpo train` output folder or an "
+        "RLlib checkpoint on a reasoning env; writes summary.json and problems.jsonl.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="PATH_OR_CHECKPOINT",
+        help="HF model folder or hub name, `treerpo train` output folder, or checkpoint folder",
+    )
     p.add_argument("--env", help="gymnasium id of a ReasoningEnv (default: the training env of a checkpoint)")
-    p.add_argument("--env-config", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="env constructor arguments, values as YAML (e.g. split=test task=chain_sum)")
-    p.add_argument("--samples", type=int, metavar="K", help="sampled responses per problem (default: the "
-                   "training config's eval_samples, else 4)")
-    p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True,
-                   help="also decode greedily once per problem for greedy accuracy (default: on)")
-    p.add_argument("--problems", type=int, metavar="N", help="problems 0..N-1 of the env (default: the training "
-                   "config's eval_problems, else 100)")
+    p.add_argument(
+        "--env-config",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="env constructor arguments, values as YAML (e.g. split=test task=chain_sum)",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        metavar="K",
+        help="sampled responses per problem (default: the training config's eval_samples, else 4)",
+    )
+    p.add_argument(
+        "--greedy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also decode greedily once per problem for greedy accuracy (default: on)",
+    )
+    p.add_argument(
+        "--problems",
+        type=int,
+        metavar="N",
+        help="problems 0..N-1 of the env (default: the training config's eval_problems, else 100)",
+    )
     p.add_argument("--output", help="output folder (default runs/eval/<model name>)")
-    p.add_argument("--max-new-tokens", type=int, help="response budget (default: step_tokens x depth of the "
-                   "training config, else 256)")
-    p.add_argument("--temperature", type=float, help="sampling temperature (default: training config, else 1.0)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="response budget (default: step_tokens x depth of the training config, else 256)",
+    )
+    p.add_argument(
+        "--temperature", type=float, help="sampling temperature (default: training config, else 1.0)"
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
-    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
-                   help="wrap prompts with the tokenizer's chat template (default: training config, else off)")
+    p.add_argument(
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap prompts with the tokenizer's chat template (default: training config, else off)",
+    )
     p.add_argument("--system-prompt", help="system message (default: training config)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights dtype (default: training config)")
-    p.add_argument("--batch-problems", type=int, default=50, metavar="N", help="problems per generation batch")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], help="weights dtype (default: training config)"
+    )
+    p.add_argument(
+        "--batch-problems", type=int, default=50, metavar="N", help="problems per generation batch"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("sweep", help="hyperparameter sweep with Ray Tune over TreeRPO config fields",
-                       description="Run Tune trials of TreeRPO over the `sweep:` section of a config YAML.")
+
+def _sweep_parser(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="hyperparameter sweep with Ray Tune over TreeRPO config fields",
+        description="Run Tune trials of TreeRPO over the `sweep:` section of a config YAML.",
+    )
     p.add_argument("config", help="TreeRPO YAML with a `sweep:` section (see configs/sweep_tiny.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field"
+    )
     p.add_argument("--output", help="output folder (default runs/sweep_<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in the output folder")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the interrupted sweep in the output folder"
+    )
     p.set_defaults(func=cmd_sweep)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

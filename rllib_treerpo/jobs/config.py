@@ -30,15 +30,18 @@ class JobConfig:
         return {name: getattr(self, name) for name in JOB_FIELDS}
 
 
-def load_run_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None
-                    ) -> tuple[TreeRPOConfig, JobConfig, dict[str, Any]]:
+def load_run_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> tuple[TreeRPOConfig, JobConfig, dict[str, Any]]:
     """Defaults, then the file's fields, then ``overrides`` (``--set``): the validated algorithm config, job
     config and the file's sections (``sweep``, ``ppo``). Errors name the file or ``--set`` and the field."""
     config = TreeRPOConfig()
     job: dict[str, Any] = {}
     sections: dict[str, Any] = {}
-    for source, values in ((str(path), read_config_file(path) if path is not None else {}),
-                           ("--set", dict(overrides or {}))):
+    for source, values in (
+        (str(path), read_config_file(path) if path is not None else {}),
+        ("--set", dict(overrides or {})),
+    ):
         algo_values, job_values, section_values = split_fields(values)
         config.update_from_flat_dict(algo_values, source=source)
         job.update(job_values)

@@ -25,6 +25,7 @@ import json
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,9 @@ def _progress_printer(total: int, enabled: bool):
         start = time.perf_counter()
 
         def show(done: int, n: int) -> None:
-            print(f"eval: {done}/{n} problems ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
+            print(
+                f"eval: {done}/{n} problems ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True
+            )
 
         return show, lambda: None
     bar = tqdm(total=total, unit="problem", desc="eval", file=sys.stderr)
@@ -56,114 +59,154 @@ def _progress_printer(total: int, enabled: bool):
     return update, bar.close
 
 
-def eval_model(
-    model: str,
-    *,
-    env: str | None = None,
-    env_config: dict[str, Any] | None = None,
-    samples: int | None = None,
-    greedy: bool = True,
-    problems: int | None = None,
-    output: str | Path | None = None,
-    max_new_tokens: int | None = None,
-    temperature: float | None = None,
-    seed: int = 0,
-    chat_template: bool | None = None,
-    system_prompt: str | None = None,
-    dtype: str | None = None,
-    backend: str | None = None,
-    batch_problems: int = 50,
-    progress: bool = True,
-) -> dict[str, Any]:
+@dataclass
+class EvalOptions:
+    """What `treerpo eval` was asked for; ``None`` takes the training run's value, else a default (eval_model)."""
+
+    env: str | None = None
+    env_config: dict[str, Any] | None = None
+    samples: int | None = None
+    greedy: bool = True
+    problems: int | None = None
+    output: str | Path | None = None
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    seed: int = 0
+    chat_template: bool | None = None
+    system_prompt: str | None = None
+    dtype: str | None = None
+    backend: str | None = None
+    batch_problems: int = 50
+    progress: bool = True
+
+    def check(self) -> None:
+        for name in ("samples", "problems", "batch_problems", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ValueError(
+                f"--temperature must be > 0 (greedy decoding is --greedy), got {self.temperature!r}"
+            )
+
+
+def eval_model(model: str, **options: Any) -> dict[str, Any]:
     """Evaluate ``model`` (module docstring) and write ``summary.json`` and ``problems.jsonl`` to ``output``.
 
-    ``None`` arguments take the training config's value when the model comes from a TreeRPO run (so the
-    defaults reproduce `treerpo train`'s eval_after.json), else the defaults: 4 samples, 100 problems,
-    max_new_tokens 256, temperature 1.0, no chat template, float32, hf backend. Returns the summary
-    (pass@1, pass@K, greedy_accuracy, mean_response_tokens, settings, seconds).
+    ``options`` are :class:`EvalOptions`' fields. ``None`` ones take the training config's value when the model
+    comes from a TreeRPO run (so the defaults reproduce `treerpo train`'s eval_after.json), else the defaults:
+    4 samples, 100 problems, max_new_tokens 256, temperature 1.0, no chat template, float32, hf backend. Returns
+    the summary (pass@1, pass@K, greedy_accuracy, mean_response_tokens, settings, seconds, output).
     """
     from envs import make_reasoning_env
     from rllib_treerpo.evaluation import Evaluator
     from rllib_treerpo.generation import make_backend
     from rllib_treerpo.prompts import prompt_tokenizer
 
-    for name, value in (("--samples", samples), ("--problems", problems), ("--batch-problems", batch_problems)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be a positive integer, got {max_new_tokens!r}")
-    if temperature is not None and temperature <= 0:
-        raise ValueError(f"--temperature must be > 0 (greedy decoding is --greedy), got {temperature!r}")
+    o = EvalOptions(**options)
+    o.check()
     try:  # cheap checks first: path, then env, then the model load
         resolved = resolve_model(model)
     except ValueError as e:
         raise ValueError(f"--model {e}") from None
-    given = {"env": env, "env_config": env_config, "samples": samples, "problems": problems,
-             "max_new_tokens": max_new_tokens, "temperature": temperature, "chat_template": chat_template,
-             "system_prompt": system_prompt, "dtype": dtype, "backend": backend}
-    s = _settings(resolved, given)
+    s = _settings(resolved, o)
     _check_env_id(s["env"])
     env_instance = make_reasoning_env(s["env"], s["env_config"])
     limit = getattr(env_instance, "num_problems", None)
     if isinstance(limit, int) and s["problems"] > limit:
-        print(f"eval: the env has {limit} problems; evaluating all of them (--problems {s['problems']})",
-              file=sys.stderr)
+        print(
+            f"eval: the env has {limit} problems; evaluating all of them (--problems {s['problems']})",
+            file=sys.stderr,
+        )
         s["problems"] = limit
-
     try:
         net, tokenizer, base = load_policy(resolved, s["dtype"])
     except ValueError as e:
         raise ValueError(f"--model {e}") from None
-    prompt_tok = prompt_tokenizer(tokenizer, chat_template=s["chat_template"], system_prompt=s["system_prompt"])
-    print(f"eval: {resolved.description} on {s['env']} {s['env_config']}: {s['problems']} problems x "
-          f"{s['samples']} samples{' + greedy' if greedy else ''}, max {s['max_new_tokens']} new tokens, "
-          f"temperature {s['temperature']}", file=sys.stderr, flush=True)
-    update, close = _progress_printer(s["problems"], progress)
+    prompt_tok = prompt_tokenizer(
+        tokenizer, chat_template=s["chat_template"], system_prompt=s["system_prompt"]
+    )
+    print(
+        f"eval: {resolved.description} on {s['env']} {s['env_config']}: {s['problems']} problems x "
+        f"{s['samples']} samples{' + greedy' if o.greedy else ''}, max {s['max_new_tokens']} new tokens, "
+        f"temperature {s['temperature']}",
+        file=sys.stderr,
+        flush=True,
+    )
+    update, close = _progress_printer(s["problems"], o.progress)
     start = time.perf_counter()
     try:
-        evaluator = Evaluator(env_instance, make_backend(s["backend"], net, tokenizer), prompt_tok,
-                              problems=s["problems"], samples=s["samples"], max_new_tokens=s["max_new_tokens"],
-                              temperature=s["temperature"], greedy=greedy, seed=seed, batch_problems=batch_problems)
+        evaluator = Evaluator(
+            env_instance,
+            make_backend(s["backend"], net, tokenizer),
+            prompt_tok,
+            problems=s["problems"],
+            samples=s["samples"],
+            max_new_tokens=s["max_new_tokens"],
+            temperature=s["temperature"],
+            greedy=o.greedy,
+            seed=o.seed,
+            batch_problems=o.batch_problems,
+        )
         summary, rows = evaluator(progress=update)
     finally:
         close()
     summary["seconds"] = round(time.perf_counter() - start, 2)
-    summary["settings"] = {"model": str(model), "resolved_model": resolved.path, "model_kind": resolved.kind,
-                           "base_model": base, **s, "greedy": greedy, "seed": seed}
-    out = Path(output) if output is not None else Path("runs") / "eval" / _default_name(resolved)
+    summary["settings"] = {
+        "model": str(model),
+        "resolved_model": resolved.path,
+        "model_kind": resolved.kind,
+        "base_model": base,
+        **s,
+        "greedy": o.greedy,
+        "seed": o.seed,
+    }
+    out = Path(o.output) if o.output is not None else Path("runs") / "eval" / _default_name(resolved)
     _write_outputs(out, summary, rows, tokenizer if prompt_tok is not tokenizer else None, s)
     summary["output"] = str(out)
     return summary
 
 
-def _settings(resolved: ResolvedModel, given: dict[str, Any]) -> dict[str, Any]:
+def _settings(resolved: ResolvedModel, o: EvalOptions) -> dict[str, Any]:
     """The evaluation settings: what was given, else the training run's, else the defaults."""
     tc = resolved.train_config
-    env, env_config = given["env"], given["env_config"]
+    given = vars(o)
+    env, env_config = o.env, o.env_config
     if env is None:
         if not tc.get("env"):
-            raise ValueError(f"--env is required: {resolved.description} carries no training config to take the "
-                             "env from (e.g. --env treerpo/Arithmetic-v0 --env-config split=test)")
+            raise ValueError(
+                f"--env is required: {resolved.description} carries no training config to take the "
+                "env from (e.g. --env treerpo/Arithmetic-v0 --env-config split=test)"
+            )
         env = str(tc["env"])
         # A bare checkpoint's config has no job fields: the job's default held-out settings apply.
         held_out = tc.get("eval_env_config", JOB_FIELDS["eval_env_config"].default) or {}
         env_config = {**(tc.get("env_config") or {}), **held_out, **(env_config or {})}
 
-    def pick(name: str, default: Any) -> Any:
-        return given[name] if given[name] is not None else tc.get(name, default) if tc.get(name) is not None else default
+    def pick(name: str, default: Any) -> Any:  # given, else the run's, else the default
+        for value in (given[name], tc.get(name)):
+            if value is not None:
+                return value
+        return default
 
     return {
-        "env": env, "env_config": dict(env_config or {}),
+        "env": env,
+        "env_config": dict(env_config or {}),
         "samples": int(given["samples"] or tc.get("eval_samples") or 4),
         "problems": int(given["problems"] or tc.get("eval_problems") or 100),
         "max_new_tokens": given["max_new_tokens"] or (response_budget(tc) if tc.get("branching") else 256),
-        "temperature": float(pick("temperature", 1.0)), "chat_template": bool(pick("chat_template", False)),
-        "system_prompt": pick("system_prompt", None), "dtype": pick("dtype", "float32"),
+        "temperature": float(pick("temperature", 1.0)),
+        "chat_template": bool(pick("chat_template", False)),
+        "system_prompt": pick("system_prompt", None),
+        "dtype": pick("dtype", "float32"),
         "backend": pick("backend", "hf"),
     }
 
 
-def _write_outputs(out: Path, summary: dict, rows: list[dict], chat_tokenizer: Any, s: dict[str, Any]) -> None:
+def _write_outputs(
+    out: Path, summary: dict, rows: list[dict], chat_tokenizer: Any, s: dict[str, Any]
+) -> None:
     """problems.jsonl (with the templated prompt the model saw, when there was a template) and summary.json."""
     from rllib_treerpo.prompts import format_prompt
 
@@ -171,8 +214,12 @@ def _write_outputs(out: Path, summary: dict, rows: list[dict], chat_tokenizer: A
     with open(out / "problems.jsonl", "w") as f:
         for row in rows:
             if chat_tokenizer is not None:
-                row["model_prompt"] = format_prompt(chat_tokenizer, row["prompt"], chat_template=s["chat_template"],
-                                                    system_prompt=s["system_prompt"])
+                row["model_prompt"] = format_prompt(
+                    chat_tokenizer,
+                    row["prompt"],
+                    chat_template=s["chat_template"],
+                    system_prompt=s["system_prompt"],
+                )
             f.write(json.dumps(row) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
@@ -196,9 +243,13 @@ def _check_env_id(env: str) -> None:
         ids = sorted(gymnasium.registry)
         close = difflib.get_close_matches(env, ids, n=3, cutoff=0.6)
         ours = [i for i in ids if i.startswith("treerpo/")]
-        hint = f"did you mean {', '.join(map(repr, close))}?" if close else f"registered reasoning envs: {ours}"
-        raise ValueError(f"--env {env!r}: unknown environment id; {hint} (a module that registers it can be "
-                         "named as 'module:id')")
+        hint = (
+            f"did you mean {', '.join(map(repr, close))}?" if close else f"registered reasoning envs: {ours}"
+        )
+        raise ValueError(
+            f"--env {env!r}: unknown environment id; {hint} (a module that registers it can be "
+            "named as 'module:id')"
+        )
 
 
 def _default_name(resolved: ResolvedModel) -> str:
@@ -216,7 +267,10 @@ def _default_name(resolved: ResolvedModel) -> str:
 def format_summary(summary: dict[str, Any]) -> str:
     """One line: pass@1, pass@K, greedy accuracy, mean response tokens, problems, seconds."""
     k = summary.get("samples", 1)
-    parts = [f"pass@1 {summary.get('pass@1', float('nan')):.3f}", f"pass@{k} {summary.get(f'pass@{k}', float('nan')):.3f}"]
+    parts = [
+        f"pass@1 {summary.get('pass@1', float('nan')):.3f}",
+        f"pass@{k} {summary.get(f'pass@{k}', float('nan')):.3f}",
+    ]
     if "greedy_accuracy" in summary:
         parts.append(f"greedy {summary['greedy_accuracy']:.3f}")
     parts.append(f"mean response tokens {summary.get('mean_response_tokens', float('nan')):.1f}")

@@ -88,7 +88,9 @@ def run_sweep(
     if resume and not tune.Tuner.can_restore(str(exp_dir)):
         raise ValueError(f"--resume: no sweep to resume in {out} (no Tune experiment state under {exp_dir})")
     if not resume and exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir)):
-        raise ValueError(f"{out} already holds a sweep: pass --resume to continue it, or choose another --output")
+        raise ValueError(
+            f"{out} already holds a sweep: pass --resume to continue it, or choose another --output"
+        )
 
     out.mkdir(parents=True, exist_ok=True)
     if config.model_name_or_path is None:
@@ -111,8 +113,9 @@ def run_sweep(
         with _classic_tune_console():
             if resume:
                 print(f"sweep: resuming {exp_dir}", flush=True)
-                tuner = tune.Tuner.restore(str(exp_dir), trainable="TreeRPO", resume_unfinished=True,
-                                           resume_errored=True)
+                tuner = tune.Tuner.restore(
+                    str(exp_dir), trainable="TreeRPO", resume_unfinished=True, resume_errored=True
+                )
             else:
                 tuner = _new_tuner(config, job, spec, exp_dir.parent, verbose)
             results = tuner.fit()
@@ -133,24 +136,39 @@ def _new_tuner(config: TreeRPOConfig, job: JobConfig, spec: SweepSpec, storage: 
     if spec.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=spec.iterations,
-                                  grace_period=min(spec.grace_period, spec.iterations))
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=spec.iterations,
+            grace_period=min(spec.grace_period, spec.iterations),
+        )
     every = job.checkpoint_every
     # A table of the swept fields and the metric only (the default console would print every RLlib setting).
     reporter = tune.CLIReporter(
         parameter_columns={k.replace(".", "/"): k for k in spec.space},
         metric_columns={spec.metric: spec.metric, "training_iteration": "iter", "time_total_s": "seconds"},
-        sort_by_metric=True, max_report_frequency=15)
+        sort_by_metric=True,
+        max_report_frequency=15,
+    )
     return tune.Tuner(
         "TreeRPO",
         param_space=search_space(config, spec),
-        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
-                                    scheduler=scheduler, max_concurrent_trials=spec.max_concurrent_trials),
+        tune_config=tune.TuneConfig(
+            metric=spec.metric,
+            mode=spec.mode,
+            num_samples=spec.num_samples,
+            scheduler=scheduler,
+            max_concurrent_trials=spec.max_concurrent_trials,
+        ),
         run_config=tune.RunConfig(
-            name=EXPERIMENT, storage_path=str(storage), stop={"training_iteration": spec.iterations},
-            checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=every if every else 0,
-                                                    checkpoint_at_end=True, num_to_keep=1),
-            verbose=verbose, progress_reporter=reporter),
+            name=EXPERIMENT,
+            storage_path=str(storage),
+            stop={"training_iteration": spec.iterations},
+            checkpoint_config=tune.CheckpointConfig(
+                checkpoint_frequency=every if every else 0, checkpoint_at_end=True, num_to_keep=1
+            ),
+            verbose=verbose,
+            progress_reporter=reporter,
+        ),
     )
 
 
@@ -168,26 +186,15 @@ def _classic_tune_console():
             os.environ["RAY_AIR_NEW_OUTPUT"] = old
 
 
-def _write_results(results, config: TreeRPOConfig, job: JobConfig, spec: SweepSpec, out: Path) -> dict[str, Any]:
+def _write_results(
+    results, config: TreeRPOConfig, job: JobConfig, spec: SweepSpec, out: Path
+) -> dict[str, Any]:
     """trials.csv, best_config.yaml; returns the summary."""
     keys = list(spec.space)
     rows, best_i, best_v = [], None, None
     ordered = sorted(results, key=lambda r: str((r.metrics or {}).get("trial_id", "")))
     for i, result in enumerate(ordered):  # in trial order, so ties and the CSV do not depend on Tune's order
-        metrics = result.metrics or {}
-        history = result.metrics_dataframe
-        values = []
-        if history is not None and spec.metric in history.columns:
-            values = [v for v in (_number(x) for x in history[spec.metric].tolist()) if v is not None]
-        last = _number(_lookup(metrics, spec.metric))
-        best = (max(values) if spec.mode == "max" else min(values)) if values else last
-        row = {"trial": i, "trial_id": metrics.get("trial_id", "")}
-        row.update({k: _swept_value(result.config or {}, k) for k in keys})
-        iterations = int(metrics.get("training_iteration") or 0)
-        row.update({f"{spec.metric} (last)": last, f"{spec.metric} (best)": best, "iterations": iterations,
-                    "seconds": round(float(metrics.get("time_total_s") or 0.0), 1),
-                    "status": "error" if result.error else "done" if iterations >= spec.iterations else "stopped",
-                    "path": result.path})
+        row, last = _trial_row(i, result, spec)
         rows.append(row)
         if last is not None and (best_v is None or (last > best_v if spec.mode == "max" else last < best_v)):
             best_i, best_v = i, last
@@ -202,36 +209,78 @@ def _write_results(results, config: TreeRPOConfig, job: JobConfig, spec: SweepSp
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             for row in rows:
-                writer.writerow({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in row.items()})
+                writer.writerow(
+                    {k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in row.items()}
+                )
     summary: dict[str, Any] = {
-        "metric": spec.metric, "mode": spec.mode, "scope": "last", "iterations": spec.iterations,
-        "trials": len(rows), "expected_trials": expected, "interrupted": interrupted,
+        "metric": spec.metric,
+        "mode": spec.mode,
+        "scope": "last",
+        "iterations": spec.iterations,
+        "trials": len(rows),
+        "expected_trials": expected,
+        "interrupted": interrupted,
         "finished_trials": sum(r["status"] in ("done", "stopped") for r in rows),
         "errored_trials": sum(r["status"] == "error" for r in rows),
-        "best_metric": best_v, "best_params": None, "best_trial": None,
+        "best_metric": best_v,
+        "best_params": None,
+        "best_trial": None,
     }
     if best_i is None:
         seen = sorted(_flat_keys(next((r.metrics for r in results if r.metrics), {}) or {}))
         close = difflib.get_close_matches(spec.metric, seen, n=5, cutoff=0.4)
-        summary["error"] = (f"no trial reported sweep.metric {spec.metric!r}"
-                            + (f"; close result keys: {close}" if close else ""))
+        summary["error"] = f"no trial reported sweep.metric {spec.metric!r}" + (
+            f"; close result keys: {close}" if close else ""
+        )
         print(f"sweep: {summary['error']}", flush=True)
         return summary
-    best_config = ordered[best_i].config or {}
     summary["best_params"] = {k: rows[best_i][k] for k in keys}
     summary["best_trial"] = rows[best_i]["trial_id"]
     checkpoint = ordered[best_i].checkpoint  # the trial's last one: `treerpo eval --model` takes it
     summary["best_checkpoint"] = checkpoint.path if checkpoint is not None else None
-    flat = flat_config(config, job)
+    _write_best_config(out, flat_config(config, job), ordered[best_i].config or {}, spec, summary)
+    return summary
+
+
+def _trial_row(i: int, result, spec: SweepSpec) -> tuple[dict[str, Any], float | None]:
+    """One trials.csv row (swept values, last and best metric, iterations, status) and the last metric."""
+    metrics = result.metrics or {}
+    history = result.metrics_dataframe
+    values = []
+    if history is not None and spec.metric in history.columns:
+        values = [v for v in (_number(x) for x in history[spec.metric].tolist()) if v is not None]
+    last = _number(_lookup(metrics, spec.metric))
+    best = (max(values) if spec.mode == "max" else min(values)) if values else last
+    iterations = int(metrics.get("training_iteration") or 0)
+    row = {"trial": i, "trial_id": metrics.get("trial_id", "")}
+    row.update({k: _swept_value(result.config or {}, k) for k in spec.space})
+    row.update(
+        {
+            f"{spec.metric} (last)": last,
+            f"{spec.metric} (best)": best,
+            "iterations": iterations,
+            "seconds": round(float(metrics.get("time_total_s") or 0.0), 1),
+            "status": "error" if result.error else "done" if iterations >= spec.iterations else "stopped",
+            "path": result.path,
+        }
+    )
+    return row, last
+
+
+def _write_best_config(
+    out: Path, flat: dict[str, Any], best_config: dict[str, Any], spec: SweepSpec, summary: dict[str, Any]
+) -> None:
+    """best_config.yaml: the run's flat config with the best trial's values (`treerpo train` takes it)."""
     flat.update({k: copy.deepcopy(best_config[k]) for k in flat if k in best_config})
-    for key in keys:  # a swept RLlib field outside to_flat_dict
+    for key in spec.space:  # a swept RLlib field outside to_flat_dict
         head = key.partition(".")[0]
         if head in best_config:
             flat[head] = copy.deepcopy(best_config[head])
-    header = (f"# Best trial of the sweep in {out} ({spec.metric} = {best_v}, mode {spec.mode}, last iteration).\n"
-              f"# Swept: {summary['best_params']}\n")
+    header = (
+        f"# Best trial of the sweep in {out} ({spec.metric} = {summary['best_metric']}, mode {spec.mode}, last "
+        f"iteration).\n# Swept: {summary['best_params']}\n"
+    )
     (out / "best_config.yaml").write_text(header + _dump_yaml(flat))
-    return summary
 
 
 class _ConfigDumper(yaml.SafeDumper):

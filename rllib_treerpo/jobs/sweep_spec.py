@@ -18,8 +18,17 @@ from rllib_treerpo.settings import FIELDS, JOB_FIELDS
 __all__ = ["SweepSpec", "expected_trials", "load_sweep", "search_space"]
 
 DOMAINS = ("grid_search", "choice", "uniform", "loguniform", "randint")
-SWEEP_KEYS = ("space", "metric", "mode", "num_samples", "iterations", "scheduler", "grace_period",
-              "max_concurrent_trials")
+SWEEP_KEYS = (
+    "space",
+    "metric",
+    "mode",
+    "num_samples",
+    "iterations",
+    "scheduler",
+    "grace_period",
+    "max_concurrent_trials",
+)
+
 
 @dataclass
 class SweepSpec:
@@ -50,24 +59,32 @@ def _check_value(config: TreeRPOConfig, key: str, value: Any) -> None:
 
 def _validate_space(config: TreeRPOConfig, space: Any, source: str) -> dict[str, dict[str, Any]]:
     if not isinstance(space, dict) or not space:
-        raise ValueError(f"{source}: sweep.space must be a non-empty mapping of config field -> domain, e.g. "
-                         "{tau: {grid_search: [0.0, 0.1]}}")
+        raise ValueError(
+            f"{source}: sweep.space must be a non-empty mapping of config field -> domain, e.g. "
+            "{tau: {grid_search: [0.0, 0.1]}}"
+        )
     known = config.known_fields()
     out = {}
     for key, domain in space.items():
         head, _, sub = str(key).partition(".")
         if head in JOB_FIELDS:
-            raise ValueError(f"{source}: config field {head!r} is a job field, not an algorithm field: a sweep's "
-                             "trials do not read it (sweep algorithm fields; sweep.iterations sets the length)")
+            raise ValueError(
+                f"{source}: config field {head!r} is a job field, not an algorithm field: a sweep's "
+                "trials do not read it (sweep algorithm fields; sweep.iterations sets the length)"
+            )
         if head not in known:
             close = difflib.get_close_matches(head, known, n=3)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
             raise ValueError(f"{source}: sweep over unknown config field {head!r}{hint}")
         if sub and not isinstance(getattr(config, head), dict):
-            raise ValueError(f"{source}: sweep.space.{key}: {head!r} is not a mapping field, so it has no key {sub!r}")
+            raise ValueError(
+                f"{source}: sweep.space.{key}: {head!r} is not a mapping field, so it has no key {sub!r}"
+            )
         if not isinstance(domain, dict) or len(domain) != 1 or next(iter(domain)) not in DOMAINS:
-            raise ValueError(f"{source}: sweep.space.{key} must be a mapping with exactly one of {list(DOMAINS)}, "
-                             f"e.g. {{grid_search: [0.0, 0.1]}}; got {domain!r}")
+            raise ValueError(
+                f"{source}: sweep.space.{key} must be a mapping with exactly one of {list(DOMAINS)}, "
+                f"e.g. {{grid_search: [0.0, 0.1]}}; got {domain!r}"
+            )
         kind, args = next(iter(domain.items()))
         if kind in ("grid_search", "choice"):
             if not isinstance(args, list) or not args:
@@ -76,10 +93,15 @@ def _validate_space(config: TreeRPOConfig, space: Any, source: str) -> dict[str,
                 for value in args:
                     _check_value(config, head, value)
         else:
-            numbers = isinstance(args, list) and len(args) == 2 and all(
-                isinstance(a, int | float) and not isinstance(a, bool) for a in args)
+            numbers = (
+                isinstance(args, list)
+                and len(args) == 2
+                and all(isinstance(a, int | float) and not isinstance(a, bool) for a in args)
+            )
             if not numbers or not args[0] < args[1]:
-                raise ValueError(f"{source}: sweep.space.{key}.{kind} must be [low, high] with low < high, got {args!r}")
+                raise ValueError(
+                    f"{source}: sweep.space.{key}.{kind} must be [low, high] with low < high, got {args!r}"
+                )
             if kind == "loguniform" and args[0] <= 0:
                 raise ValueError(f"{source}: sweep.space.{key}.loguniform needs low > 0, got {args!r}")
             if kind == "randint" and not all(isinstance(a, int) for a in args):
@@ -91,24 +113,29 @@ def _validate_space(config: TreeRPOConfig, space: Any, source: str) -> dict[str,
     return out
 
 
-def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None
-               ) -> tuple[TreeRPOConfig, JobConfig, SweepSpec]:
+def load_sweep(
+    path: str | Path, overrides: dict[str, Any] | None = None
+) -> tuple[TreeRPOConfig, JobConfig, SweepSpec]:
     """Read CONFIG: the algorithm config and job config (validated) and its ``sweep:`` section (validated).
     Starts no Ray."""
     source = str(path)
     config, job, sections = load_run_config(path, overrides)
     raw = sections.get("sweep")
     if not isinstance(raw, dict):
-        raise ValueError(f"{source}: no `sweep:` section (a mapping with space, metric, mode, ...); see "
-                         "configs/sweep_tiny.yaml")
+        raise ValueError(
+            f"{source}: no `sweep:` section (a mapping with space, metric, mode, ...); see "
+            "configs/sweep_tiny.yaml"
+        )
     unknown = [k for k in raw if k not in SWEEP_KEYS]
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), SWEEP_KEYS, n=2)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
         raise ValueError(f"{source}: unknown sweep key {unknown[0]!r}{hint} (valid: {list(SWEEP_KEYS)})")
     if job.algorithm != "TreeRPO":
-        raise ValueError(f"{source}: config field 'algorithm' = {job.algorithm!r}: `treerpo sweep` runs TreeRPO "
-                         "trials only (GRPO is TreeRPO with branching [G]: sweep branching)")
+        raise ValueError(
+            f"{source}: config field 'algorithm' = {job.algorithm!r}: `treerpo sweep` runs TreeRPO "
+            "trials only (GRPO is TreeRPO with branching [G]: sweep branching)"
+        )
     spec = SweepSpec(space=_validate_space(config, raw.get("space"), source))
     spec.metric = raw.get("metric", spec.metric)
     if not isinstance(spec.metric, str) or not spec.metric:
@@ -159,10 +186,9 @@ def search_space(config: TreeRPOConfig, spec: SweepSpec) -> dict[str, Any]:
     """
     full = config.to_dict()
     defaults = TreeRPOConfig().to_dict()
-    param_space = {k: v for k, v in full.items()
-                   if k not in defaults or not _same(v, defaults[k])}
+    param_space = {k: v for k, v in full.items() if k not in defaults or not _same(v, defaults[k])}
     for key, domain in spec.space.items():
-        (kind, args), = domain.items()
+        ((kind, args),) = domain.items()
         head, _, sub = key.partition(".")
         if sub:
             param_space[head] = {**(full.get(head) or {}), sub: _domain(kind, args)}

@@ -38,8 +38,9 @@ def resolve_model(config: TreeRPOConfig, job: JobConfig) -> None:
     from rllib_treerpo.warmstart import embedded_model
 
     if config.model_name_or_path is None:
-        config.model_name_or_path = embedded_model(config.env, config.env_config, job.tiny_model, job.warmstart,
-                                                   log=log)
+        config.model_name_or_path = embedded_model(
+            config.env, config.env_config, job.tiny_model, job.warmstart, log=log
+        )
 
 
 def run_eval(config: TreeRPOConfig, job: JobConfig, model_path: str, out: Path, name: str) -> dict:
@@ -49,9 +50,18 @@ def run_eval(config: TreeRPOConfig, job: JobConfig, model_path: str, out: Path, 
 
     env = make_reasoning_env(config.env, {**config.env_config, **job.eval_env_config})
     evaluator = Evaluator.from_model(
-        model_path, env, dtype=config.dtype, backend=config.backend, chat_template=config.chat_template,
-        system_prompt=config.system_prompt, problems=job.eval_problems, samples=job.eval_samples,
-        max_new_tokens=config.tree_spec().response_tokens, temperature=config.temperature, seed=config.seed or 0)
+        model_path,
+        env,
+        dtype=config.dtype,
+        backend=config.backend,
+        chat_template=config.chat_template,
+        system_prompt=config.system_prompt,
+        problems=job.eval_problems,
+        samples=job.eval_samples,
+        max_new_tokens=config.tree_spec().response_tokens,
+        temperature=config.temperature,
+        seed=config.seed or 0,
+    )
     start = time.perf_counter()
     summary, rows = evaluator()
     summary["seconds"] = round(time.perf_counter() - start, 2)
@@ -59,9 +69,11 @@ def run_eval(config: TreeRPOConfig, job: JobConfig, model_path: str, out: Path, 
     with open(out / f"eval_{name}.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    log(f"eval {name}: pass@1 {summary['pass@1']:.3f}  greedy {summary.get('greedy_accuracy', float('nan')):.3f}"
+    log(
+        f"eval {name}: pass@1 {summary['pass@1']:.3f}  greedy {summary.get('greedy_accuracy', float('nan')):.3f}"
         f"  mean response tokens {summary['mean_response_tokens']:.1f}  ({summary['seconds']:.0f}s, "
-        f"{summary['problems']} held-out problems)")
+        f"{summary['problems']} held-out problems)"
+    )
     return summary
 
 
@@ -112,18 +124,31 @@ class JobParts:
 
 def treerpo_parts(config: TreeRPOConfig, job: JobConfig) -> JobParts:
     def progress(row: dict) -> str:
-        return (f"reward {row.get('reward/mean', 0):.3f}  acc {row.get('reward/accuracy', 0):.3f}  "
-                f"filtered {row.get('tree/frac_groups_filtered', 0):.2f}  "
-                f"len {row.get('completions/mean_length', 0):.1f}  "
-                f"steps {row.get('loss/optimizer_steps', 0):.0f}  "
-                f"{row.get('perf/decode_tokens_per_s', 0) / 1e3:.1f}k tok/s")
+        return (
+            f"reward {row.get('reward/mean', 0):.3f}  acc {row.get('reward/accuracy', 0):.3f}  "
+            f"filtered {row.get('tree/frac_groups_filtered', 0):.2f}  "
+            f"len {row.get('completions/mean_length', 0):.1f}  "
+            f"steps {row.get('loss/optimizer_steps', 0):.0f}  "
+            f"{row.get('perf/decode_tokens_per_s', 0) / 1e3:.1f}k tok/s"
+        )
 
-    return JobParts(build_algo=config.build_algo, metrics_row=metrics_row, progress=progress,
-                    resolved=flat_config(config, job), totals={"generated_tokens": "tree/generated_tokens"})
+    return JobParts(
+        build_algo=config.build_algo,
+        metrics_row=metrics_row,
+        progress=progress,
+        resolved=flat_config(config, job),
+        totals={"generated_tokens": "tree/generated_tokens"},
+    )
 
 
-def train(config: TreeRPOConfig, job: JobConfig, output: str | Path, *, resume: bool = False,
-          parts: Callable[[TreeRPOConfig, JobConfig], JobParts] = treerpo_parts) -> dict:
+def train(
+    config: TreeRPOConfig,
+    job: JobConfig,
+    output: str | Path,
+    *,
+    resume: bool = False,
+    parts: Callable[[TreeRPOConfig, JobConfig], JobParts] = treerpo_parts,
+) -> dict:
     """Run (or resume) the job; returns summary.json's content. ``parts`` picks the algorithm (default
     TreeRPO; :func:`rllib_treerpo.baselines.ppo.job.ppo_parts` for RLlib's PPO)."""
     out = Path(output).resolve()  # RLlib checkpoints need absolute paths ("URI has empty scheme")
@@ -134,7 +159,9 @@ def train(config: TreeRPOConfig, job: JobConfig, output: str | Path, *, resume: 
     pieces = parts(config, job)
     (out / "config.yaml").write_text(yaml.safe_dump(pieces.resolved, sort_keys=False))
 
-    summary = json.loads((out / "summary.json").read_text()) if resume and (out / "summary.json").exists() else {}
+    summary = (
+        json.loads((out / "summary.json").read_text()) if resume and (out / "summary.json").exists() else {}
+    )
     summary["algorithm"] = pieces.label
     if job.eval_problems and "eval_before" not in summary:
         summary["eval_before"] = run_eval(config, job, config.model_name_or_path, out, "before")
@@ -167,8 +194,12 @@ def _start(pieces: JobParts, out: Path, resume: bool):
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=True,
-                 num_cpus=max(2, os.cpu_count() or 2))
+        ray.init(
+            include_dashboard=False,
+            logging_level="ERROR",
+            log_to_driver=True,
+            num_cpus=max(2, os.cpu_count() or 2),
+        )
     algo = pieces.build_algo()
     latest = out / "checkpoints" / "latest"
     if resume and latest.exists():
@@ -196,7 +227,9 @@ def _iterate(algo, pieces: JobParts, job: JobConfig, out: Path) -> None:
         if (job.checkpoint_every and it % job.checkpoint_every == 0) or it == job.iterations:
             _save_checkpoint(algo, out / "checkpoints", it)
         eta = (job.iterations - it) * sum(times[-5:]) / len(times[-5:])
-        log(f"iter {it:3d}/{job.iterations}  {pieces.progress(row)}  {times[-1]:.1f}s/it  ETA {eta / 60:.1f} min")
+        log(
+            f"iter {it:3d}/{job.iterations}  {pieces.progress(row)}  {times[-1]:.1f}s/it  ETA {eta / 60:.1f} min"
+        )
         plot_learning_curve(out / "metrics.jsonl", out / "learning_curve.png")
 
 

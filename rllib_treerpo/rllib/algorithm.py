@@ -29,15 +29,24 @@ from ray.rllib.utils.metrics import (
     TIMERS,
 )
 
-from rllib_treerpo.iteration import minibatch_plan, minibatch_seed
+from rllib_treerpo.iteration import minibatch_plan, minibatch_seed, training_rows
 from rllib_treerpo.model_io import load_tokenizer, pad_token_id
-from rllib_treerpo.rows import build_training_batch
 from rllib_treerpo.sampler import TreeSpec
 from rllib_treerpo.settings import FIELDS, check_fields, default_value, read_config_file, split_fields
 
 # RLlib fields a TreeRPO run depends on: written to a run folder's config.yaml beside FIELDS.
-RLLIB_FIELDS = ("env", "env_config", "seed", "lr", "grad_clip", "num_epochs", "minibatch_size", "num_env_runners",
-                "num_learners", "num_gpus_per_learner")
+RLLIB_FIELDS = (
+    "env",
+    "env_config",
+    "seed",
+    "lr",
+    "grad_clip",
+    "num_epochs",
+    "minibatch_size",
+    "num_env_runners",
+    "num_learners",
+    "num_gpus_per_learner",
+)
 
 
 class TreeRPOConfig(AlgorithmConfig):
@@ -82,13 +91,22 @@ class TreeRPOConfig(AlgorithmConfig):
         for name, optional in (("minibatch_size", True), ("num_epochs", False)):
             value = getattr(self, name)
             if (value is not None or not optional) and not (
-                    isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                isinstance(value, int) and not isinstance(value, bool) and value > 0
+            ):
                 raise ValueError(f"config field {name!r} = {value!r}: must be a positive integer")
 
     def tree_spec(self, seed: int | None = None) -> TreeSpec:
         """The sampling settings (SPEC.md s.1) as the sampler's validated :class:`TreeSpec`."""
-        return TreeSpec(tuple(self.branching), self.step_tokens, self.step_delimiter, self.temperature,
-                        self.top_p, self.top_k, self.stop_at_eos, seed)
+        return TreeSpec(
+            tuple(self.branching),
+            self.step_tokens,
+            self.step_delimiter,
+            self.temperature,
+            self.top_p,
+            self.top_k,
+            self.stop_at_eos,
+            seed,
+        )
 
     @override(AlgorithmConfig)
     def get_default_rl_module_spec(self) -> RLModuleSpec:
@@ -129,14 +147,18 @@ class TreeRPOConfig(AlgorithmConfig):
         return config
 
     @classmethod
-    def from_yaml(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TreeRPOConfig:
+    def from_yaml(
+        cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None
+    ) -> TreeRPOConfig:
         """Defaults, then the algorithm fields of a flat config file, then those of ``overrides``; validated.
 
         Job fields (``settings.JOB_FIELDS``) and sections (``sweep:``, ``ppo:``) are left out: they are the job's
         (:func:`rllib_treerpo.jobs.config.load_run_config` reads both parts)."""
         config = cls()
-        for source, values in ((str(path), read_config_file(path) if path is not None else {}),
-                               ("--set", dict(overrides or {}))):
+        for source, values in (
+            (str(path), read_config_file(path) if path is not None else {}),
+            ("--set", dict(overrides or {})),
+        ):
             config.update_from_flat_dict(split_fields(values)[0], source=source)
         config.validate_fields()
         return config
@@ -163,13 +185,13 @@ class TreeRPO(Algorithm):
         self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
         sample_seconds = time.perf_counter() - start
 
-        rows, tree_metrics = build_training_batch(
-            trees, tau=c.tau, advantage_std=c.advantage_std, value_estimate=c.value_estimate,
-            eps=c.advantage_eps, pad_id=self._pad_id())
+        rows, tree_metrics = training_rows(trees, c, self._pad_id())
         for key, value in tree_metrics.items():
             self.metrics.log_value(key, value, window=1)
         # Tune's and RLlib's usual headline metric: the mean leaf reward of this iteration.
-        self.metrics.log_value((ENV_RUNNER_RESULTS, "episode_return_mean"), tree_metrics["reward/mean"], window=1)
+        self.metrics.log_value(
+            (ENV_RUNNER_RESULTS, "episode_return_mean"), tree_metrics["reward/mean"], window=1
+        )
 
         start = time.perf_counter()
         with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
@@ -178,17 +200,25 @@ class TreeRPO(Algorithm):
         self.metrics.log_value("loss/optimizer_steps", float(steps), window=1)
 
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
-            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group,
-                                               inference_only=True)
+            self.env_runner_group.sync_weights(
+                from_worker_or_learner_group=self.learner_group, inference_only=True
+            )
 
         self.metrics.log_value("perf/sample_seconds", sample_seconds, window=1)
         self.metrics.log_value("perf/learn_seconds", learn_seconds, window=1)
-        self.metrics.log_value("perf/decode_tokens_per_s",
-                               tree_metrics["tree/generated_tokens"] / max(sample_seconds, 1e-9), window=1)
-        self.metrics.log_value("perf/learner_tokens_per_s",
-                               float(rows["attention_mask"].sum()) / max(learn_seconds, 1e-9), window=1)
-        self.metrics.log_value("perf/generated_tokens_lifetime", tree_metrics["tree/generated_tokens"],
-                               reduce="lifetime_sum")
+        self.metrics.log_value(
+            "perf/decode_tokens_per_s",
+            tree_metrics["tree/generated_tokens"] / max(sample_seconds, 1e-9),
+            window=1,
+        )
+        self.metrics.log_value(
+            "perf/learner_tokens_per_s",
+            float(rows["attention_mask"].sum()) / max(learn_seconds, 1e-9),
+            window=1,
+        )
+        self.metrics.log_value(
+            "perf/generated_tokens_lifetime", tree_metrics["tree/generated_tokens"], reduce="lifetime_sum"
+        )
         self.metrics.log_value("perf/prompts_lifetime", tree_metrics["tree/trees"], reduce="lifetime_sum")
 
     def _update(self, rows: dict) -> int:
@@ -201,13 +231,16 @@ class TreeRPO(Algorithm):
         n = len(rows["input_ids"])
         if not n:  # every group may have been filtered out (e.g. all leaves equal)
             return 0
-        plan = minibatch_plan(n, c.minibatch_size, num_epochs=c.num_epochs, seed=minibatch_seed(c.seed, self.iteration))
+        plan = minibatch_plan(
+            n, c.minibatch_size, num_epochs=c.num_epochs, seed=minibatch_seed(c.seed, self.iteration)
+        )
         lifetime = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
         for index in plan:
             minibatch = {k: v[index] for k, v in rows.items()}
             results = self.learner_group.update(
                 batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(minibatch)}, env_steps=len(index)),
-                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime})
+                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime},
+            )
             self.metrics.aggregate(results, key=LEARNER_RESULTS)
         return len(plan)
 
@@ -216,8 +249,7 @@ class TreeRPO(Algorithm):
         group = self.env_runner_group
         remote = group.num_remote_workers() > 0
         results = group.foreach_env_runner(
-            lambda runner: (runner.sample(), runner.get_metrics()),
-            local_env_runner=not remote,
+            lambda runner: (runner.sample(), runner.get_metrics()), local_env_runner=not remote
         )
         trees = [tree for runner_trees, _ in results for tree in runner_trees]
         return trees, [metrics for _, metrics in results]

@@ -52,10 +52,12 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
         self.module = None  # RLlib's module API is not used: trees are grown by the backend
         self.tokenizer = load_tokenizer(c.model_name_or_path)
         # Prompts may be wrapped in the chat template (instruct models); the backend keeps the plain tokenizer.
-        self.prompt_tokenizer = prompt_tokenizer(self.tokenizer, chat_template=c.chat_template,
-                                                 system_prompt=c.system_prompt)
-        self.backend = get_backend_class(c.backend).from_pretrained(c.model_name_or_path, self.tokenizer,
-                                                                    dtype=c.dtype)
+        self.prompt_tokenizer = prompt_tokenizer(
+            self.tokenizer, chat_template=c.chat_template, system_prompt=c.system_prompt
+        )
+        self.backend = get_backend_class(c.backend).from_pretrained(
+            c.model_name_or_path, self.tokenizer, dtype=c.dtype
+        )
         self.spec = c.tree_spec()
 
     @override(EnvRunner)
@@ -110,10 +112,17 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
 
     # --- Checkpointable: weights, weight version and the sampling counter ------------------
     @override(Checkpointable)
-    def get_state(self, components: str | Collection[str] | None = None, *,
-                  not_components: str | Collection[str] | None = None, **kwargs):
-        state = {NUM_ENV_STEPS_SAMPLED_LIFETIME: self.num_env_steps_sampled_lifetime,
-                 STATE_COUNTERS: {"num_calls": self._num_calls}}
+    def get_state(
+        self,
+        components: str | Collection[str] | None = None,
+        *,
+        not_components: str | Collection[str] | None = None,
+        **kwargs,
+    ):
+        state = {
+            NUM_ENV_STEPS_SAMPLED_LIFETIME: self.num_env_steps_sampled_lifetime,
+            STATE_COUNTERS: {"num_calls": self._num_calls},
+        }
         if self._check_component(COMPONENT_RL_MODULE, components, not_components):
             state[COMPONENT_RL_MODULE] = module_state(self.backend.weights())
             state[WEIGHTS_SEQ_NO] = self._weights_seq_no

@@ -34,8 +34,9 @@ class TreeRPOTorchLearner(TorchLearner):
         module = self.module[module_id]
         params = self.get_parameters(module)
         optimizer = torch.optim.AdamW(params, weight_decay=config.weight_decay)
-        self.register_optimizer(module_id=module_id, optimizer=optimizer, params=params,
-                                lr_or_lr_schedule=config.lr)
+        self.register_optimizer(
+            module_id=module_id, optimizer=optimizer, params=params, lr_or_lr_schedule=config.lr
+        )
 
     @override(TorchLearner)
     def compute_loss_for_module(self, *, module_id, config, batch: dict[str, Any], fwd_out) -> torch.Tensor:

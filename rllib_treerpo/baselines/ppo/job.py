@@ -47,10 +47,14 @@ def ppo_settings(config: TreeRPOConfig, ppo_section: dict | None = None) -> dict
     ppo_section = dict(ppo_section or {})
     unknown = set(ppo_section) - set(PPO_DEFAULTS) - {"use_kl_loss", "clip_param", "kl_coeff"}
     if unknown:
-        raise ValueError(f"config field 'ppo': unknown key(s) {sorted(unknown)}; known: {sorted(PPO_DEFAULTS)}")
+        raise ValueError(
+            f"config field 'ppo': unknown key(s) {sorted(unknown)}; known: {sorted(PPO_DEFAULTS)}"
+        )
     if config.kl_coef:
-        raise ValueError(f"config field 'kl_coef' = {config.kl_coef}: the PPO baseline runs without RLlib's KL "
-                         "term (the LM module keeps only sampled token log-probs); set kl_coef: 0")
+        raise ValueError(
+            f"config field 'kl_coef' = {config.kl_coef}: the PPO baseline runs without RLlib's KL "
+            "term (the LM module keeps only sampled token log-probs); set kl_coef: 0"
+        )
     return {**PPO_DEFAULTS, **ppo_section}
 
 
@@ -65,26 +69,50 @@ def build_ppo_config(config: TreeRPOConfig, ppo: dict | None = None):
     p = {**PPO_DEFAULTS, **(ppo or {})}
     steps = len(config.branching)
     batch = int(config.train_batch_size)
-    env_config = {"env": config.env, "env_config": dict(config.env_config), "tokenizer": config.model_name_or_path,
-                  "step_tokens": config.step_tokens, "max_steps": steps, "stop_at_eos": config.stop_at_eos,
-                  "max_prompt_tokens": p["max_prompt_tokens"]}
-    model_config = {"model_name_or_path": config.model_name_or_path, "dtype": config.dtype,
-                    "backend": config.backend, "step_delimiter": config.step_delimiter,
-                    "temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k,
-                    "stop_at_eos": config.stop_at_eos, "value_detach": p["value_detach"],
-                    "value_hidden": p["value_hidden"]}
+    env_config = {
+        "env": config.env,
+        "env_config": dict(config.env_config),
+        "tokenizer": config.model_name_or_path,
+        "step_tokens": config.step_tokens,
+        "max_steps": steps,
+        "stop_at_eos": config.stop_at_eos,
+        "max_prompt_tokens": p["max_prompt_tokens"],
+    }
+    model_config = {
+        "model_name_or_path": config.model_name_or_path,
+        "dtype": config.dtype,
+        "backend": config.backend,
+        "step_delimiter": config.step_delimiter,
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "top_k": config.top_k,
+        "stop_at_eos": config.stop_at_eos,
+        "value_detach": p["value_detach"],
+        "value_hidden": p["value_hidden"],
+    }
     return (
         PPOConfig()
         .environment(env=TokenizedReasoningEnv, env_config=env_config)
-        .env_runners(num_env_runners=config.num_env_runners, num_envs_per_env_runner=p["num_envs_per_env_runner"])
+        .env_runners(
+            num_env_runners=config.num_env_runners, num_envs_per_env_runner=p["num_envs_per_env_runner"]
+        )
         .learners(num_learners=config.num_learners)
         .rl_module(rl_module_spec=RLModuleSpec(module_class=PPOCausalLMModule, model_config=model_config))
-        .training(lr=config.lr, grad_clip=config.grad_clip, grad_clip_by="global_norm",
-                  train_batch_size=batch, num_epochs=config.num_epochs,
-                  minibatch_size=config.minibatch_size, gamma=p["gamma"], lambda_=p["lambda_"],
-                  clip_param=p.get("clip_param", config.clip_eps_high), use_kl_loss=p.get("use_kl_loss", False),
-                  vf_loss_coeff=p["vf_loss_coeff"], vf_clip_param=p["vf_clip_param"],
-                  entropy_coeff=p["entropy_coeff"])
+        .training(
+            lr=config.lr,
+            grad_clip=config.grad_clip,
+            grad_clip_by="global_norm",
+            train_batch_size=batch,
+            num_epochs=config.num_epochs,
+            minibatch_size=config.minibatch_size,
+            gamma=p["gamma"],
+            lambda_=p["lambda_"],
+            clip_param=p.get("clip_param", config.clip_eps_high),
+            use_kl_loss=p.get("use_kl_loss", False),
+            vf_loss_coeff=p["vf_loss_coeff"],
+            vf_clip_param=p["vf_clip_param"],
+            entropy_coeff=p["entropy_coeff"],
+        )
         .callbacks(on_sample_end=_count_tokens)
         .debugging(seed=config.seed)
         .reporting(metrics_num_episodes_for_smoothing=1)
@@ -103,9 +131,20 @@ def _count_tokens(*, samples, metrics_logger=None, **kwargs) -> None:
             prompts += 1
             if episode.is_done:  # a whole episode in this chunk: its response length and reward
                 ret = float(episode.get_return())
-                done, returns, lengths, correct = done + 1, returns + ret, lengths + tokens, correct + (ret >= 1 - 1e-9)
-    for key, value in {"generated_tokens": generated, "prompts": prompts, "episodes": done, "return_sum": returns,
-                       "length_sum": lengths, "correct": correct}.items():
+                done, returns, lengths, correct = (
+                    done + 1,
+                    returns + ret,
+                    lengths + tokens,
+                    correct + (ret >= 1 - 1e-9),
+                )
+    for key, value in {
+        "generated_tokens": generated,
+        "prompts": prompts,
+        "episodes": done,
+        "return_sum": returns,
+        "length_sum": lengths,
+        "correct": correct,
+    }.items():
         metrics_logger.log_value(("tokens", key), value, reduce="sum")
 
 
@@ -114,15 +153,23 @@ def ppo_metrics_row(result: dict) -> dict:
     runners, learner = result.get("env_runners", {}), result.get("learners", {}).get("default_policy", {})
     t = runners.get("tokens", {})
     episodes = max(t.get("episodes", 0), 1)
-    row = {"iteration": int(result["training_iteration"]),
-           "reward/mean": t.get("return_sum", 0.0) / episodes, "reward/accuracy": t.get("correct", 0) / episodes,
-           "completions/mean_length": t.get("length_sum", 0.0) / episodes,
-           "perf/generated_tokens": float(t.get("generated_tokens", 0)), "perf/prompts": float(t.get("prompts", 0)),
-           "perf/episodes_finished": float(t.get("episodes", 0)),
-           "perf/env_steps": float(runners.get("num_env_steps_sampled", 0))}
-    for src, dst in (("policy_loss", "policy_loss"), ("vf_loss", "vf_loss"), ("entropy", "entropy"),
-                     ("vf_explained_var", "vf_explained_var"), ("gradients_default_optimizer_global_norm",
-                                                                "grad_norm")):
+    row = {
+        "iteration": int(result["training_iteration"]),
+        "reward/mean": t.get("return_sum", 0.0) / episodes,
+        "reward/accuracy": t.get("correct", 0) / episodes,
+        "completions/mean_length": t.get("length_sum", 0.0) / episodes,
+        "perf/generated_tokens": float(t.get("generated_tokens", 0)),
+        "perf/prompts": float(t.get("prompts", 0)),
+        "perf/episodes_finished": float(t.get("episodes", 0)),
+        "perf/env_steps": float(runners.get("num_env_steps_sampled", 0)),
+    }
+    for src, dst in (
+        ("policy_loss", "policy_loss"),
+        ("vf_loss", "vf_loss"),
+        ("entropy", "entropy"),
+        ("vf_explained_var", "vf_explained_var"),
+        ("gradients_default_optimizer_global_norm", "grad_norm"),
+    ):
         if src in learner:
             row[f"loss/{dst}"] = float(learner[src])
     timers = result.get("timers", {})
@@ -134,20 +181,37 @@ def ppo_metrics_row(result: dict) -> dict:
 def ppo_parts(config: TreeRPOConfig, job: JobConfig, ppo: dict | None = None) -> JobParts:
     """The PPO pieces of the shared `treerpo train` job (:func:`rllib_treerpo.jobs.train.train`)."""
     ppo = {**PPO_DEFAULTS, **(ppo or {})}
-    resolved = {**flat_config(config, job), "algorithm": "PPO", "train_batch_size": config.train_batch_size,
-                "ppo": ppo}
+    resolved = {
+        **flat_config(config, job),
+        "algorithm": "PPO",
+        "train_batch_size": config.train_batch_size,
+        "ppo": ppo,
+    }
 
     def progress(row: dict) -> str:
-        return (f"PPO reward {row['reward/mean']:.3f}  len {row['completions/mean_length']:.1f}  "
-                f"vf_ev {row.get('loss/vf_explained_var', 0):.2f}  {row['perf/generated_tokens'] / 1e3:.1f}k tokens")
+        return (
+            f"PPO reward {row['reward/mean']:.3f}  len {row['completions/mean_length']:.1f}  "
+            f"vf_ev {row.get('loss/vf_explained_var', 0):.2f}  {row['perf/generated_tokens'] / 1e3:.1f}k tokens"
+        )
 
-    return JobParts(build_algo=lambda: build_ppo_config(config, ppo).build_algo(), metrics_row=ppo_metrics_row,
-                    progress=progress, resolved=resolved, label="PPO",
-                    totals={"generated_tokens": "perf/generated_tokens", "prompts": "perf/prompts"})
+    return JobParts(
+        build_algo=lambda: build_ppo_config(config, ppo).build_algo(),
+        metrics_row=ppo_metrics_row,
+        progress=progress,
+        resolved=resolved,
+        label="PPO",
+        totals={"generated_tokens": "perf/generated_tokens", "prompts": "perf/prompts"},
+    )
 
 
-def train_ppo(config: TreeRPOConfig, job: JobConfig, output: str | Path, *, ppo: dict | None = None,
-              resume: bool = False) -> dict:
+def train_ppo(
+    config: TreeRPOConfig,
+    job: JobConfig,
+    output: str | Path,
+    *,
+    ppo: dict | None = None,
+    resume: bool = False,
+) -> dict:
     """The `treerpo train` job with RLlib's PPO; returns summary.json's content."""
     ppo = ppo_settings(config, ppo)
     return train(config, job, output, resume=resume, parts=lambda c, j: ppo_parts(c, j, ppo))

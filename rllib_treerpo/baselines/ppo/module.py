@@ -43,8 +43,9 @@ class _ModuleSampledDistribution(Distribution):
 
     @override(Distribution)
     def sample(self, *, sample_shape=None, **kwargs):
-        raise NotImplementedError("steps are sampled token by token by the module's forward_exploration, "
-                                  "not from this distribution")
+        raise NotImplementedError(
+            "steps are sampled token by token by the module's forward_exploration, not from this distribution"
+        )
 
     @override(Distribution)
     def rsample(self, *, sample_shape=None, **kwargs):
@@ -109,8 +110,10 @@ class SampledStepDistribution(_ModuleSampledDistribution):
 
     @override(Distribution)
     def kl(self, other: Distribution, **kwargs) -> torch.Tensor:
-        raise NotImplementedError("PPO's KL loss needs the old full per-token distribution, which the LM module "
-                                  "does not store: set use_kl_loss=False")
+        raise NotImplementedError(
+            "PPO's KL loss needs the old full per-token distribution, which the LM module "
+            "does not store: set use_kl_loss=False"
+        )
 
     @staticmethod
     @override(Distribution)
@@ -126,9 +129,17 @@ class SampledStepDistribution(_ModuleSampledDistribution):
 class PPOCausalLMModule(CausalLMModule, ValueFunctionAPI):
     """Causal LM policy over whole steps plus a value head (model_config keys: see ``DEFAULTS``)."""
 
-    DEFAULTS: dict[str, Any] = {"dtype": "float32", "step_delimiter": None, "temperature": 1.0, "top_p": 1.0,
-                                "top_k": 0, "stop_at_eos": True, "value_detach": True, "value_hidden": 128,
-                                "backend": "hf"}
+    DEFAULTS: dict[str, Any] = {
+        "dtype": "float32",
+        "step_delimiter": None,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "stop_at_eos": True,
+        "value_detach": True,
+        "value_hidden": 128,
+        "backend": "hf",
+    }
 
     @override(CausalLMModule)
     def setup(self):
@@ -136,8 +147,11 @@ class PPOCausalLMModule(CausalLMModule, ValueFunctionAPI):
         self.cfg = {**self.DEFAULTS, **(self.model_config or {})}
         self.step_tokens = int(self.action_space.nvec.shape[0] - 1)
         hidden = int(self.model.config.hidden_size)
-        self.value_head = torch.nn.Sequential(torch.nn.Linear(hidden, self.cfg["value_hidden"]), torch.nn.Tanh(),
-                                              torch.nn.Linear(self.cfg["value_hidden"], 1))
+        self.value_head = torch.nn.Sequential(
+            torch.nn.Linear(hidden, self.cfg["value_hidden"]),
+            torch.nn.Tanh(),
+            torch.nn.Linear(self.cfg["value_hidden"], 1),
+        )
         self._backend = None
 
     # --- distributions --------------------------------------------------------------------------
@@ -169,13 +183,17 @@ class PPOCausalLMModule(CausalLMModule, ValueFunctionAPI):
         from rllib_treerpo.generation import SamplingParams
 
         obs = torch.as_tensor(batch[Columns.OBS]).long().cpu().numpy()
-        contexts = [row[1:1 + int(row[0])].tolist() for row in obs]
+        contexts = [row[1 : 1 + int(row[0])].tolist() for row in obs]
         c, width = self.cfg, self.step_tokens
         params = SamplingParams(
-            max_new_tokens=width, temperature=0.0 if greedy else c["temperature"], top_p=c["top_p"],
-            top_k=c["top_k"], stop_at_eos=c["stop_at_eos"],
+            max_new_tokens=width,
+            temperature=0.0 if greedy else c["temperature"],
+            top_p=c["top_p"],
+            top_k=c["top_k"],
+            stop_at_eos=c["stop_at_eos"],
             stop_strings=(c["step_delimiter"],) if c["step_delimiter"] else (),
-            seed=int(torch.randint(0, 2**31 - 1, ()).item()))  # the global RNG, which RLlib seeds per runner
+            seed=int(torch.randint(0, 2**31 - 1, ()).item()),
+        )  # the global RNG, which RLlib seeds per runner
         samples = [s[0] for s in self.backend.generate(contexts, 1, params)]
         pad = self.backend.pad_token_id
         actions = np.full((len(samples), width + 1), pad, dtype=np.int64)
@@ -183,11 +201,14 @@ class PPOCausalLMModule(CausalLMModule, ValueFunctionAPI):
         for i, s in enumerate(samples):
             n = len(s.token_ids)
             actions[i, 0] = n
-            actions[i, 1:1 + n] = s.token_ids
+            actions[i, 1 : 1 + n] = s.token_ids
             token_logp[i, :n] = s.logprobs
         token_logp_t = torch.from_numpy(token_logp)
-        return {Columns.ACTIONS: torch.from_numpy(actions), Columns.ACTION_LOGP: token_logp_t.sum(-1),
-                Columns.ACTION_DIST_INPUTS: token_logp_t}
+        return {
+            Columns.ACTIONS: torch.from_numpy(actions),
+            Columns.ACTION_LOGP: token_logp_t.sum(-1),
+            Columns.ACTION_DIST_INPUTS: token_logp_t,
+        }
 
     @override(TorchRLModule)
     def _forward_exploration(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
@@ -203,8 +224,9 @@ class PPOCausalLMModule(CausalLMModule, ValueFunctionAPI):
 
     # --- learning: teacher-forced log-probs of the sampled steps, values --------------------------------
     def _lm(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                          use_cache=False)
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
+        )
 
     @staticmethod
     def _context(obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,8 +254,10 @@ class PPOCausalLMModule(CausalLMModule, ValueFunctionAPI):
         logits = logits.float() / max(self.cfg["temperature"], 1e-6)
         mask = (arange < n_act[:, None]).to(logits.dtype)
         last = out.hidden_states[-1][torch.arange(b, device=ids.device), n_ctx - 1]
-        return {Columns.ACTION_DIST_INPUTS: torch.cat([logits, mask[..., None]], dim=-1),
-                Columns.EMBEDDINGS: last}
+        return {
+            Columns.ACTION_DIST_INPUTS: torch.cat([logits, mask[..., None]], dim=-1),
+            Columns.EMBEDDINGS: last,
+        }
 
     @override(ValueFunctionAPI)
     def compute_values(self, batch: dict[str, Any], embeddings: Any | None = None) -> torch.Tensor:
@@ -241,7 +265,7 @@ class PPOCausalLMModule(CausalLMModule, ValueFunctionAPI):
             ids, n_ctx = self._context(torch.as_tensor(batch[Columns.OBS]))
             parts = []
             for start in range(0, len(ids), 256):
-                chunk, n = ids[start:start + 256], n_ctx[start:start + 256]
+                chunk, n = ids[start : start + 256], n_ctx[start : start + 256]
                 used = int(n.max())
                 chunk = chunk[:, :used]
                 attention = (torch.arange(used, device=chunk.device) < n[:, None]).long()

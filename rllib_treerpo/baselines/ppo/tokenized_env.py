@@ -35,7 +35,9 @@ def _load_tokenizer(tokenizer):
 
         return AutoTokenizer.from_pretrained(tokenizer)
     if tokenizer is None:
-        raise ValueError("TokenizedReasoningEnv needs `tokenizer`: a model folder (AutoTokenizer) or a tokenizer")
+        raise ValueError(
+            "TokenizedReasoningEnv needs `tokenizer`: a model folder (AutoTokenizer) or a tokenizer"
+        )
     return tokenizer
 
 
@@ -57,9 +59,18 @@ class TokenizedReasoningEnv(gymnasium.Env):
 
     metadata: dict[str, Any] = {"render_modes": ["ansi"], "render_fps": 1}
 
-    def __init__(self, env: Any = "treerpo/Arithmetic-v0", *, env_config: dict | None = None, tokenizer: Any = None,
-                 step_tokens: int = 12, max_steps: int = 4, max_prompt_tokens: int = 64, stop_at_eos: bool = True,
-                 render_mode: str | None = None) -> None:
+    def __init__(
+        self,
+        env: Any = "treerpo/Arithmetic-v0",
+        *,
+        env_config: dict | None = None,
+        tokenizer: Any = None,
+        step_tokens: int = 12,
+        max_steps: int = 4,
+        max_prompt_tokens: int = 64,
+        stop_at_eos: bool = True,
+        render_mode: str | None = None,
+    ) -> None:
         from envs.base import ReasoningEnv
 
         if isinstance(env, Mapping):  # RLlib builds an env class from one mapping (its EnvContext)
@@ -71,10 +82,15 @@ class TokenizedReasoningEnv(gymnasium.Env):
         elif isinstance(env, type):
             env = env(**dict(env_config or {}))
         if not isinstance(env, ReasoningEnv):
-            raise ValueError(f"env {env!r} is not a ReasoningEnv (give a treerpo/* id, a subclass or an instance)")
+            raise ValueError(
+                f"env {env!r} is not a ReasoningEnv (give a treerpo/* id, a subclass or an instance)"
+            )
         self.reasoning_env = env
-        for name, value in (("step_tokens", step_tokens), ("max_steps", max_steps),
-                            ("max_prompt_tokens", max_prompt_tokens)):
+        for name, value in (
+            ("step_tokens", step_tokens),
+            ("max_steps", max_steps),
+            ("max_prompt_tokens", max_prompt_tokens),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -83,10 +99,16 @@ class TokenizedReasoningEnv(gymnasium.Env):
         self.step_tokens, self.max_steps, self.max_prompt_tokens = step_tokens, max_steps, max_prompt_tokens
         self.stop_at_eos, self.render_mode = stop_at_eos, render_mode
         self.vocab_size = len(self.tokenizer)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.tokenizer.eos_token_id
+        )
         self.pad_id = int(pad if pad is not None else 0)
         self.max_obs_tokens = max_prompt_tokens + max_steps * step_tokens
-        self.observation_space = spaces.MultiDiscrete([self.max_obs_tokens + 1] + [self.vocab_size] * self.max_obs_tokens)
+        self.observation_space = spaces.MultiDiscrete(
+            [self.max_obs_tokens + 1] + [self.vocab_size] * self.max_obs_tokens
+        )
         self.action_space = spaces.MultiDiscrete([step_tokens + 1] + [self.vocab_size] * step_tokens)
         self._ids: list[int] = []
 
@@ -101,21 +123,23 @@ class TokenizedReasoningEnv(gymnasium.Env):
         """The action whose decoded step is ``step_text`` (at most ``step_tokens`` tokens)."""
         ids = self.encode(step_text)
         if len(ids) > self.step_tokens:
-            raise ValueError(f"step {step_text!r} has {len(ids)} tokens, more than step_tokens={self.step_tokens}")
+            raise ValueError(
+                f"step {step_text!r} has {len(ids)} tokens, more than step_tokens={self.step_tokens}"
+            )
         return self.pack(ids, self.step_tokens)
 
     def pack(self, ids, width: int) -> np.ndarray:
         """``[n, ids..., pad...]`` of length ``width + 1`` (the layout of both spaces)."""
         out = np.full(width + 1, self.pad_id, dtype=np.int64)
         out[0] = len(ids)
-        out[1:1 + len(ids)] = ids
+        out[1 : 1 + len(ids)] = ids
         return out
 
     @staticmethod
     def unpack(packed) -> np.ndarray:
         """The real ids of a packed observation or action."""
         packed = np.asarray(packed)
-        return packed[1:1 + int(packed[0])]
+        return packed[1 : 1 + int(packed[0])]
 
     def observation_text(self, obs) -> str:
         return self.decode(self.unpack(obs))
@@ -129,8 +153,10 @@ class TokenizedReasoningEnv(gymnasium.Env):
         env.max_steps = self.max_steps
         ids = self.encode(prompt)
         if not ids or len(ids) > self.max_prompt_tokens:
-            raise ValueError(f"prompt of problem {info.get('problem_id')!r} has {len(ids)} tokens; it must have "
-                             f"1..max_prompt_tokens={self.max_prompt_tokens}")
+            raise ValueError(
+                f"prompt of problem {info.get('problem_id')!r} has {len(ids)} tokens; it must have "
+                f"1..max_prompt_tokens={self.max_prompt_tokens}"
+            )
         self._ids = ids
         return self.pack(self._ids, self.max_obs_tokens), dict(info)
 
@@ -139,11 +165,10 @@ class TokenizedReasoningEnv(gymnasium.Env):
         n = int(action[0])
         if not 0 <= n <= self.step_tokens:
             raise ValueError(f"action length {n} outside 0..step_tokens={self.step_tokens}")
-        step_ids = [int(i) for i in action[1:1 + n]]
+        step_ids = [int(i) for i in action[1 : 1 + n]]
         _, reward, terminated, truncated, info = self.reasoning_env.step(self.decode(step_ids))
         self._ids = self._ids + step_ids
         return self.pack(self._ids, self.max_obs_tokens), float(reward), terminated, truncated, dict(info)
 
     def render(self) -> str | None:
         return self.reasoning_env.prompt + self.reasoning_env.response if self.render_mode == "ansi" else None
-
