@@ -186,41 +186,41 @@ def main() -> None:
 
     hf_tps, bare_tps, new = throughput(model, tok, backend, args)
 
-    report(
-        args,
-        shape,
-        tree_stats_,
-        flat_stats,
-        tree_seconds,
-        flat_seconds,
-        tree_cpu,
-        flat_cpu,
-        paired,
-        flat_params,
-        hf_tps,
-        bare_tps,
-        new,
+    names = (
+        "shape",
+        "tree_stats_",
+        "flat_stats",
+        "tree_seconds",
+        "flat_seconds",
+        "tree_cpu",
+        "flat_cpu",
+        "paired",
+        "flat_params",
+        "hf_tps",
+        "bare_tps",
+        "new",
     )
+    local = locals()
+    report(args, {name: local[name] for name in names})
     if args.compaction:
         compaction_sweep(tok, prompts, args.device, args.dtype, args.repeats)
 
 
-def report(
-    args,
-    shape,
-    tree_stats_,
-    flat_stats,
-    tree_seconds,
-    flat_seconds,
-    tree_cpu,
-    flat_cpu,
-    paired,
-    flat_params,
-    hf_tps,
-    bare_tps,
-    new,
-) -> None:
-    """The table, the targets, and the JSON line."""
+def report(args, r: dict) -> None:
+    """The table, the targets, and the JSON line, from the measurements ``r`` of main()."""
+    shape, tree_stats_, flat_stats, flat_params = (
+        r["shape"],
+        r["tree_stats_"],
+        r["flat_stats"],
+        r["flat_params"],
+    )
+    tree_seconds, flat_seconds, tree_cpu, flat_cpu = (
+        r["tree_seconds"],
+        r["flat_seconds"],
+        r["tree_cpu"],
+        r["flat_cpu"],
+    )
+    paired, hf_tps, bare_tps, new = r["paired"], r["hf_tps"], r["bare_tps"], r["new"]
     n_leaves, tree_unique = shape["leaves"], shape["prompt_tokens"] + shape["generated_tokens"]
     per_prompt = BRANCHING[0] * BRANCHING[1] * BRANCHING[2]
     tree_dec, flat_dec = tree_stats_["decode_tokens"], flat_stats["decode_tokens"]
