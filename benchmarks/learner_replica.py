@@ -38,7 +38,6 @@ class Replica:
         from envs import make_reasoning_env
         from rllib_treerpo.evaluation import Evaluator
         from rllib_treerpo.generation import make_backend
-        from rllib_treerpo.iteration import LossSettings
         from rllib_treerpo.model_io import load_causal_lm, load_tokenizer
 
         model_path = args.model or lib.warm_model(args.difficulty, lib.parse_sets(args.set).get("*", {}))
@@ -59,7 +58,7 @@ class Replica:
             max_new_tokens=c.tree_spec().response_tokens,
             seed=1234,
         )
-        self.spec, self.settings = c.tree_spec(), LossSettings.from_config(c)
+        self.spec = c.tree_spec()
 
     def iteration(self, it: int) -> dict[str, float]:
         """Iteration ``it`` as TreeRPO.training_step runs it with num_env_runners=0; returns the tree metrics."""
@@ -68,7 +67,7 @@ class Replica:
             policy_update,
             sample_iteration,
             sampling_seed,
-            training_rows,
+            training_packs,
         )
         from rllib_treerpo.model_io import pad_token_id
 
@@ -76,16 +75,14 @@ class Replica:
         trees = sample_iteration(
             self.env, self.backend, self.tok, self.spec, c.prompts_per_iteration, sampling_seed(c.seed, 0, it)
         )
-        rows, metrics = training_rows(trees, c, pad_token_id(self.tok))
-        if len(rows["input_ids"]):
+        packs, metrics = training_packs(trees, c)
+        if packs:
             policy_update(
                 self.model,
                 self.optimizer,
-                rows,
-                self.settings,
-                minibatch_size=c.minibatch_size,
-                num_epochs=c.num_epochs,
-                grad_clip=c.grad_clip,
+                packs,
+                c,
+                pad_id=pad_token_id(self.tok),
                 seed=minibatch_seed(c.seed, it),
                 ref_model=self.ref,
             )

@@ -1,15 +1,17 @@
 """One TreeRPO iteration without Ray: what the RLlib adapters and every benchmark replica call.
 
 - sampling: :func:`sample_iteration` draws prompts from an env and grows their trees (sampler.py);
-- rows: :func:`training_rows` turns trees into advantages and training rows (rows.py) with a config's settings;
-- minibatches: :func:`minibatch_plan` splits the rows of one iteration so that every row is trained exactly once
-  per epoch (SPEC.md s.4);
-- the loss: :func:`compute_loss` goes from the policy's logits (and the reference model's, for the KL term) to the
-  clipped surrogate of losses.py plus the stats the learner logs;
-- :func:`policy_update` is the whole learner update (forward, loss, backward, global-norm clip, AdamW step per
-  minibatch) for drivers without Ray. The RLlib learner runs the same steps through RLlib's Learner (the same
-  :func:`compute_loss`, RLlib's clipping and the optimizer it registers): tests/test_iteration.py checks that both
-  give the same parameters from the same batch.
+- packs: :func:`training_packs` turns trees into advantages and training packs (rows.py, packing.py) with a
+  config's settings;
+- minibatches: :func:`minibatches` splits an iteration's packs into ``num_minibatches`` optimizer steps per epoch
+  of about equal loss tokens (every loss token exactly once per epoch, SPEC.md s.4), whatever the tree shape, each
+  collated with loss weights that hold the whole minibatch's normalisation, so micro-batches and learners just
+  add their parts; :func:`micro_batches` splits a minibatch into forwards of at most ``forward_tokens`` tokens;
+- the loss: :func:`compute_loss` goes from the logits at the predicting positions (packing.packed_logits) and
+  the reference model's to the clipped surrogate of losses.py plus the stats the learner logs;
+- :func:`policy_update` is the whole learner update (per minibatch: forward and backward per micro-batch,
+  global-norm clip, AdamW step) for drivers without Ray. The RLlib learner runs the same steps through RLlib's
+  Learner: tests/test_iteration.py checks that both give the same parameters from the same packs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rllib_treerpo.losses import policy_loss, token_entropy, token_logprobs
+from rllib_treerpo.losses import distribution_entropy, policy_loss, target_logprobs
+from rllib_treerpo.packing import Pack, collate, loss_weights, packed_logits
 from rllib_treerpo.rows import build_training_batch
 from rllib_treerpo.sampler import TreeSpec, draw_prompts, grow_trees
 from rllib_treerpo.tree import Tree
@@ -32,7 +35,7 @@ def sampling_seed(seed: int | None, worker_index: int, call: int) -> int:
 
 
 def minibatch_seed(seed: int | None, iteration: int) -> int:
-    """The seed that shuffles iteration ``iteration``'s rows into minibatches (a resumed run replays it)."""
+    """The seed that shuffles iteration ``iteration``'s packs into minibatches (a resumed run replays it)."""
     return int(np.random.SeedSequence([seed or 0, iteration, 17]).generate_state(1)[0])
 
 
@@ -44,18 +47,85 @@ def sample_iteration(
     return grow_trees(roots, backend, tokenizer, spec.with_seed(seed))
 
 
-def training_rows(
-    trees: list[Tree], config: Any, pad_id: int
-) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Advantages and rows of an iteration's trees with a config's tau, advantage_std, value_estimate and eps."""
+def training_packs(trees: list[Tree], config: Any) -> tuple[list[Pack], dict[str, float]]:
+    """Advantages and packs of an iteration's trees with a config's tau, advantage_std, value_estimate, eps and
+    layout (``packing``: packed subtrees, else one row per node) and ``pack_tokens``."""
     return build_training_batch(
         trees,
         tau=config.tau,
         advantage_std=config.advantage_std,
         value_estimate=config.value_estimate,
         eps=config.advantage_eps,
-        pad_id=pad_id,
+        layout="packed" if config.packing else "rows",
+        pack_tokens=config.pack_tokens,
     )
+
+
+def minibatch_plan(
+    packs: list[Pack], num_minibatches: int, *, num_epochs: int = 1, shuffle: bool = True, seed: int = 0
+) -> list[list[int]]:
+    """Pack indices of each minibatch: every pack once per epoch, in ``num_minibatches`` parts of about equal loss
+    tokens (fewer when there are fewer packs). Shuffled per epoch with a generator seeded by ``seed``."""
+    rng = np.random.default_rng(seed)
+    parts = max(1, min(num_minibatches, len(packs)))
+    plan = []
+    for _ in range(num_epochs):
+        order = rng.permutation(len(packs)) if shuffle else np.arange(len(packs))
+        tokens = np.array([packs[i].loss_tokens for i in order], dtype=np.float64)
+        # A pack goes to the part its middle token falls in: contiguous parts of about equal loss tokens.
+        middle = np.cumsum(tokens) - tokens / 2
+        part = np.minimum((middle / max(tokens.sum(), 1.0) * parts).astype(int), parts - 1)
+        plan += [order[part == k].tolist() for k in range(parts) if (part == k).any()]
+    return plan
+
+
+def minibatches(
+    packs: list[Pack], config: Any, pad_id: int, *, seed: int, num_learners: int = 1
+) -> list[dict[str, np.ndarray]]:
+    """The collated minibatches of one update: ``config.num_minibatches`` per ``config.num_epochs``, each padded to
+    a multiple of ``num_learners`` rows (empty rows weigh 0), so every learner gets a shard of every minibatch and
+    takes the same number of optimizer steps (uneven shards hang DDP)."""
+    out = []
+    for index in minibatch_plan(packs, config.num_minibatches, num_epochs=config.num_epochs, seed=seed):
+        chosen = [packs[i] for i in index]
+        rows = -(-len(chosen) // num_learners) * num_learners
+        out.append(collate(chosen, loss_weights(chosen, config.loss_agg), pad_id, pad_to=rows))
+    return out
+
+
+def micro_batches(batch: dict[str, Any], forward_tokens: int | None) -> list[dict[str, Any]]:
+    """Split a collated minibatch (arrays or tensors) into forwards of at most ``forward_tokens`` padded tokens
+    (rows x longest row; one row can exceed it), each trimmed to its own longest row, node count and targets."""
+    length = (batch["token_node"] >= 0).sum(1).tolist()
+    order = sorted(range(len(length)), key=lambda r: length[r])
+    groups, current = [], []
+    for r in order:
+        if current and forward_tokens and (len(current) + 1) * length[r] > forward_tokens:
+            groups.append(current)
+            current = []
+        current.append(r)
+    groups.append(current)
+    out = []
+    for rows in groups:
+        index = torch.as_tensor(rows) if isinstance(batch["token_node"], torch.Tensor) else np.asarray(rows)
+        part = {k: v[index] for k, v in batch.items()}
+        width = max(int((part["token_node"] >= 0).sum(1).max()), 1)
+        nodes = int(part["token_node"].max()) + 1 if width else 1
+        targets = max(int((part["loss_weight"] > 0).sum(1).max()), 1)
+        for key, size in (
+            ("input_ids", width),
+            ("position_ids", width),
+            ("token_node", width),
+            ("node_parent", max(nodes, 1)),
+            ("target_pos", targets),
+            ("target_ids", targets),
+            ("advantages", targets),
+            ("old_logprobs", targets),
+            ("loss_weight", targets),
+        ):
+            part[key] = part[key][:, :size]
+        out.append(part)
+    return out
 
 
 @dataclass(frozen=True)
@@ -67,7 +137,6 @@ class LossSettings:
     clip_eps_high: float = 0.2
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
-    loss_agg: str = "token_mean"
 
     @classmethod
     def from_config(cls, config: Any) -> LossSettings:
@@ -79,17 +148,20 @@ def compute_loss(
     batch: dict[str, torch.Tensor],
     settings: LossSettings,
     ref_logits: torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The TreeRPO loss of one minibatch from the policy's logits (B, T, V).
+    """The TreeRPO loss of one (micro-)batch of packs from the policy's logits at the predicting positions.
 
-    ``batch`` holds the rows of :func:`rllib_treerpo.rows.build_training_batch` as tensors (input_ids,
-    loss_mask, advantages, old_logprobs: (B, T)); ``ref_logits`` (B, T, V) are the frozen reference model's, needed
-    when ``settings.kl_coef > 0``. Returns the scalar loss and float stats: policy_loss, kl, clip_frac, approx_kl,
-    ratio_mean, entropy, total.
+    ``logits`` (B, M, V) as packing.packed_logits returns them; ``batch`` holds the collated packs (target_ids,
+    advantages, old_logprobs, loss_weight: (B, M)); ``ref_logits`` (B, M, V) are the frozen reference model's,
+    needed when ``settings.kl_coef > 0``. The loss is the weighted sum (the weights carry the minibatch's
+    normalisation) times ``scale`` (the number of learners: DDP averages their gradients). Returns the loss and
+    float stats: policy_loss, kl, clip_frac, approx_kl, ratio_mean, entropy, total.
     """
-    input_ids, mask = batch["input_ids"], batch["loss_mask"]
-    logprobs = token_logprobs(logits, input_ids, settings.temperature)
-    ref_logprobs = None if ref_logits is None else token_logprobs(ref_logits, input_ids, settings.temperature)
+    targets, weights = batch["target_ids"], batch["loss_weight"]
+    mask = (weights > 0).to(torch.float32)
+    logprobs = target_logprobs(logits, targets, settings.temperature)
+    ref_logprobs = None if ref_logits is None else target_logprobs(ref_logits, targets, settings.temperature)
     loss, stats = policy_loss(
         logprobs,
         batch["old_logprobs"],
@@ -100,78 +172,49 @@ def compute_loss(
         ref_logprobs=ref_logprobs,
         kl_coef=settings.kl_coef,
         kl_estimator=settings.kl_estimator,
-        loss_agg=settings.loss_agg,
+        weights=weights.to(logprobs.dtype),
     )
+    loss = loss * scale
     with torch.no_grad():
-        entropy = (token_entropy(logits, settings.temperature) * mask).sum() / mask.sum().clamp(min=1)
+        entropy = (distribution_entropy(logits, settings.temperature) * mask).sum() / mask.sum().clamp(min=1)
     out = {name: float(value) for name, value in stats.items()}
     out.update(entropy=float(entropy), total=float(loss.detach()))
     return loss, out
 
 
-def minibatch_plan(
-    num_rows: int, minibatch_size: int | None, *, num_epochs: int = 1, shuffle: bool = True, seed: int = 0
-) -> list[np.ndarray]:
-    """Row indices of each minibatch: every row exactly once per epoch, in ``ceil(rows / minibatch_size)`` parts.
-
-    ``minibatch_size`` None: the whole batch per epoch. With ``shuffle`` each epoch is permuted with a generator
-    seeded by ``seed`` (so a resumed run replays the same minibatches).
-    """
-    rng = np.random.default_rng(seed)
-    size = num_rows if not minibatch_size else minibatch_size
-    plan = []
-    for _ in range(num_epochs):
-        order = rng.permutation(num_rows) if shuffle else np.arange(num_rows)
-        plan += [order[start : start + size] for start in range(0, num_rows, max(size, 1))]
-    return plan
-
-
-def as_tensors(
-    rows: dict[str, np.ndarray], index: np.ndarray | None = None, device: str | torch.device = "cpu"
-) -> dict[str, torch.Tensor]:
-    """Rows (numpy) -> tensors on ``device``, optionally only the rows at ``index``."""
-    return {k: torch.as_tensor(v if index is None else v[index], device=device) for k, v in rows.items()}
-
-
-def model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, T, V) logits of a transformers causal LM on padded rows (the RLModule's training forward)."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+def as_tensors(batch: dict[str, np.ndarray], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
 
 
 def policy_update(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    rows: dict[str, np.ndarray],
-    settings: LossSettings,
+    packs: list[Pack],
+    config: Any,
     *,
-    minibatch_size: int | None = None,
-    num_epochs: int = 1,
-    grad_clip: float | None = 1.0,
-    shuffle: bool = True,
+    pad_id: int = 0,
     seed: int = 0,
     ref_model: torch.nn.Module | None = None,
 ) -> list[dict[str, float]]:
-    """One learner update without Ray: per minibatch forward, :func:`compute_loss`, backward, clip, step.
-
-    Returns the stats of every minibatch. What the RLlib learner does with the same rows and settings.
-    """
+    """One learner update without Ray, as the RLlib learner runs it: per minibatch, per micro-batch the packed
+    forward, :func:`compute_loss` and backward; then clip (``config.grad_clip``) and step. Returns per-minibatch
+    stats (the last micro-batch's, plus grad_norm)."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
+    settings = LossSettings.from_config(config)
     out = []
     model.train()
-    for index in minibatch_plan(
-        len(rows["input_ids"]), minibatch_size, num_epochs=num_epochs, shuffle=shuffle, seed=seed
-    ):
-        batch = as_tensors(rows, index, device)
-        ref_logits = None
-        if ref_model is not None and settings.kl_coef > 0:
-            with torch.no_grad():
-                ref_logits = model_logits(ref_model, batch)
-        loss, stats = compute_loss(model_logits(model, batch), batch, settings, ref_logits)
+    for batch in minibatches(packs, config, pad_id, seed=seed):
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        for part in micro_batches(as_tensors(batch, device), config.forward_tokens):
+            ref_logits = None
+            if ref_model is not None and settings.kl_coef > 0:
+                with torch.no_grad():
+                    ref_logits = packed_logits(ref_model, part)
+            loss, stats = compute_loss(packed_logits(model, part), part, settings, ref_logits)
+            loss.backward()
+        if config.grad_clip:
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
         optimizer.step()
         out.append(stats)
     model.eval()

@@ -13,23 +13,42 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean")
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> fp32 for softmax arithmetic; fp32 and fp64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Log-prob of each token under the model: (B, T, V) logits, (B, T) ids -> (B, T), position 0 gets 0.
 
     Logits are divided by ``temperature`` so that rho = pi_theta / pi_old compares the same distribution the
     sampler drew from. Computed as gathered logit minus logsumexp, without materialising a (B, T, V) log-softmax.
     """
-    logits = logits[:, :-1].float() / temperature
+    logits = _upcast(logits[:, :-1]) / temperature
     picked = torch.gather(logits, -1, input_ids[:, 1:, None]).squeeze(-1)
     out = picked - torch.logsumexp(logits, dim=-1)
     return torch.nn.functional.pad(out, (1, 0), value=0.0)
 
 
+def target_logprobs(logits: torch.Tensor, target_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-prob of each target under logits already taken at its predicting position: (B, M, V), (B, M) -> (B, M).
+
+    The same tempered quantity as :func:`token_logprobs` (and the sampler), for the packed forward's logits.
+    """
+    logits = _upcast(logits) / temperature
+    picked = torch.gather(logits, -1, target_ids[..., None]).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def distribution_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(..., V) logits -> (...) entropy of the tempered next-token distribution."""
+    logp = torch.log_softmax(_upcast(logits) / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """(B, T, V) -> (B, T) entropy of the next-token distribution, aligned like :func:`token_logprobs`."""
-    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    ent = -(logp.exp() * logp).sum(-1)
-    return torch.nn.functional.pad(ent, (1, 0), value=0.0)
+    return torch.nn.functional.pad(distribution_entropy(logits[:, :-1], temperature), (1, 0), value=0.0)
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
@@ -69,11 +88,14 @@ def policy_loss(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     loss_agg: str = "token_mean",
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate plus KL to a reference policy, aggregated over masked tokens.
 
     Per token: ``-min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + kl_coef * KL``, rho = exp(logp - old).
-    All inputs (B, T); ``ref_logprobs`` is required when ``kl_coef > 0``.
+    All inputs (B, T); ``ref_logprobs`` is required when ``kl_coef > 0``. With ``weights`` (B, T) the
+    aggregation is the weighted sum instead of ``loss_agg`` (weights that already hold the normalisation of a
+    whole minibatch, packing.loss_weights, so that micro-batches and learners can sum their parts).
     Returns the scalar loss and detached stats: policy_loss, kl, clip_frac (share of tokens where the clipped
     term was the smaller one), approx_kl (k3 of pi_old vs pi_theta), ratio_mean.
     """
@@ -83,12 +105,15 @@ def policy_loss(
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
     pg = -torch.minimum(unclipped, clipped)
-    pg_loss = aggregate(pg, mask, loss_agg)
 
+    def agg(values: torch.Tensor) -> torch.Tensor:
+        return aggregate(values, mask, loss_agg) if weights is None else (values * weights).sum()
+
+    pg_loss = agg(pg)
     if kl_coef > 0:
         if ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs ref_logprobs (log-probs of the reference model)")
-        kl = aggregate(kl_penalty(logprobs, ref_logprobs, kl_estimator), mask, loss_agg)
+        kl = agg(kl_penalty(logprobs, ref_logprobs, kl_estimator))
     else:
         kl = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     loss = pg_loss + kl_coef * kl

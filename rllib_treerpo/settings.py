@@ -62,6 +62,14 @@ def _branching(v):
     return None
 
 
+def _bool(v):
+    return None if isinstance(v, bool) else "must be true or false"
+
+
+def _optional_positive_int(v):
+    return None if v is None else _positive_int(v)
+
+
 def _dict(v):
     return None if isinstance(v, dict) else "must be a mapping"
 
@@ -120,6 +128,30 @@ FIELDS: dict[str, Field] = {
         _one_of("token_mean", "seq_mean_token_mean"),
     ),
     "weight_decay": Field(0.0, "AdamW weight decay.", _non_negative),
+    # --- the learner's layout and batching ---
+    "packing": Field(
+        True,
+        "Tree-packed training: one forward row per subtree, each shared prefix computed once (packing.py); "
+        "false: one row per trained node (its whole path), the same log-probs at a higher cost.",
+        _bool,
+    ),
+    "pack_tokens": Field(
+        8192,
+        "Most tokens of one packed row; a larger subtree is split into its children's subtrees.",
+        _positive_int,
+    ),
+    "num_minibatches": Field(
+        4,
+        "Optimizer steps per epoch of an iteration: its packs are split into this many minibatches of about "
+        "equal loss tokens, whatever the tree shape (fewer when there are fewer packs).",
+        _positive_int,
+    ),
+    "forward_tokens": Field(
+        16384,
+        "Most tokens (rows x longest row) of one learner forward: a minibatch is split into such micro-batches "
+        "whose gradients add up (memory bound; null: one forward per minibatch).",
+        _optional_positive_int,
+    ),
     # --- model and generation ---
     "model_name_or_path": Field(
         None,

@@ -3,10 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from packs_util import hand_batch, hand_packs, per_node_logprobs
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
-from rllib_treerpo.losses import policy_loss, token_logprobs
+from rllib_treerpo.losses import token_logprobs
+from rllib_treerpo.packing import collate, loss_weights
 from rllib_treerpo.rllib.algorithm import TreeRPOConfig
 
 SMALL = {
@@ -24,22 +26,6 @@ def small_config(model_dir, **overrides):
     return TreeRPOConfig.from_yaml(None, {**SMALL, "model_name_or_path": model_dir, **overrides})
 
 
-def hand_batch(seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, 90, size=(3, 7))
-    mask = np.zeros((3, 7), np.float32)
-    mask[0, 4:] = 1
-    mask[1, 2:6] = 1
-    mask[2, 5:] = 1
-    return {
-        "input_ids": ids,
-        "attention_mask": np.ones((3, 7), np.int64),
-        "loss_mask": mask,
-        "advantages": (rng.normal(size=(3, 1)) * mask).astype(np.float32),
-        "old_logprobs": (rng.normal(size=(3, 7)) * 0.1 - 4.5).astype(np.float32) * mask,
-    }
-
-
 def build_learner(config):
     from envs import ArithmeticEnv
 
@@ -49,55 +35,56 @@ def build_learner(config):
     return learner
 
 
-def test_learner_step_equals_losses_and_changes_parameters(tiny_lm_dir):
+def test_learner_step_equals_the_objective_and_changes_parameters(tiny_lm_dir):
+    """The learner's loss on packs equals SPEC.md s.4's objective computed from plain per-node forwards."""
     config = small_config(tiny_lm_dir, clip_eps_low=0.1, clip_eps_high=0.3)
     learner = build_learner(config)
-    module = learner.module[DEFAULT_MODULE_ID]
-    batch = hand_batch()
-    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    model = learner.module[DEFAULT_MODULE_ID].model
+    forest, advantages, packs = hand_packs(seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    terms = []
     with torch.no_grad():
-        t = {k: torch.as_tensor(v) for k, v in batch.items()}
-        logits = module.model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
-        expected, _ = policy_loss(
-            token_logprobs(logits, t["input_ids"]),
-            t["old_logprobs"],
-            t["advantages"],
-            t["loss_mask"],
-            eps_low=0.1,
-            eps_high=0.3,
-        )
-    result = learner.update(batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(batch)}, env_steps=3))
-    logged = result[DEFAULT_MODULE_ID]["loss/total"].peek()
-    assert logged == pytest.approx(expected.item(), rel=1e-5)
-    after = module.model.state_dict()
+        for tree, adv in zip(forest, advantages, strict=True):
+            for node in range(1, len(tree.nodes)):
+                if np.isfinite(adv[node]):
+                    logp = per_node_logprobs(model, tree, node)
+                    ratio = torch.exp(logp - torch.as_tensor(tree.nodes[node].logprobs))
+                    a = float(adv[node])
+                    terms.append(-torch.minimum(ratio * a, ratio.clamp(0.9, 1.3) * a))
+    expected = torch.cat(terms).mean()
+    batch = collate(packs, loss_weights(packs, "token_mean"), pad_id=0)
+    result = learner.update(
+        batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(batch)}, env_steps=len(packs))
+    )
+    assert result[DEFAULT_MODULE_ID]["loss/total"].peek() == pytest.approx(expected.item(), rel=1e-5)
+    after = model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_update_moves_probability_towards_positive_advantages(tiny_lm_dir):
     learner = build_learner(small_config(tiny_lm_dir, lr=1e-3))
     model = learner.module[DEFAULT_MODULE_ID].model
-    batch = hand_batch(seed=1)
-    batch["advantages"] = np.sign(batch["advantages"]) * batch["loss_mask"]  # rows of +1 and -1
-    t = {k: torch.as_tensor(v) for k, v in batch.items()}
+    forest, advantages, packs = hand_packs(seed=1)
+    batch = collate(packs, loss_weights(packs, "token_mean"), pad_id=0)
+    trained = [(t, n) for t, adv in enumerate(advantages) for n in range(1, len(adv)) if np.isfinite(adv[n])]
 
-    def per_row_logprob():
+    def node_logprob():
         with torch.no_grad():
-            logp = token_logprobs(model(input_ids=t["input_ids"]).logits, t["input_ids"])
-        return (logp * t["loss_mask"]).sum(-1)
+            return torch.stack([per_node_logprobs(model, forest[t], n).sum() for t, n in trained])
 
-    before = per_row_logprob()
+    before = node_logprob()
     for _ in range(3):
-        learner.update(batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(batch)}, env_steps=3))
-    change = per_row_logprob() - before
-    sign = t["advantages"].sum(-1).sign()
-    assert torch.all(change * sign > 0), (change, sign)
+        learner.update(batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(batch)}, env_steps=len(packs)))
+    change = node_logprob() - before
+    sign = torch.tensor([np.sign(advantages[t][n]) for t, n in trained])
+    assert torch.all(change * sign >= 0) and (change * sign).sum() > 0, (change, sign)
 
 
 def test_kl_path_builds_reference_and_reports_kl(tiny_lm_dir):
     assert build_learner(small_config(tiny_lm_dir))._ref_models == {}  # kl_coef = 0: no reference model
     learner = build_learner(small_config(tiny_lm_dir, kl_coef=0.5, lr=1e-2))
     assert DEFAULT_MODULE_ID in learner._ref_models
-    batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(hand_batch())}, env_steps=3)
+    batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(hand_batch())}, env_steps=4)
     first = learner.update(batch=batch)[DEFAULT_MODULE_ID]["loss/kl"].peek()
     second = learner.update(batch=batch)[DEFAULT_MODULE_ID]["loss/kl"].peek()
     assert first == pytest.approx(0.0, abs=1e-7)  # the policy still equals the reference
@@ -145,7 +132,7 @@ def test_build_train_save_restore_continue(tiny_lm_dir, tmp_path, ray_session):
     result = algo.train()
     assert result["tree/trees"] == 2 and result["tree/nodes"] == 12  # 2 trees x (2 + 4) nodes
     assert "loss/policy_loss" in result["learners"][DEFAULT_MODULE_ID]
-    assert result["loss/optimizer_steps"] == 1  # minibatch_size null: one step
+    assert result["loss/optimizer_steps"] == min(4, result["tree/train_packs"])  # num_minibatches 4
     algo.save_to_path(str(tmp_path / "ckpt"))
     weights = algo.learner_group.get_state()["learner"]["rl_module"][DEFAULT_MODULE_ID]
     algo.stop()
@@ -158,7 +145,7 @@ def test_build_train_save_restore_continue(tiny_lm_dir, tmp_path, ray_session):
     runner_weights = restored.env_runner.get_state(components="rl_module")["rl_module"]
     assert all(torch.equal(torch.as_tensor(weights[k]), runner_weights[k]) for k in weights)
     result = restored.train()
-    assert restored.iteration == 2 and result["loss/optimizer_steps"] == 1
+    assert restored.iteration == 2 and result["loss/optimizer_steps"] == min(4, result["tree/train_packs"])
     restored.stop()
 
 

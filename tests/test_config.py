@@ -51,7 +51,10 @@ def test_defaults_are_not_shared_between_configs():
         ("backend", "tgi"),
         ("prompts_per_iteration", 2.5),
         ("num_epochs", 0),
-        ("minibatch_size", -1),
+        ("num_minibatches", 0),
+        ("pack_tokens", 0),
+        ("forward_tokens", 0),
+        ("packing", "yes"),
     ],
 )
 def test_bad_value_names_the_field(field, value):
@@ -82,3 +85,12 @@ def test_training_method_sets_fields():
 def test_every_config_file_loads_and_validates(path):
     c = TreeRPOConfig.from_yaml(path)
     assert c.to_flat_dict()["branching"] == c.branching
+
+
+def test_rllib_minibatch_size_is_refused_for_treerpo_with_the_field_to_use():
+    from rllib_treerpo.jobs.config import load_run_config
+
+    with pytest.raises(ValueError, match="'minibatch_size' = 100: .* set num_minibatches"):
+        load_run_config(None, {"minibatch_size": 100})
+    config, job, _ = load_run_config(None, {"minibatch_size": 100, "algorithm": "PPO"})  # PPO's own field
+    assert config.minibatch_size == 100 and job.algorithm == "PPO"

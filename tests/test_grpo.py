@@ -25,40 +25,52 @@ def depth1_tree(rng, rewards, prompt_len=5) -> Tree:
     return tree
 
 
+def by_node(packs) -> dict[tuple[int, int], dict[str, np.ndarray]]:
+    """(tree, node) -> the node's loss tokens in the packs: their advantages, old log-probs and ids."""
+    out: dict[tuple[int, int], dict[str, list]] = {}
+    for p in packs:
+        for k, node in enumerate(p.target_node.tolist()):
+            entry = out.setdefault((p.tree, node), {"advantages": [], "old_logprobs": [], "ids": []})
+            entry["advantages"].append(p.advantages[k])
+            entry["old_logprobs"].append(p.old_logprobs[k])
+            entry["ids"].append(p.target_ids[k])
+    return {key: {k: np.asarray(v) for k, v in entry.items()} for key, entry in out.items()}
+
+
+@pytest.mark.parametrize("layout", ["packed", "rows"])
 @pytest.mark.parametrize("kind", ["binary", "continuous"])
-def test_depth1_batch_has_exactly_grpo_advantages(kind):
+def test_depth1_batch_has_exactly_grpo_advantages(kind, layout):
     rng = np.random.default_rng(0)
     groups = [rng.integers(0, 2, G).astype(float) if kind == "binary" else rng.random(G) for _ in range(6)]
     groups.append(np.ones(G))  # all right: GRPO's advantages are all 0
     groups.append(np.zeros(G))  # all wrong: likewise
     trees = [depth1_tree(rng, r) for r in groups]
-    rows, metrics = build_training_batch(
-        trees, tau=0.0, advantage_std="group", value_estimate="child_mean", eps=EPS
-    )
-    seen = set()
-    for r in range(len(rows["input_ids"])):
-        t, node = int(rows["tree_index"][r]), int(rows["node_index"][r])
+    common = {"advantage_std": "group", "value_estimate": "child_mean", "eps": EPS, "layout": layout}
+    packs, metrics = build_training_batch(trees, tau=0.0, **common)
+    nodes = by_node(packs)
+    for (t, node), entry in nodes.items():
         expected = grpo_advantages(groups[t])[node - 1]
-        mask = rows["loss_mask"][r] > 0
-        np.testing.assert_allclose(rows["advantages"][r][mask], expected, rtol=1e-6, atol=1e-6)
-        # the row trains the whole response after the prompt, with the sampling log-probs
-        tree = trees[t]
-        assert mask.sum() == len(tree.nodes[node].token_ids)
-        np.testing.assert_array_equal(rows["input_ids"][r][: len(tree.prompt_ids)], tree.prompt_ids)
-        np.testing.assert_allclose(rows["old_logprobs"][r][mask], tree.nodes[node].logprobs)
-        seen.add((t, node))
-    assert seen == {(t, i) for t in range(len(groups)) for i in range(1, G + 1)}  # tau = 0 keeps every group
+        np.testing.assert_allclose(entry["advantages"], expected, rtol=1e-6, atol=1e-6)
+        # the whole response is trained after the prompt, with the sampling log-probs
+        np.testing.assert_array_equal(entry["ids"], trees[t].nodes[node].token_ids)
+        np.testing.assert_allclose(entry["old_logprobs"], trees[t].nodes[node].logprobs)
+    assert set(nodes) == {
+        (t, i) for t in range(len(groups)) for i in range(1, G + 1)
+    }  # tau = 0 keeps them all
+    assert all(
+        p.input_ids[: len(trees[p.tree].prompt_ids)].tolist() == trees[p.tree].prompt_ids.tolist()
+        for p in packs
+    )
     assert metrics["tree/groups"] == len(groups) and metrics["tree/frac_groups_filtered"] == 0.0
 
     # tau > 0 drops exactly the constant groups (where GRPO's advantage is 0 anyway); the rest is unchanged
-    kept, metrics = build_training_batch(
-        trees, tau=0.1, advantage_std="group", value_estimate="child_mean", eps=EPS
-    )
+    kept, metrics = build_training_batch(trees, tau=0.1, **common)
     varied = [t for t, r in enumerate(groups) if np.std(r, ddof=1) >= 0.1]
-    assert sorted(set(kept["tree_index"].tolist())) == varied
+    assert sorted({p.tree for p in kept}) == varied
     assert metrics["tree/frac_groups_filtered"] == pytest.approx(1 - len(varied) / len(groups))
-    in_varied = np.isin(rows["tree_index"], varied)
-    np.testing.assert_allclose(kept["advantages"].sum(1), rows["advantages"][in_varied].sum(1), rtol=1e-6)
+    assert by_node(kept).keys() == {key for key in nodes if key[0] in varied}
+    for key, entry in by_node(kept).items():
+        np.testing.assert_allclose(entry["advantages"], nodes[key]["advantages"], rtol=1e-6)
 
 
 def test_sampled_depth1_trees_are_grpo_groups(tiny_lm_dir):
@@ -82,15 +94,12 @@ def test_sampled_depth1_trees_are_grpo_groups(tiny_lm_dir):
         assert len(tree.nodes) == G + 1 and all(n.terminal for n in tree.nodes[1:])
         for leaf in tree.leaves():  # a random model scores 0 everywhere: give the group varied rewards
             tree.nodes[leaf].reward = float(rng.integers(0, 2))
-    rows, _ = build_training_batch(
+    packs, _ = build_training_batch(
         trees, tau=0.0, advantage_std="group", value_estimate="child_mean", eps=EPS
     )
-    for r in range(len(rows["input_ids"])):
-        tree = trees[int(rows["tree_index"][r])]
-        rewards = np.array([tree.nodes[i].reward for i in tree.leaves()])
-        expected = grpo_advantages(rewards)[int(rows["node_index"][r]) - 1]
-        mask = rows["loss_mask"][r] > 0
-        np.testing.assert_allclose(rows["advantages"][r][mask], expected, rtol=1e-6)
+    for (t, node), entry in by_node(packs).items():
+        rewards = np.array([trees[t].nodes[i].reward for i in trees[t].leaves()])
+        np.testing.assert_allclose(entry["advantages"], grpo_advantages(rewards)[node - 1], rtol=1e-6)
 
 
 def test_grpo_config_is_a_depth1_tree_with_whole_response_steps():

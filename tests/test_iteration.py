@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,27 +11,42 @@ import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
-from rllib_treerpo.iteration import LossSettings, minibatch_plan, policy_update, sample_iteration
+from rllib_treerpo.iteration import minibatch_plan, minibatches, policy_update, sample_iteration
 from rllib_treerpo.rllib.algorithm import TreeRPOConfig
 from rllib_treerpo.rows import build_training_batch
 
 
+def fake_packs(tokens: list[int]):
+    return [SimpleNamespace(loss_tokens=n) for n in tokens]
+
+
 @pytest.mark.parametrize(
-    "rows, size, epochs, parts", [(10, None, 1, 1), (10, 4, 1, 3), (9, 3, 2, 6), (3, 8, 1, 1)]
+    "tokens, k, epochs, parts",
+    [([5] * 10, 1, 1, 1), ([5] * 10, 4, 1, 4), ([1, 50, 2, 3, 4, 5, 6, 7, 8], 3, 2, 6), ([3, 3], 8, 1, 2)],
 )
-def test_minibatch_plan_trains_every_row_once_per_epoch(rows, size, epochs, parts):
-    plan = minibatch_plan(rows, size, num_epochs=epochs, seed=3)
+def test_minibatch_plan_trains_every_pack_once_per_epoch_in_k_parts(tokens, k, epochs, parts):
+    packs = fake_packs(tokens)
+    plan = minibatch_plan(packs, k, num_epochs=epochs, seed=3)
     assert len(plan) == parts
     per_epoch = len(plan) // epochs
     for e in range(epochs):
-        assert sorted(np.concatenate(plan[e * per_epoch : (e + 1) * per_epoch]).tolist()) == list(range(rows))
-    assert all(len(p) <= (size or rows) for p in plan)
-    again = minibatch_plan(rows, size, num_epochs=epochs, seed=3)
-    assert all(np.array_equal(a, b) for a, b in zip(plan, again, strict=True))  # a resumed run replays it
+        epoch = plan[e * per_epoch : (e + 1) * per_epoch]
+        assert sorted(i for part in epoch for i in part) == list(range(len(tokens)))
+    assert plan == minibatch_plan(packs, k, num_epochs=epochs, seed=3)  # a resumed run replays it
+    if len(set(tokens)) == 1:  # equal packs: equal parts
+        assert max(map(len, plan)) - min(map(len, plan)) <= 1
 
 
-def sampled_rows(model_dir: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """Rows of real sampled trees (random tiny model, tau 0 so every non-degenerate group is kept)."""
+def test_minibatch_parts_have_about_equal_loss_tokens():
+    rng = np.random.default_rng(0)
+    packs = fake_packs(rng.integers(1, 40, size=200).tolist())
+    for part in minibatch_plan(packs, 4, seed=1):
+        share = sum(packs[i].loss_tokens for i in part) / sum(p.loss_tokens for p in packs)
+        assert 0.2 < share < 0.3
+
+
+def sampled_packs(model_dir: str, seed: int = 0):
+    """Packs of real sampled trees (random tiny model, varied rewards so tau 0 keeps every group)."""
     from envs import ArithmeticEnv
     from rllib_treerpo.generation import make_backend
     from rllib_treerpo.model_io import load_causal_lm, load_tokenizer
@@ -39,16 +55,25 @@ def sampled_rows(model_dir: str, seed: int = 0) -> dict[str, np.ndarray]:
     tok = load_tokenizer(model_dir)
     backend = make_backend("hf", load_causal_lm(model_dir), tok)
     trees = sample_iteration(ArithmeticEnv(num_ops=1), backend, tok, TreeSpec((3, 2), 5), 3, seed=seed)
-    for t in trees:  # random rewards: a random model rarely solves anything, and we want non-zero advantages
+    for t in trees:  # a random model rarely solves anything
         for i, leaf in enumerate(t.leaves()):
             t.nodes[leaf].reward = float((i + seed) % 2)
-    rows, _ = build_training_batch(trees, tau=0.0, advantage_std="group", value_estimate="child_mean")
-    assert len(rows["input_ids"]) >= 6
-    return rows
+    # one pack per node: several minibatches of several packs
+    packs, _ = build_training_batch(
+        trees, tau=0.0, advantage_std="group", value_estimate="child_mean", layout="rows"
+    )
+    assert len(packs) >= 6
+    return packs
 
 
-@pytest.mark.parametrize("minibatch_size, kl_coef, grad_clip", [(None, 0.0, 1.0), (4, 0.2, 0.05)])
-def test_rllib_learner_and_replica_give_the_same_parameters(tiny_lm_dir, minibatch_size, kl_coef, grad_clip):
+@pytest.mark.parametrize(
+    "num_minibatches, kl_coef, grad_clip, forward_tokens", [(1, 0.0, 1.0, None), (3, 0.2, 0.05, 40)]
+)
+def test_rllib_learner_and_replica_give_the_same_parameters(
+    tiny_lm_dir, num_minibatches, kl_coef, grad_clip, forward_tokens
+):
+    from envs import ArithmeticEnv
+
     config = TreeRPOConfig.from_yaml(
         None,
         {
@@ -60,38 +85,27 @@ def test_rllib_learner_and_replica_give_the_same_parameters(tiny_lm_dir, minibat
             "clip_eps_high": 0.3,
             "temperature": 0.9,
             "weight_decay": 0.01,
-            "minibatch_size": minibatch_size,
+            "num_minibatches": num_minibatches,
+            "forward_tokens": forward_tokens,
+            "loss_agg": "seq_mean_token_mean",
         },
     )
-    from envs import ArithmeticEnv
-
     env = ArithmeticEnv()
     learner = config.build_learner(spaces={DEFAULT_MODULE_ID: (env.observation_space, env.action_space)})
     module = learner.module[DEFAULT_MODULE_ID]
     initial = {k: v.clone() for k, v in module.model.state_dict().items()}
     replica = copy.deepcopy(module.model)
     reference = copy.deepcopy(module.model) if kl_coef else None
-    rows = sampled_rows(tiny_lm_dir)
-    plan_seed = 11
+    packs = sampled_packs(tiny_lm_dir)
+    seed = 11
 
-    for index in minibatch_plan(
-        len(rows["input_ids"]), minibatch_size, seed=plan_seed
-    ):  # what training_step does
-        batch = {k: v[index] for k, v in rows.items()}
-        learner.update(batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(batch)}, env_steps=len(index)))
+    for batch in minibatches(packs, config, pad_id=0, seed=seed):  # what TreeRPO.training_step does
+        rows = len(batch["input_ids"])
+        learner.update(batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(batch)}, env_steps=rows))
     optimizer = torch.optim.AdamW(replica.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    stats = policy_update(
-        replica,
-        optimizer,
-        rows,
-        LossSettings.from_config(config),
-        minibatch_size=minibatch_size,
-        grad_clip=grad_clip,
-        seed=plan_seed,
-        ref_model=reference,
-    )
+    stats = policy_update(replica, optimizer, packs, config, seed=seed, ref_model=reference)
 
-    assert len(stats) == (1 if minibatch_size is None else -(-len(rows["input_ids"]) // minibatch_size))
+    assert len(stats) == num_minibatches
     if kl_coef:
         assert stats[-1]["kl"] > 0  # the reference term was live
     for (name, a), b in zip(module.model.state_dict().items(), replica.state_dict().values(), strict=True):

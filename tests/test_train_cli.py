@@ -48,7 +48,7 @@ def test_train_writes_outputs_and_resumes(tiny_lm_dir, tmp_path, ray_session, mo
         "loss/policy_loss",
         "perf/decode_tokens_per_s",
     } <= set(rows[0])
-    assert all(r["loss/optimizer_steps"] == 1 for r in rows)  # minibatch_size null: one step per iteration
+    assert all(r["loss/optimizer_steps"] == min(4, r["tree/train_packs"]) for r in rows)  # num_minibatches 4
 
     # Simulate an interruption after iteration 2's checkpoint but with a row of a lost iteration 3 written.
     with open(out / "metrics.jsonl", "a") as f:

@@ -1,10 +1,10 @@
-"""The tree data model and its flattening into training rows."""
+"""The tree data model and its layout into training packs (per node and tree-packed)."""
 
 import numpy as np
 import pytest
 
 from rllib_treerpo.advantages import tree_advantages
-from rllib_treerpo.rows import flatten_trees
+from rllib_treerpo.packing import pack_trees
 from rllib_treerpo.tree import Tree
 
 
@@ -33,31 +33,54 @@ def test_structure_views():
     assert np.isnan(rewards[:2]).all() and list(rewards[2:]) == [0.0, 1.0, 0.0]
 
 
-def test_flatten_rows_context_target_and_alignment():
+def test_rows_layout_context_target_and_alignment():
+    """layout="rows": one pack per trained node = the per-row layout of SPEC.md s.4."""
     tree = small_tree()
     _, adv = tree_advantages(tree.parent_array(), tree.leaf_rewards(), tau=0.0, eps=0.0)
-    rows = flatten_trees([tree], [adv], pad_id=0)
-    assert list(rows["node_index"]) == [1, 2, 3, 4]
-    # node 4's row: context = prompt + node 1, target = its 3 tokens
-    r = 3
-    np.testing.assert_array_equal(rows["input_ids"][r], [5, 6, 7, 11, 12, 13])
-    np.testing.assert_array_equal(rows["loss_mask"][r], [0, 0, 0, 1, 1, 1])
-    np.testing.assert_allclose(rows["old_logprobs"][r], [0, 0, 0, -0.5, -0.6, -0.7], rtol=1e-6)
-    np.testing.assert_allclose(rows["advantages"][r], [0, 0, 0] + [adv[4]] * 3, rtol=1e-6)
-    # node 1's row is right-padded
-    np.testing.assert_array_equal(rows["input_ids"][0], [5, 6, 7, 0, 0, 0])
-    np.testing.assert_array_equal(rows["attention_mask"][0], [1, 1, 1, 0, 0, 0])
+    packs = pack_trees([tree], [adv], layout="rows")
+    assert [int(p.target_node[0]) for p in packs] == [1, 2, 3, 4]
+    # node 4's pack: context = prompt + node 1, targets = its 3 tokens, each predicted by the previous token
+    p = packs[3]
+    np.testing.assert_array_equal(p.input_ids, [5, 6, 7, 11, 12, 13])
+    np.testing.assert_array_equal(p.position_ids, [0, 1, 2, 3, 4, 5])
+    np.testing.assert_array_equal(p.target_pos, [2, 3, 4])
+    np.testing.assert_array_equal(p.target_ids, [11, 12, 13])
+    np.testing.assert_allclose(p.old_logprobs, [-0.5, -0.6, -0.7], rtol=1e-6)
+    np.testing.assert_allclose(p.advantages, [adv[4]] * 3, rtol=1e-6)
     # every generated token is trained exactly once
-    assert rows["loss_mask"].sum() == tree.num_step_tokens()
+    assert sum(p.loss_tokens for p in packs) == tree.num_step_tokens()
 
 
-def test_flatten_skips_filtered_nodes():
+def test_packed_layout_shares_the_prefix():
+    """layout="packed": the whole tree in one pack, depth-first, each token once."""
+    tree = small_tree()
+    _, adv = tree_advantages(tree.parent_array(), tree.leaf_rewards(), tau=0.0, eps=0.0)
+    (p,) = pack_trees([tree], [adv], layout="packed")
+    np.testing.assert_array_equal(p.input_ids, [5, 6, 7, 10, 11, 12, 13, 8, 9])  # DFS: 1, 3, 4, 2
+    np.testing.assert_array_equal(p.position_ids, [0, 1, 2, 3, 3, 4, 5, 2, 3])
+    # node 4's first token (11) is predicted from node 1's last token (7, index 2); node 2's from the prompt's
+    assert dict(zip(p.target_ids.tolist(), p.target_pos.tolist(), strict=True)) == {
+        7: 1,
+        10: 2,
+        11: 2,
+        12: 4,
+        13: 5,
+        8: 1,
+        9: 7,
+    }
+
+
+def test_filtered_nodes_train_nothing_and_stay_as_context():
     tree = small_tree()
     adv = np.array([np.nan, np.nan, np.nan, 1.0, -1.0])
-    rows = flatten_trees([tree, tree], [adv, adv])
-    assert list(rows["tree_index"]) == [0, 0, 1, 1] and list(rows["node_index"]) == [3, 4, 3, 4]
-    empty = flatten_trees([tree], [np.full(5, np.nan)])
-    assert empty["input_ids"].shape == (0, 0)
+    packs = pack_trees([tree, tree], [adv, adv], layout="rows")
+    assert [(p.tree, int(p.target_node[0])) for p in packs] == [(0, 3), (0, 4), (1, 3), (1, 4)]
+    (packed,) = pack_trees([tree], [adv])
+    np.testing.assert_array_equal(
+        packed.input_ids, [5, 6, 7, 10, 11, 12, 13]
+    )  # node 1 is context, 2 is left out
+    assert set(packed.target_node.tolist()) == {3, 4}
+    assert pack_trees([tree], [np.full(5, np.nan)]) == []
 
 
 def test_bad_nodes_and_shapes():
@@ -69,4 +92,4 @@ def test_bad_nodes_and_shapes():
     with pytest.raises(ValueError, match="shape"):
         tree.add_node(0, [1, 2], [0.0], "eos")
     with pytest.raises(ValueError, match="advantages shape"):
-        flatten_trees([tree], [np.zeros(3)])
+        pack_trees([tree], [np.zeros(3)])

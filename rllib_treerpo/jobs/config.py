@@ -47,7 +47,10 @@ def load_run_config(
         job.update(job_values)
         sections.update(section_values)
     config.validate_fields()
-    return config, JobConfig(**job), sections
+    job_config = JobConfig(**job)
+    if job_config.algorithm == "TreeRPO":
+        config.check_treerpo_batching()
+    return config, job_config, sections
 
 
 def flat_config(config: TreeRPOConfig, job: JobConfig) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from ray.rllib.utils.metrics import (
     TIMERS,
 )
 
-from rllib_treerpo.iteration import minibatch_plan, minibatch_seed, training_rows
+from rllib_treerpo.iteration import minibatch_seed, minibatches, training_packs
 from rllib_treerpo.model_io import load_tokenizer, pad_token_id
 from rllib_treerpo.sampler import TreeSpec
 from rllib_treerpo.settings import FIELDS, check_fields, default_value, read_config_file, split_fields
@@ -65,7 +65,7 @@ class TreeRPOConfig(AlgorithmConfig):
         self.grad_clip = 1.0
         self.grad_clip_by = "global_norm"
         self.num_epochs = 1
-        self.minibatch_size = None  # None: the whole batch in one step
+        self.minibatch_size = None  # RLlib's rows per minibatch: TreeRPO plans by num_minibatches instead
         self.merge_env_runner_states = False
         self.broadcast_env_runner_states = False
 
@@ -84,16 +84,23 @@ class TreeRPOConfig(AlgorithmConfig):
     def validate(self) -> None:
         super().validate()
         self.validate_fields()
+        self.check_treerpo_batching()
 
     def validate_fields(self) -> None:
         """TreeRPO's own checks; raises ValueError naming the first bad field."""
         check_fields({name: getattr(self, name) for name in FIELDS}, FIELDS)
-        for name, optional in (("minibatch_size", True), ("num_epochs", False)):
-            value = getattr(self, name)
-            if (value is not None or not optional) and not (
-                isinstance(value, int) and not isinstance(value, bool) and value > 0
-            ):
-                raise ValueError(f"config field {name!r} = {value!r}: must be a positive integer")
+        value = self.num_epochs
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise ValueError(f"config field 'num_epochs' = {value!r}: must be a positive integer")
+
+    def check_treerpo_batching(self) -> None:
+        """TreeRPO plans its minibatches by loss tokens (num_minibatches); RLlib's row count does not apply."""
+        if self.minibatch_size is not None:
+            raise ValueError(
+                f"config field 'minibatch_size' = {self.minibatch_size!r}: TreeRPO does not use RLlib's rows per "
+                "minibatch (a tree batch's row count depends on its shape); set num_minibatches (optimizer steps "
+                "per epoch) instead"
+            )
 
     def tree_spec(self, seed: int | None = None) -> TreeSpec:
         """The sampling settings (SPEC.md s.1) as the sampler's validated :class:`TreeSpec`."""
@@ -185,7 +192,7 @@ class TreeRPO(Algorithm):
         self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
         sample_seconds = time.perf_counter() - start
 
-        rows, tree_metrics = training_rows(trees, c, self._pad_id())
+        packs, tree_metrics = training_packs(trees, c)
         for key, value in tree_metrics.items():
             self.metrics.log_value(key, value, window=1)
         # Tune's and RLlib's usual headline metric: the mean leaf reward of this iteration.
@@ -195,7 +202,7 @@ class TreeRPO(Algorithm):
 
         start = time.perf_counter()
         with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
-            steps = self._update(rows)
+            steps, fed = self._update(packs)
         learn_seconds = time.perf_counter() - start
         self.metrics.log_value("loss/optimizer_steps", float(steps), window=1)
 
@@ -211,38 +218,35 @@ class TreeRPO(Algorithm):
             tree_metrics["tree/generated_tokens"] / max(sample_seconds, 1e-9),
             window=1,
         )
-        self.metrics.log_value(
-            "perf/learner_tokens_per_s",
-            float(rows["attention_mask"].sum()) / max(learn_seconds, 1e-9),
-            window=1,
-        )
+        self.metrics.log_value("perf/learner_tokens_per_s", fed / max(learn_seconds, 1e-9), window=1)
         self.metrics.log_value(
             "perf/generated_tokens_lifetime", tree_metrics["tree/generated_tokens"], reduce="lifetime_sum"
         )
         self.metrics.log_value("perf/prompts_lifetime", tree_metrics["tree/trees"], reduce="lifetime_sum")
 
-    def _update(self, rows: dict) -> int:
-        """One learner update per planned minibatch (every row exactly once per epoch); returns the step count.
-
-        The minibatches are planned here, not by RLlib's cyclic iterator (which repeats rows to fill its last
-        minibatch), with a seed per (seed, iteration) so a resumed run replays them.
-        """
+    def _update(self, packs: list) -> tuple[int, int]:
+        """One learner update per planned minibatch (iteration.minibatches: num_minibatches per epoch, every loss
+        token once per epoch, shards of equal size per learner); returns the optimizer steps and tokens fed."""
         c = self.config
-        n = len(rows["input_ids"])
-        if not n:  # every group may have been filtered out (e.g. all leaves equal)
-            return 0
-        plan = minibatch_plan(
-            n, c.minibatch_size, num_epochs=c.num_epochs, seed=minibatch_seed(c.seed, self.iteration)
+        if not packs:  # every group may have been filtered out (e.g. all leaves equal)
+            return 0, 0
+        plan = minibatches(
+            packs,
+            c,
+            self._pad_id(),
+            seed=minibatch_seed(c.seed, self.iteration),
+            num_learners=max(1, c.num_learners),
         )
         lifetime = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
-        for index in plan:
-            minibatch = {k: v[index] for k, v in rows.items()}
+        for batch in plan:
             results = self.learner_group.update(
-                batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(minibatch)}, env_steps=len(index)),
+                batch=MultiAgentBatch(
+                    {DEFAULT_MODULE_ID: SampleBatch(batch)}, env_steps=len(batch["input_ids"])
+                ),
                 timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime},
             )
             self.metrics.aggregate(results, key=LEARNER_RESULTS)
-        return len(plan)
+        return len(plan), sum(len(p.input_ids) for p in packs) * c.num_epochs
 
     def _sample_trees(self):
         """Each env runner grows its share of prompts_per_iteration trees (in parallel when remote)."""

@@ -14,10 +14,13 @@ from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 from ray.rllib.utils.annotations import override
 
 from rllib_treerpo.model_io import hf_weights, load_causal_lm
+from rllib_treerpo.packing import packed_logits
 
 
 class CausalLMModule(TorchRLModule):
-    """Wraps ``self.model`` (a transformers causal LM). forward -> {"logits": (B, T, V)}."""
+    """Wraps ``self.model`` (a transformers causal LM). The training forward takes collated packs (packing.py)
+    and returns {"logits": (B, M, V)} at the positions that predict each loss token (inside the module's forward,
+    so DDP sees it when num_learners > 1)."""
 
     @override(TorchRLModule)
     def setup(self):
@@ -26,10 +29,7 @@ class CausalLMModule(TorchRLModule):
 
     @override(TorchRLModule)
     def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        out = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        )
-        return {"logits": out.logits}
+        return {"logits": packed_logits(self.model, batch)}
 
     @override(TorchRLModule)
     def get_state(self, components=None, *, not_components=None, inference_only: bool = False, **kwargs):
