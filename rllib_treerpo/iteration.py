@@ -210,8 +210,9 @@ def policy_update(
             ref_logits = None
             if ref_model is not None and settings.kl_coef > 0:
                 with torch.no_grad():
-                    ref_logits = packed_logits(ref_model, part)
-            loss, stats = compute_loss(packed_logits(model, part), part, settings, ref_logits)
+                    ref_logits = packed_logits(ref_model, part, config.pack_attention)
+            logits = packed_logits(model, part, config.pack_attention)
+            loss, stats = compute_loss(logits, part, settings, ref_logits)
             loss.backward()
         if config.grad_clip:
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))

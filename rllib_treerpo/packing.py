@@ -8,8 +8,9 @@ log-probs and gradients are the same; only the shared prefixes are no longer rec
 A node's first token is predicted from the last token on its parent's path; later tokens from the previous one.
 
 ``layout="rows"`` makes one pack per trained node (its path): the per-row layout, through the same forward.
-``layout="packed"`` makes a pack of a whole tree, split into the subtrees of a node's children (each after the
-node's path) until a pack holds at most ``pack_tokens`` tokens. Nodes without an advantage (the root, filtered
+``layout="packed"`` makes a pack of a whole tree if it holds at most ``pack_tokens`` tokens; else a node's
+children's subtrees are binned after the node's path (and split further where one alone does not fit), so a pack
+holds at most ``pack_tokens`` tokens unless a single root-to-node path is longer. Nodes without an advantage (the root, filtered
 groups) carry no loss; they are included only as context of trained descendants.
 
 Pure numpy (and torch for the mask and the forward at the bottom).
@@ -67,10 +68,10 @@ def pack_trees(
             continue
         needed = _needed(tree, trained)
         if layout == "rows":
-            units = [(i, [i]) for i in np.flatnonzero(trained)]
+            units = [(i, [i], {i}) for i in np.flatnonzero(trained)]
         else:
             units = _split(tree, needed, trained, 0, pack_tokens)
-        packs += [_build(t, tree, adv, trained, needed, top, members) for top, members in units]
+        packs += [_build(t, tree, adv, *unit) for unit in units if unit[2]]
     return packs
 
 
@@ -94,29 +95,46 @@ def _subtree(tree: Tree, needed: np.ndarray, top: int) -> list[int]:
     return out
 
 
+def _tokens(tree: Tree, nodes: list[int]) -> int:
+    return sum(len(tree.nodes[i].token_ids) for i in nodes)
+
+
 def _split(
     tree: Tree, needed: np.ndarray, trained: np.ndarray, top: int, budget: int
-) -> list[tuple[int, list]]:
-    """(top node, members) units: ``top``'s whole subtree if it fits ``budget`` tokens after its path, else
-    ``top`` alone (if trained) and the units of its children."""
-    path = len(tree.prompt_ids) + sum(len(tree.nodes[i].token_ids) for i in tree.path(top)[:-1])
+) -> list[tuple[int, list, set]]:
+    """(top node, members, loss nodes) units that each fit ``budget`` tokens with ``top``'s path in front.
+
+    ``top``'s whole subtree if it fits; else its children's subtrees binned after ``top``'s path and tokens (top
+    is trained in the first unit), and a child whose subtree alone does not fit there is split the same way.
+    """
+    path = len(tree.prompt_ids) + _tokens(tree, tree.path(top)[:-1])
     members = _subtree(tree, needed, top)
     children = [c for c in tree.nodes[top].children if needed[c]]
-    if path + sum(len(tree.nodes[i].token_ids) for i in members) <= budget or not children:
-        return [(top, members)]
-    units = [(top, [top])] if trained[top] else []
+    if path + _tokens(tree, members) <= budget or not children:
+        return [(top, members, {i for i in members if trained[i]})]
+    own = path + _tokens(tree, [top])
+    units, bins = [], [[]]
     for c in children:
-        units += _split(tree, needed, trained, c, budget)
+        sub = _subtree(tree, needed, c)
+        if own + _tokens(tree, sub) > budget:  # too big even alone after top: split it further
+            units += _split(tree, needed, trained, c, budget)
+        elif own + _tokens(tree, bins[-1] + sub) <= budget:
+            bins[-1] += sub
+        else:
+            bins.append(sub)
+    bins = [b for b in bins if b]
+    if trained[top] and not bins:
+        bins = [[]]
+    for k, b in enumerate(bins):  # top's own loss in the first unit only
+        loss = {i for i in b if trained[i]} | ({top} if k == 0 and trained[top] and top else set())
+        units.append((top, [top] + b, loss))
     return units
 
 
-def _build(
-    t: int, tree: Tree, adv: np.ndarray, trained: np.ndarray, needed: np.ndarray, top: int, members: list[int]
-) -> Pack:
-    """Lay out ``top``'s ancestors (context) then ``members`` (DFS order) as one pack."""
+def _build(t: int, tree: Tree, adv: np.ndarray, top: int, members: list[int], loss_nodes: set) -> Pack:
+    """Lay out ``top``'s ancestors (context) then ``members`` (DFS order) as one pack; ``loss_nodes`` carry loss."""
     order = [0] + tree.path(top)[:-1] + [i for i in members if i != 0]
     local = {node: k for k, node in enumerate(order)}
-    loss_nodes = {i for i in members if trained[i]}
     ids, pos, token_node = [np.asarray(tree.prompt_ids)], [np.arange(len(tree.prompt_ids))], []
     token_node.append(np.zeros(len(tree.prompt_ids), np.int64))
     start = {0: 0}  # index of each node's first token in the pack
@@ -245,19 +263,37 @@ def tree_attention_mask(token_node: torch.Tensor, node_parent: torch.Tensor) -> 
     return mask[:, None]
 
 
-def packed_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+ATTENTIONS = ("segments", "dense")
+
+
+def packed_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], attention: str = "segments"
+) -> torch.Tensor:
     """(B, M, V) logits at the positions that predict each loss token (the LM head runs there only).
 
-    Always passes the 4D tree mask: given no mask and position ids that do not increase by one, transformers
-    infers "packed documents" and builds a wrong mask silently (tests/test_packing.py shows it).
+    ``attention="segments"`` (tree_attention.py): each node's tokens against their own path's keys, no masked work;
+    ``"dense"``: one 4D tree mask for the model's attention (sdpa takes it as is; eager/flex get it additive).
+    Either way the tree structure is always passed: given no mask and position ids that do not increase by one,
+    transformers infers "packed documents" and builds a wrong mask silently (tests/test_packing.py shows it).
     """
-    mask = tree_attention_mask(batch["token_node"], batch["node_parent"])
-    if getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":  # eager/flex: the mask is additive
-        mask = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(
-            ~mask, torch.finfo(model.dtype).min
-        )
-    hidden = model.get_decoder()(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, use_cache=False
-    ).last_hidden_state
+    from rllib_treerpo.tree_attention import segment_plan, using_segments
+
+    decoder = model.get_decoder()
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    if attention == "segments":
+        with using_segments(model):
+            plan = segment_plan(batch["token_node"], batch["node_parent"])
+            hidden = decoder(**inputs, attention_mask={"full_attention": plan}).last_hidden_state
+    elif attention == "dense":
+        mask = tree_attention_mask(batch["token_node"], batch["node_parent"])
+        if (
+            getattr(model.config, "_attn_implementation", "sdpa") != "sdpa"
+        ):  # eager/flex: the mask is additive
+            mask = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(model.dtype).min
+            )
+        hidden = decoder(**inputs, attention_mask=mask).last_hidden_state
+    else:
+        raise ValueError(f"attention={attention!r}; expected one of {ATTENTIONS}")
     index = batch["target_pos"][..., None].expand(-1, -1, hidden.shape[-1])
     return model.get_output_embeddings()(hidden.gather(1, index))

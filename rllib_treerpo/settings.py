@@ -140,6 +140,12 @@ FIELDS: dict[str, Field] = {
         "Most tokens of one packed row; a larger subtree is split into its children's subtrees.",
         _positive_int,
     ),
+    "pack_attention": Field(
+        "segments",
+        "Attention inside a pack: segments (each node's tokens against its own path's keys; no masked work, "
+        "tree_attention.py) or dense (one L x L tree mask handed to the model's attention, e.g. sdpa or flex).",
+        _one_of("segments", "dense"),
+    ),
     "num_minibatches": Field(
         4,
         "Optimizer steps per epoch of an iteration: its packs are split into this many minibatches of about "

@@ -316,3 +316,31 @@ def test_package_import_is_lazy_and_ray_free():
         "assert not {'transformers', 'vllm', 'torch'} & set(sys.modules), sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_max_batch_splits_a_call_and_keeps_the_caches_of_every_chunk(tok):
+    """A call larger than max_batch decodes in chunks: greedy samples equal the unsplit call's, and the next
+    level still continues every sample from its kept K/V (feeding one token each)."""
+    model = tiny_lm(tok)
+    contexts = [ids(tok, p) for p in PROMPTS]
+    greedy = SamplingParams(max_new_tokens=5, temperature=0.0, stop_at_eos=False)
+    sampled = SamplingParams(max_new_tokens=5, stop_at_eos=False, seed=3)
+    whole = make_backend("hf", model, tok)
+    split = make_backend(
+        "hf", model, tok, max_batch=3
+    )  # 4 contexts x 2 samples: chunks of 1 context (2 rows)
+    assert [[s.token_ids for s in c] for c in whole.generate(contexts, 1, greedy)] == [
+        [s.token_ids for s in c] for c in split.generate(contexts, 1, greedy)
+    ]
+    first = split.generate(contexts, 2, sampled)
+    assert split.stats.forward_calls > 5 * 2  # it decoded in several loops
+    nxt = list(
+        {tuple(c + s.token_ids): None for c, samples in zip(contexts, first, strict=True) for s in samples}
+    )
+    split.reset_stats()
+    again = split.generate([list(c) for c in nxt], 1, greedy)
+    assert split.stats.cache_hits == len(nxt) and split.stats.prefill_tokens == len(nxt)  # one token each
+    expected = whole.generate([list(c) for c in nxt], 1, greedy)
+    assert [c[0].token_ids for c in again] == [c[0].token_ids for c in expected]
+    with pytest.raises(ValueError, match="max_batch"):
+        make_backend("hf", model, tok, max_batch=0)

@@ -113,8 +113,9 @@ def fp64_rmsnorm(self, hidden_states):
     return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
 
 
+@pytest.mark.parametrize("attention", ["segments", "dense"])
 @pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean"])
-def test_packed_equals_per_row_log_probs_and_gradients_fp64(loss_agg, monkeypatch):
+def test_packed_equals_per_row_log_probs_and_gradients_fp64(loss_agg, attention, monkeypatch):
     """fp64, a GQA Qwen2: the same log-probs and the same gradient of every parameter (clipping and KL live)."""
     from transformers.models.qwen2 import modeling_qwen2
 
@@ -130,9 +131,9 @@ def test_packed_equals_per_row_log_probs_and_gradients_fp64(loss_agg, monkeypatc
         batch = {k: torch.as_tensor(v) for k, v in collate(packs, loss_weights(packs, loss_agg), 0).items()}
         batch["loss_weight"] = batch["loss_weight"].double()
         model.zero_grad()
-        logits = packed_logits(model, batch)
+        logits = packed_logits(model, batch, attention if layout == "packed" else "dense")
         with torch.no_grad():
-            ref_logits = packed_logits(ref, batch)
+            ref_logits = packed_logits(ref, batch, attention)
         loss, stats = compute_loss(logits, batch, settings, ref_logits)
         loss.backward()
         logp = torch.log_softmax(logits.double() / 0.8, -1).gather(-1, batch["target_ids"][..., None])[..., 0]
@@ -192,10 +193,15 @@ def test_two_learners_take_the_same_step_as_one(tiny_lm_dir, ray_session):
     spaces = {DEFAULT_MODULE_ID: (env.observation_space, env.action_space)}
     weights = {}
     for learners in (0, 2):
-        config = TreeRPOConfig.from_yaml(
-            None,
-            {"model_name_or_path": tiny_lm_dir, "lr": 1e-2, "num_minibatches": 1, "num_learners": learners},
-        )
+        # lr 1e-3: Adam turns a rounding-level gradient (k_proj.bias's is 0 in exact arithmetic) into a full
+        # lr-sized step of random sign; the two runs must agree far below that.
+        values = {
+            "model_name_or_path": tiny_lm_dir,
+            "lr": 1e-3,
+            "num_minibatches": 1,
+            "num_learners": learners,
+        }
+        config = TreeRPOConfig.from_yaml(None, values)
         group = config.build_learner_group(env=None, spaces=spaces)
         try:
             for batch in minibatches(packs, config, pad_id=0, seed=0, num_learners=max(1, learners)):
@@ -210,8 +216,7 @@ def test_two_learners_take_the_same_step_as_one(tiny_lm_dir, ray_session):
     from rllib_treerpo.model_io import load_causal_lm, module_state
 
     initial = module_state(load_causal_lm(tiny_lm_dir).state_dict())
-    assert (
-        max(float((weights[0][k] - v).abs().max()) for k, v in initial.items()) > 1e-4
-    )  # the step moved them
+    moved = max(float((weights[0][k] - v).abs().max()) for k, v in initial.items())
+    assert moved > 1e-4  # the step moved them
     for name, value in weights[0].items():
         torch.testing.assert_close(value, weights[2][name], atol=1e-6, rtol=1e-5, msg=name)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .base import GenerationBackend, Sample, SamplingParams, StopStringChecker
-from .kv_slots import CacheEntry, KVGroup, SlotCache, SlotLayer
+from .kv_slots import CacheEntry, SlotCache, SlotLayer, merge_entries
 from .sampling import sample_tokens
 
 Key = tuple[int, ...]
@@ -47,6 +47,7 @@ class HFBackend(GenerationBackend):
             model's generation_config EOS ids.
         cache_prefixes: keep the last call's sample caches for reuse (False: prefill every context).
         compact_fraction: compact the batch once this fraction of its rows has finished (0: at every finish).
+        max_batch: most sample rows decoded together (None: all of a call's); a larger call is split into chunks.
     """
 
     name = "hf"
@@ -59,6 +60,7 @@ class HFBackend(GenerationBackend):
         eos_token_ids: Sequence[int] | None = None,
         cache_prefixes: bool = True,
         compact_fraction: float = 0.25,
+        max_batch: int | None = None,
     ) -> None:
         super().__init__()
         layer_types = getattr(model.config, "layer_types", None) or []
@@ -79,6 +81,9 @@ class HFBackend(GenerationBackend):
         self.pad_token_id = int(pad if pad is not None else (self.eos_token_ids or [0])[0])
         self.cache_prefixes = cache_prefixes
         self.compact_fraction = float(compact_fraction)
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be a positive number of sample rows or None, got {max_batch}")
+        self.max_batch = max_batch
         self._store: dict[Key, CacheEntry] = {}
         self._key_lengths: list[int] = []
 
@@ -115,62 +120,88 @@ class HFBackend(GenerationBackend):
     def generate(
         self, contexts: Sequence[Sequence[int]], num_samples: int | Sequence[int], params: SamplingParams
     ) -> list[list[Sample]]:
+        """Sample every context; at most ``max_batch`` sample rows decode together (the call is split into chunks
+        of whole contexts transparently, each continuing from the previous call's kept caches)."""
         start = time.perf_counter()
         counts = self._expand_num_samples(num_samples, len(contexts))
         keys = [tuple(int(t) for t in c) for c in contexts]
         self._check_contexts(keys, params.max_new_tokens)
         self.stats.generate_calls += 1
-        # Identical contexts are fed once: unique context -> its sample rows, in call order.
-        unique: dict[Key, int] = {}
+        previous = (self._store, self._key_lengths)
+        self.clear_cache()
+        out: list[list[Sample]] = [[] for _ in contexts]
+        store: dict[Key, CacheEntry] = {}
+        for chunk in self._chunks(counts):
+            samples, entries = self._generate_rows(
+                [keys[i] for i in chunk], [counts[i] for i in chunk], params, previous
+            )
+            for i, context_samples, context_entries in zip(chunk, samples, entries, strict=True):
+                out[i] = context_samples
+                if self.cache_prefixes:
+                    for sample, entry in zip(context_samples, context_entries, strict=True):
+                        store[keys[i] + tuple(sample.token_ids)] = entry
+        del previous  # the previous call's K/V: every chunk has taken what it continues from
+        self._store = store
+        self._key_lengths = sorted({len(k) for k in store}, reverse=True)
+        self.stats.decode_tokens += sum(len(s.token_ids) for samples in out for s in samples)
+        self.stats.seconds += time.perf_counter() - start
+        return out
+
+    # ----------------------------------------------------------------- internals
+    def _chunks(self, counts: list[int]) -> list[list[int]]:
+        """Context indices in chunks of at most ``max_batch`` sample rows (a context is never split)."""
+        chunks, current, rows = [], [], 0
+        for i, n in enumerate(counts):
+            if not n:
+                continue
+            if current and self.max_batch and rows + n > self.max_batch:
+                chunks.append(current)
+                current, rows = [], 0
+            current.append(i)
+            rows += n
+        return chunks + ([current] if current else [])
+
+    def _generate_rows(
+        self, keys: list[Key], counts: list[int], params: SamplingParams, previous: tuple[dict, list]
+    ) -> tuple[list[list[Sample]], list[list[CacheEntry]]]:
+        """One decode loop over ``keys`` x ``counts`` sample rows; per context its samples and their K/V."""
+        unique: dict[Key, int] = {}  # identical contexts are fed once: unique context -> its sample rows
         row_unique: list[int] = []
         for key, n in zip(keys, counts, strict=True):
-            if n:
-                row_unique += [unique.setdefault(key, len(unique))] * n
-        if not row_unique:
-            return [[] for _ in contexts]
+            row_unique += [unique.setdefault(key, len(unique))] * n
         ukeys = list(unique)
-        logits, cache, mask, positions = self._prefill(ukeys, params.max_new_tokens)
+        logits, cache, mask, positions = self._prefill(ukeys, params.max_new_tokens, previous)
         if row_unique != list(range(len(ukeys))):
             rows = torch.tensor(row_unique, device=self.device)
             cache.batch_select_indices(rows)  # expand each context's K/V to its samples (row copies)
             logits, mask, positions = logits[rows], mask[rows], positions[rows]
         new_tokens, new_logps, reasons, entries = self._decode(logits, cache, mask, positions, params)
-        out: list[list[Sample]] = [[] for _ in contexts]
-        store: dict[Key, CacheEntry] = {}
-        row = 0
-        for i, n in enumerate(counts):
-            for _ in range(n):
-                toks = new_tokens[row]
-                out[i].append(Sample(toks, new_logps[row], reasons[row]))
-                if self.cache_prefixes:
-                    store[keys[i] + tuple(toks)] = entries[row]
-                row += 1
-        self._store = store
-        self._key_lengths = sorted({len(k) for k in store}, reverse=True)
-        self.stats.decode_tokens += sum(len(t) for t in new_tokens)
-        self.stats.seconds += time.perf_counter() - start
-        return out
+        samples, kept, row = [], [], 0
+        for n in counts:
+            samples.append([Sample(new_tokens[r], new_logps[r], reasons[r]) for r in range(row, row + n)])
+            kept.append(entries[row : row + n])
+            row += n
+        return samples, kept
 
-    # ----------------------------------------------------------------- internals
-    def _lookup(self, key: Key) -> CacheEntry | None:
-        """The kept entry whose key is the longest prefix of ``key`` (usually ``key`` itself).
+    def _lookup(self, key: Key, store: dict, lengths: list[int]) -> CacheEntry | None:
+        """The entry of ``store`` whose key is the longest prefix of ``key`` (usually ``key`` itself).
 
         Only kept key lengths shorter than ``key`` are tried, longest first: a prompt costs one dict lookup.
         """
-        if not self.cache_prefixes or not self._store:
+        if not self.cache_prefixes or not store:
             return None
-        entry = self._store.get(key)
+        entry = store.get(key)
         if entry is not None:
             return entry
-        for n in self._key_lengths:  # descending
+        for n in lengths:  # descending
             if n < len(key):
-                entry = self._store.get(key[:n])
+                entry = store.get(key[:n])
                 if entry is not None:
                     return entry
         return None
 
     def _prefill(
-        self, ukeys: list[Key], max_new: int
+        self, ukeys: list[Key], max_new: int, previous: tuple[dict, list]
     ) -> tuple[torch.Tensor, SlotCache, torch.Tensor, torch.Tensor]:
         """Feed each unique context's uncached tail on top of its merged cache.
 
@@ -178,8 +209,7 @@ class HFBackend(GenerationBackend):
         tails right-aligned in the Smax query window. Returns last-token logits (U, V), the cache, the 2D mask
         (U, Cmax + Smax) bool (True = real token), and the next position id per row (U,).
         """
-        entries = [self._lookup(k) for k in ukeys]
-        self.clear_cache()  # what is needed is referenced by `entries`; let the rest go before decoding
+        entries = [self._lookup(k, *previous) for k in ukeys]
         cached = [len(e.slots) if e is not None else 0 for e in entries]
         self.stats.cache_hits += sum(c > 0 for c in cached)
         self.stats.cache_misses += sum(c == 0 for c in cached)
@@ -196,7 +226,7 @@ class HFBackend(GenerationBackend):
         ids, pos, mask = (torch.from_numpy(a).to(self.device) for a in (ids, pos, mask))
         layers = [SlotLayer(c_max + s_max + max_new) for _ in range(self.model.config.num_hidden_layers)]
         if c_max:
-            self._merge(entries, c_max, layers)
+            merge_entries(entries, c_max, layers, self.device)
         cache = SlotCache(layers)
         del entries  # the merged copy is all that is needed: free the previous call's groups
         fed = sum(len(t) for t in tails)
@@ -214,55 +244,6 @@ class HFBackend(GenerationBackend):
         )
         next_pos = torch.tensor([len(k) for k in ukeys], device=self.device)
         return out.logits[:, -1, :], out.past_key_values, mask, next_pos
-
-    def _merge(self, entries: list[CacheEntry | None], c_max: int, layers: list[SlotLayer]) -> None:
-        """Fill each layer's buffers (U, H, capacity, D) with the kept entries, right-aligned at slot c_max.
-
-        Rows without an entry and padding slots hold zeros: they are masked. One gather per layer and source
-        group copies exactly the cached slots (holes and stale slots of the source rows are dropped here).
-        """
-        plans: dict[int, tuple[KVGroup, list]] = {}  # source group -> its (target row, entry) pairs
-        for u, e in enumerate(entries):
-            if e is not None:
-                plans.setdefault(id(e.group), (e.group, []))[1].append((u, e))
-        gathers = []  # (group, target rows (n,), source rows (n, 1), source slots (n, c_max) or a slice)
-        for group, members in plans.values():
-            slots = np.zeros((len(members), c_max), np.int64)
-            for r, (_, e) in enumerate(members):
-                slots[r, c_max - len(e.slots) :] = e.slots
-                slots[r, : c_max - len(e.slots)] = e.slots[0]  # any real slot: finite, and masked
-            first = slots[0, 0]
-            if (slots == np.arange(first, first + c_max)).all():  # the usual tree case: one contiguous run
-                idx: torch.Tensor | slice = slice(int(first), int(first) + c_max)
-            else:
-                idx = torch.from_numpy(slots).to(self.device)
-            gathers.append(
-                (
-                    group,
-                    torch.tensor([u for u, _ in members], device=self.device),
-                    torch.tensor([e.row for _, e in members], device=self.device)[:, None],
-                    idx,
-                )
-            )
-        # One group filling every row with one run of slots (a tree's next level): a single row gather per tensor.
-        whole = len(gathers) == 1 and isinstance(gathers[0][3], slice) and len(gathers[0][1]) == len(entries)
-        for index, layer in enumerate(layers):
-            k0, v0 = gathers[0][0][index]
-            shape = (len(entries), k0.shape[1], layer.capacity, k0.shape[3])
-            bufs = (
-                (k0.new_empty(shape), v0.new_empty(shape))
-                if whole
-                else (k0.new_zeros(shape), v0.new_zeros(shape))
-            )
-            for group, targets, src, idx in gathers:
-                for buf, source in zip(bufs, group[index], strict=True):
-                    if whole:  # slots past c_max are written before they are read
-                        torch.index_select(source[:, :, idx], 0, src[:, 0], out=buf[:, :, :c_max])
-                    elif isinstance(idx, slice):  # rows, then a slice of slots: no per-slot gather
-                        buf[targets, :, :c_max] = source[src[:, 0], :, idx]
-                    else:  # (rows, H, S, D) -> (rows, S, H, D) view, gather (n, c_max) slots, back
-                        buf[targets, :, :c_max] = source.transpose(1, 2)[src, idx].transpose(1, 2)
-            layer.set_buffers(*bufs, c_max)
 
     @staticmethod
     def _set_aside(

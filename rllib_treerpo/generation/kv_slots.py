@@ -79,3 +79,53 @@ class SlotCache(DynamicCache):
 
     def __init__(self, layers: list[SlotLayer]) -> None:
         Cache.__init__(self, layers=layers)
+
+
+def merge_entries(entries: list[CacheEntry | None], c_max: int, layers: list[SlotLayer], device) -> None:
+    """Fill each layer's buffers (U, H, capacity, D) with the kept entries, right-aligned at slot c_max.
+
+    Rows without an entry and padding slots hold zeros: they are masked. One gather per layer and source
+    group copies exactly the cached slots (holes and stale slots of the source rows are dropped here).
+    """
+    plans: dict[int, tuple[KVGroup, list]] = {}  # source group -> its (target row, entry) pairs
+    for u, e in enumerate(entries):
+        if e is not None:
+            plans.setdefault(id(e.group), (e.group, []))[1].append((u, e))
+    gathers = []  # (group, target rows (n,), source rows (n, 1), source slots (n, c_max) or a slice)
+    for group, members in plans.values():
+        slots = np.zeros((len(members), c_max), np.int64)
+        for r, (_, e) in enumerate(members):
+            slots[r, c_max - len(e.slots) :] = e.slots
+            slots[r, : c_max - len(e.slots)] = e.slots[0]  # any real slot: finite, and masked
+        first = slots[0, 0]
+        if (slots == np.arange(first, first + c_max)).all():  # the usual tree case: one contiguous run
+            idx: torch.Tensor | slice = slice(int(first), int(first) + c_max)
+        else:
+            idx = torch.from_numpy(slots).to(device)
+        gathers.append(
+            (
+                group,
+                torch.tensor([u for u, _ in members], device=device),
+                torch.tensor([e.row for _, e in members], device=device)[:, None],
+                idx,
+            )
+        )
+    # One group filling every row with one run of slots (a tree's next level): a single row gather per tensor.
+    whole = len(gathers) == 1 and isinstance(gathers[0][3], slice) and len(gathers[0][1]) == len(entries)
+    for index, layer in enumerate(layers):
+        k0, v0 = gathers[0][0][index]
+        shape = (len(entries), k0.shape[1], layer.capacity, k0.shape[3])
+        bufs = (
+            (k0.new_empty(shape), v0.new_empty(shape))
+            if whole
+            else (k0.new_zeros(shape), v0.new_zeros(shape))
+        )
+        for group, targets, src, idx in gathers:
+            for buf, source in zip(bufs, group[index], strict=True):
+                if whole:  # slots past c_max are written before they are read
+                    torch.index_select(source[:, :, idx], 0, src[:, 0], out=buf[:, :, :c_max])
+                elif isinstance(idx, slice):  # rows, then a slice of slots: no per-slot gather
+                    buf[targets, :, :c_max] = source[src[:, 0], :, idx]
+                else:  # (rows, H, S, D) -> (rows, S, H, D) view, gather (n, c_max) slots, back
+                    buf[targets, :, :c_max] = source.transpose(1, 2)[src, idx].transpose(1, 2)
+        layer.set_buffers(*bufs, c_max)

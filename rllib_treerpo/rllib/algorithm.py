@@ -122,7 +122,11 @@ class TreeRPOConfig(AlgorithmConfig):
         return RLModuleSpec(module_class=CausalLMModule, model_config=self.module_model_config())
 
     def module_model_config(self) -> dict:
-        return {"model_name_or_path": self.model_name_or_path, "dtype": self.dtype}
+        return {
+            "model_name_or_path": self.model_name_or_path,
+            "dtype": self.dtype,
+            "pack_attention": self.pack_attention,
+        }
 
     @override(AlgorithmConfig)
     def get_default_learner_class(self):

@@ -73,7 +73,7 @@ class TreeRPOTorchLearner(TorchLearner):
         ref_logits = None
         if module_id in self._ref_models:
             with torch.no_grad():
-                ref_logits = packed_logits(self._ref_models[module_id], batch)
+                ref_logits = packed_logits(self._ref_models[module_id], batch, config.pack_attention)
         scale = max(1, self.config.num_learners)  # DDP averages the learners' gradients; the weights sum them
         loss, stats = compute_loss(
             fwd_out["logits"], batch, LossSettings.from_config(config), ref_logits, scale

@@ -29,7 +29,9 @@ class CausalLMModule(TorchRLModule):
 
     @override(TorchRLModule)
     def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        return {"logits": packed_logits(self.model, batch)}
+        return {
+            "logits": packed_logits(self.model, batch, self.model_config.get("pack_attention", "segments"))
+        }
 
     @override(TorchRLModule)
     def get_state(self, components=None, *, not_components=None, inference_only: bool = False, **kwargs):

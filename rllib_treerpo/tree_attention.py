@@ -1,0 +1,125 @@
+"""Attention over tree packs without the masked work: per node, its tokens against its path's keys only.
+
+A pack's tree mask (packing.tree_attention_mask) is mostly False: a token sees its ancestors and its own earlier
+tokens, never its siblings' subtrees. A dense L x L masked attention computes every pair anyway, which on a CPU
+(no FlexAttention backward there) costs more than the per-row layout saves. Here each node's tokens attend to the
+gathered keys of their own root-to-node path, nodes of equal depth batched together: the attention work is what
+the per-row layout does for the trained tokens, the projections and MLPs run once per unique token.
+
+It plugs into transformers as an attention function (registered as ``"treerpo_segments"``): the decoder is called
+with ``attention_mask={"full_attention": SegmentPlan}`` (a dict is passed to the layers untouched) while the
+model's attention implementation is switched to this function; any other mask falls through to sdpa unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+NAME = "treerpo_segments"
+
+
+@dataclass
+class Bucket:
+    """Nodes of one depth: G nodes, m = longest node, p = longest path (ancestors' tokens + own)."""
+
+    batch: torch.Tensor  # (G,) pack row of each node
+    q_index: torch.Tensor  # (G, m) token index of each query (padding: 0)
+    q_valid: torch.Tensor  # (G, m) bool
+    kv_index: torch.Tensor  # (G, p) token index of each key (padding: 0)
+    mask: torch.Tensor  # (G, 1, m, p) bool, True = attend
+
+
+@dataclass
+class SegmentPlan:
+    buckets: list[Bucket]
+    length: int  # L, the pack width
+
+
+def segment_plan(token_node: torch.Tensor, node_parent: torch.Tensor) -> SegmentPlan:
+    """The buckets of a collated batch: (B, L) local node per token (-1: padding), (B, N) local parents."""
+    tn, parents = token_node.cpu().numpy(), node_parent.cpu().numpy()
+    groups: dict[int, list] = {}  # depth -> [(row, own token indices, ancestor token indices)]
+    for b in range(tn.shape[0]):
+        valid = tn[b] >= 0
+        if not valid.any():
+            continue
+        nodes = int(tn[b][valid].max()) + 1
+        ranges = {n: np.flatnonzero(tn[b] == n) for n in range(nodes)}  # a node's tokens are contiguous
+        path = {0: []}  # ancestors of each local node, root first; parents come before children (DFS order)
+        for n in range(1, nodes):
+            path[n] = path[parents[b, n]] + [parents[b, n]]
+        for n in range(nodes):
+            if len(ranges[n]):
+                before = np.concatenate([ranges[a] for a in path[n]] + [np.zeros(0, np.int64)])
+                groups.setdefault(len(path[n]), []).append((b, ranges[n], before))
+    device = token_node.device
+    return SegmentPlan([_bucket(members, device) for _, members in sorted(groups.items())], tn.shape[1])
+
+
+def _bucket(members: list, device: torch.device) -> Bucket:
+    g = len(members)
+    m = max(len(own) for _, own, _ in members)
+    p = max(len(before) + len(own) for _, own, before in members)
+    q_index, q_valid = np.zeros((g, m), np.int64), np.zeros((g, m), bool)
+    kv_index, mask = np.zeros((g, p), np.int64), np.zeros((g, m, p), bool)
+    for i, (_, own, before) in enumerate(members):
+        a, k = len(before), len(own)
+        q_index[i, :k], q_valid[i, :k] = own, True
+        kv_index[i, : a + k] = np.concatenate([before, own])
+        mask[i, :k, :a] = True  # every ancestor token
+        mask[i, :k, a : a + k] = np.tril(np.ones((k, k), bool))  # own earlier tokens
+        mask[i, k:, 0] = True  # padding queries attend somewhere (their output is dropped)
+    as_t = lambda x: torch.from_numpy(x).to(device)  # noqa: E731
+    batch = torch.tensor([b for b, _, _ in members], device=device)
+    return Bucket(batch, as_t(q_index), as_t(q_valid), as_t(kv_index), as_t(mask)[:, None])
+
+
+def segment_attention(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs
+):
+    """transformers attention function: (B, H, L, D) query, (B, Hkv, L, D) key/value -> (B, L, H, D)."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if not isinstance(attention_mask, SegmentPlan):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    groups = query.shape[1] // key.shape[1]
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, L, heads, D)
+    out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+    for bucket in attention_mask.buckets:
+        rows = bucket.batch[:, None]
+        qg = q[rows, bucket.q_index].transpose(1, 2)  # (G, H, m, D)
+        kg = repeat_kv(k[rows, bucket.kv_index].transpose(1, 2), groups)  # (G, H, p, D)
+        vg = repeat_kv(v[rows, bucket.kv_index].transpose(1, 2), groups)
+        og = torch.nn.functional.scaled_dot_product_attention(
+            qg, kg, vg, attn_mask=bucket.mask, scale=scaling, dropout_p=dropout if module.training else 0.0
+        )
+        valid = bucket.q_valid
+        out = out.index_put((rows.expand_as(valid)[valid], bucket.q_index[valid]), og.transpose(1, 2)[valid])
+    return out, None
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+
+    if NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(NAME, segment_attention)
+
+
+@contextlib.contextmanager
+def using_segments(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model`` with segment attention for the duration (other masks still go to sdpa)."""
+    register()
+    config = model.config
+    old = config._attn_implementation
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
