@@ -7,6 +7,10 @@ broken dataset fails before training starts rather than as silently-zero rewards
 non-empty, the gold answer must parse with math-verify (otherwise no response could ever earn
 reward), and the prompt must fit ``max_chars``.
 
+The answer of a response is found by ``answer_format`` (envs/answers.py: ``boxed`` by default, also
+``answer_tag`` and ``answer_is``) and verified with math-verify against the gold answer; a response without an
+answer in one of those forms scores 0. A step holding a complete answer ends the response.
+
 The rows are copied once into a tuple of plain strings that clones share (no dataset copies).
 """
 
@@ -18,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from envs.answers import check_answer_format, extract_answer, has_final_answer
 from envs.base import ReasoningEnv, build_charset
-from envs.rewards import can_parse_answer, has_closed_boxed, math_reward
+from envs.rewards import can_parse_answer, math_reward
 
 __all__ = ["MathProblemsEnv", "load_problem_table"]
 
@@ -54,7 +59,7 @@ def load_problem_table(dataset: Any, split: str = "train", config: str | None = 
 
 
 class MathProblemsEnv(ReasoningEnv):
-    """Problems and gold answers from a table; the response ends at a closed ``\\boxed{...}``.
+    """Problems and gold answers from a table; the response ends at a complete answer (``answer_format``).
 
     Args:
         dataset: see ``load_problem_table`` (required).
@@ -67,6 +72,8 @@ class MathProblemsEnv(ReasoningEnv):
         seed: seeds the random problem stream of ``reset()`` without options.
         validate_answers: parse every gold answer with math-verify at construction (about 1 ms
             per row; switch off only for very large, trusted tables).
+        answer_format: where a response's answer is, one name or a list of ``boxed`` (default),
+            ``answer_tag``, ``answer_is`` (envs/answers.py); the answer that ends last counts.
         stop_text, max_steps, max_chars, charset, render_mode: see ReasoningEnv.
 
     ``reset(options={"problem_index": i})`` picks row ``i`` of the kept rows (0 <= i < num_problems).
@@ -85,6 +92,7 @@ class MathProblemsEnv(ReasoningEnv):
         on_bad_row: str = "raise",
         seed: int | None = None,
         validate_answers: bool = True,
+        answer_format: str | list[str] | tuple[str, ...] = "boxed",
         stop_text: str | None = None,
         max_steps: int = 8,
         max_chars: int = 4096,
@@ -101,6 +109,7 @@ class MathProblemsEnv(ReasoningEnv):
             raise ValueError(f"prompt_template must contain '{{problem}}', got {prompt_template!r}")
         if on_bad_row not in ("raise", "skip"):
             raise ValueError(f"on_bad_row must be 'raise' or 'skip', got {on_bad_row!r}")
+        self.answer_format = check_answer_format(answer_format)
         table = load_problem_table(dataset, split, dataset_config)
         for column in (problem_column, answer_column):
             if column not in table.column_names:
@@ -189,11 +198,13 @@ class MathProblemsEnv(ReasoningEnv):
         return f"{self.split}/{row}", prompt, answer
 
     def _score(self, response: str, answer: str) -> float:
-        return math_reward(response, answer)
+        final = extract_answer(response, self.answer_format)
+        # Boxed, so that math-verify reads the extracted answer itself (its box rule has the top priority).
+        return 0.0 if final is None else math_reward(f"\\boxed{{{final}}}", answer)
 
     def is_final(self, step_text: str) -> bool:
-        """The step closes a ``\\boxed{...}``: the answer is given, the response ends.
+        """The step holds a complete answer (a closed box, by default): the answer is given, the response ends.
 
-        A box split across two steps does not end the episode early, but it is still scored.
+        An answer split across two steps does not end the episode early, but it is still scored.
         """
-        return has_closed_boxed(step_text)
+        return has_final_answer(step_text, self.answer_format)
