@@ -6,13 +6,17 @@ one name or a list; default ``boxed``, the rule these envs always had):
 - ``boxed``: the content of a closed ``\\boxed{...}`` (balanced braces);
 - ``answer_tag``: the content of ``<answer>...</answer>`` (tag names in any case);
 - ``answer_is``: the rest of the line after "answer is" or "answer:" ("The final answer is 12.", "Answer: 12",
-  "**Final Answer:** $12$"), without markdown bold, ``$...$`` / ``\\(...\\)``, and a trailing period.
+  "**Final Answer:** $12$"), without markdown bold, ``$...$`` / ``\\(...\\)``, and a trailing period;
+- ``last_number``: the last number of the response ("7 + 5 = 12" -> "12"; integers, decimals, a/b, thousands
+  commas dropped). What small instruct models write unprompted (measured: docs/real_models.md), but lenient: a
+  response listing numbers is right when its last one is; it has no end marker (the response ends at EOS).
 
 Every answer is stripped of surrounding spaces, and one that is a single ``\\boxed{X}`` becomes X. When a response
 holds several, the one that ENDS LAST is its answer (a model that restates its result means the restatement).
 
 The end of a response (``is_final``, the env's end marker) follows the same formats, on one step's text: a closed
-box, a closed tag, or an "answer is" line that a newline ends (without one, "The answer is 1" may go on "2").
+box, a closed tag, or an "answer is" line that a newline ends (without one, "The answer is 1" may go on "2"); a
+number never ends a response.
 A form split across two steps does not end the episode, but the response is still scored on all its text.
 """
 
@@ -30,7 +34,7 @@ __all__ = [
     "has_final_answer",
 ]
 
-ANSWER_FORMATS = ("boxed", "answer_tag", "answer_is")
+ANSWER_FORMATS = ("boxed", "answer_tag", "answer_is", "last_number")
 DEFAULT_ANSWER_FORMAT = ("boxed",)
 
 _BOX_OPEN = re.compile(r"\\boxed\s*\{")
@@ -40,6 +44,7 @@ _TAG = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
 _ANSWER_IS = re.compile(r"\banswer(?:\s+is(?![\w'])[ \t]*:?|[ \t]*\**[ \t]*:)", re.IGNORECASE)
 _LINE = re.compile(r"[^\n]*\n?")
 _SENTENCE_END = re.compile(r"\.\s")
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 _MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 
 
@@ -65,7 +70,7 @@ def check_answer_format(value: str | Iterable[str] | None) -> tuple[str, ...]:
 def find_answers(text: str, formats: Iterable[str] = DEFAULT_ANSWER_FORMAT) -> list[tuple[int, str, bool]]:
     """Every answer in ``text``, in the order they end: ``(end offset, answer, complete)``.
 
-    ``complete``: the form has visibly ended (always, except an "answer is" line without its newline).
+    ``complete``: the form has visibly ended (a box, a tag, an "answer is" line with its newline; never a number).
     """
     found: list[tuple[int, str, bool]] = []
     formats = tuple(formats)
@@ -75,6 +80,8 @@ def find_answers(text: str, formats: Iterable[str] = DEFAULT_ANSWER_FORMAT) -> l
         found += [(m.end(), m.group(1), True) for m in _TAG.finditer(text)]
     if "answer_is" in formats:
         found += _answer_lines(text)
+    if "last_number" in formats:
+        found += [(m.end(), m.group().replace(",", ""), False) for m in _NUMBER.finditer(text)][-1:]
     found = [(end, _unbox(answer.strip()), complete) for end, answer, complete in found]
     return sorted((a for a in found if a[1]), key=lambda a: a[0])
 

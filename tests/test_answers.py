@@ -8,7 +8,7 @@ from test_envs import MATH_ROWS, write_jsonl
 from envs import MathProblemsEnv
 from envs.answers import ANSWER_FORMATS, check_answer_format, extract_answer, has_final_answer
 
-ALL = ANSWER_FORMATS
+ALL = ("boxed", "answer_tag", "answer_is")
 
 
 @pytest.mark.parametrize(
@@ -38,6 +38,12 @@ ALL = ANSWER_FORMATS
         ("Let me answer this question.", ALL, None),
         ("Answer:\n", ALL, None),
         ("", ALL, None),
+        ("7 + 5 = 12<|im_end|>", ("last_number",), "12"),
+        ("So 1,234 - 34 = 1,200.", ("last_number",), "1200"),
+        ("1/2 + 1/4 = 3/4", ("last_number",), "3/4"),
+        ("It is -3.5!", ("last_number",), "-3.5"),
+        ("\\boxed{8}, I mean 9", ("boxed", "last_number"), "9"),
+        ("no digits", ("last_number",), None),
     ],
 )
 def test_extract_answer(response, formats, answer):
@@ -56,6 +62,7 @@ def test_extract_answer(response, formats, answer):
         ("The answer is 1", ("answer_is",), False),  # the line may go on ("12"): not the end yet
         ("Answer: 12\n", ALL, True),
         ("I will answer soon.\n", ALL, False),
+        ("7 + 5 = 12\n", ANSWER_FORMATS, False),  # a number is no end marker
     ],
 )
 def test_has_final_answer(step, formats, final):
@@ -65,6 +72,7 @@ def test_has_final_answer(step, formats, final):
 def test_answer_format_values():
     assert check_answer_format(None) == ("boxed",) and check_answer_format("answer_is") == ("answer_is",)
     assert check_answer_format(["boxed", "answer_tag", "boxed"]) == ("boxed", "answer_tag")
+    assert "last_number" in ANSWER_FORMATS
     for bad in ("boxes", ["boxed", "json"], [], 3):
         with pytest.raises(ValueError, match="'answer_format'"):
             check_answer_format(bad)
@@ -95,6 +103,10 @@ def test_math_problems_env_scores_the_extracted_answer(tmp_path):
     assert not terminated and default.finish()[1] == 0.0
     default.reset(options={"problem_index": 1})
     assert default.step("\\boxed{3} no, \\boxed{4}")[1:3] == (1.0, True)
+    lenient = MathProblemsEnv(dataset=path, answer_format="last_number")
+    lenient.reset(options={"problem_index": 1})
+    _, reward, terminated, _, _ = lenient.step("2 + 2 = 4\n")
+    assert (reward, terminated) == (0.0, False) and lenient.finish()[1] == 1.0
     with pytest.raises(ValueError, match="answer_format"):
         MathProblemsEnv(dataset=path, answer_format="json")
 
