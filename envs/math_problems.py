@@ -51,7 +51,15 @@ def load_problem_table(dataset: Any, split: str = "train", config: str | None = 
         # A single file is named ``split`` so that any split name works with local files.
         return datasets.load_dataset(_FILE_FORMATS[ext], data_files={split: path}, split=split)
     if isinstance(dataset, str):
-        return datasets.load_dataset(dataset, config, split=split)  # hub name: needs network
+        if os.path.splitext(dataset)[1].lower() in _FILE_FORMATS or dataset.startswith(("/", ".", "~")):
+            raise ValueError(f"env_config field 'dataset' = {dataset!r}: no such file")
+        try:
+            return datasets.load_dataset(dataset, config, split=split)  # hub name: needs network
+        except OSError as e:  # not found, no network
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(
+                f"env_config field 'dataset' = {dataset!r}: cannot load it from the hub: {why}"
+            ) from e
     raise TypeError(
         "dataset must be a datasets.Dataset/DatasetDict, a path to a .jsonl/.json/.parquet/.csv "
         f"file, or a hub dataset name; got {type(dataset).__name__}"
