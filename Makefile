@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev,data]"
+	$(PY) -m pip install --quiet -e ".[dev,data,gguf]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -7,6 +7,11 @@ broken dataset fails before training starts rather than as silently-zero rewards
 non-empty, the gold answer must parse with math-verify (otherwise no response could ever earn
 reward), and the prompt must fit ``max_chars``.
 
+By default math-verify reads the whole response (its last ``\\boxed{}``, else its last expression) and a closed
+box ends the response. With ``answer_format`` (envs/answers.py: ``boxed``, ``answer_tag``, ``answer_is``,
+``last_number``) the answer is extracted in one of those forms and verified with math-verify against the gold
+answer; a response without one scores 0, and a step holding a complete answer ends the response.
+
 The rows are copied once into a tuple of plain strings that clones share (no dataset copies).
 """
 
@@ -18,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from envs.answers import DEFAULT_ANSWER_FORMAT, check_answer_format, extract_answer, has_final_answer
 from envs.base import ReasoningEnv, build_charset
-from envs.rewards import can_parse_answer, has_closed_boxed, math_reward
+from envs.rewards import can_parse_answer, math_reward
 
 __all__ = ["MathProblemsEnv", "load_problem_table"]
 
@@ -46,7 +52,15 @@ def load_problem_table(dataset: Any, split: str = "train", config: str | None = 
         # A single file is named ``split`` so that any split name works with local files.
         return datasets.load_dataset(_FILE_FORMATS[ext], data_files={split: path}, split=split)
     if isinstance(dataset, str):
-        return datasets.load_dataset(dataset, config, split=split)  # hub name: needs network
+        if os.path.splitext(dataset)[1].lower() in _FILE_FORMATS or dataset.startswith(("/", ".", "~")):
+            raise ValueError(f"env_config field 'dataset' = {dataset!r}: no such file")
+        try:
+            return datasets.load_dataset(dataset, config, split=split)  # hub name: needs network
+        except OSError as e:  # not found, no network
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(
+                f"env_config field 'dataset' = {dataset!r}: cannot load it from the hub: {why}"
+            ) from e
     raise TypeError(
         "dataset must be a datasets.Dataset/DatasetDict, a path to a .jsonl/.json/.parquet/.csv "
         f"file, or a hub dataset name; got {type(dataset).__name__}"
@@ -54,7 +68,7 @@ def load_problem_table(dataset: Any, split: str = "train", config: str | None = 
 
 
 class MathProblemsEnv(ReasoningEnv):
-    """Problems and gold answers from a table; the response ends at a closed ``\\boxed{...}``.
+    """Problems and gold answers from a table; the response ends at a complete answer (``answer_format``).
 
     Args:
         dataset: see ``load_problem_table`` (required).
@@ -67,6 +81,9 @@ class MathProblemsEnv(ReasoningEnv):
         seed: seeds the random problem stream of ``reset()`` without options.
         validate_answers: parse every gold answer with math-verify at construction (about 1 ms
             per row; switch off only for very large, trusted tables).
+        answer_format: where a response's answer is, one name or a list of ``boxed``, ``answer_tag``,
+            ``answer_is``, ``last_number`` (envs/answers.py; the answer that ends last counts). Default None:
+            math-verify reads the whole response (its last ``\boxed{}``, else its last expression), as before.
         stop_text, max_steps, max_chars, charset, render_mode: see ReasoningEnv.
 
     ``reset(options={"problem_index": i})`` picks row ``i`` of the kept rows (0 <= i < num_problems).
@@ -85,6 +102,7 @@ class MathProblemsEnv(ReasoningEnv):
         on_bad_row: str = "raise",
         seed: int | None = None,
         validate_answers: bool = True,
+        answer_format: str | list[str] | tuple[str, ...] | None = None,
         stop_text: str | None = None,
         max_steps: int = 8,
         max_chars: int = 4096,
@@ -101,6 +119,8 @@ class MathProblemsEnv(ReasoningEnv):
             raise ValueError(f"prompt_template must contain '{{problem}}', got {prompt_template!r}")
         if on_bad_row not in ("raise", "skip"):
             raise ValueError(f"on_bad_row must be 'raise' or 'skip', got {on_bad_row!r}")
+        # None: math-verify reads the whole response itself (its last \boxed{}, else its last expression).
+        self.answer_format = None if answer_format is None else check_answer_format(answer_format)
         table = load_problem_table(dataset, split, dataset_config)
         for column in (problem_column, answer_column):
             if column not in table.column_names:
@@ -189,11 +209,15 @@ class MathProblemsEnv(ReasoningEnv):
         return f"{self.split}/{row}", prompt, answer
 
     def _score(self, response: str, answer: str) -> float:
-        return math_reward(response, answer)
+        if self.answer_format is None:
+            return math_reward(response, answer)
+        final = extract_answer(response, self.answer_format)
+        # Boxed, so that math-verify reads the extracted answer itself (its box rule has the top priority).
+        return 0.0 if final is None else math_reward(f"\\boxed{{{final}}}", answer)
 
     def is_final(self, step_text: str) -> bool:
-        """The step closes a ``\\boxed{...}``: the answer is given, the response ends.
+        """The step holds a complete answer (a closed box, by default): the answer is given, the response ends.
 
-        A box split across two steps does not end the episode early, but it is still scored.
+        An answer split across two steps does not end the episode early, but it is still scored.
         """
-        return has_closed_boxed(step_text)
+        return has_final_answer(step_text, self.answer_format or DEFAULT_ANSWER_FORMAT)

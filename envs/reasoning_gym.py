@@ -6,8 +6,11 @@ dataset's own ``score_answer(answer, entry)``. This env wraps one task:
 
 - prompt: ``prompt_template`` with ``{question}`` replaced literally by the task's question. The default
   template tells the policy the answer format: ``"<question>\\nGive the final answer as \\boxed{ANSWER}.\\n"``.
-- answer rule: the content of the LAST closed ``\\boxed{...}`` of the response (balanced braces, surrounding
-  whitespace stripped) is the final answer. No box: reward 0. A step that closes a box ends the episode.
+- answer rule: ``answer_format`` (envs/answers.py), by default ``boxed``: the content of the LAST closed
+  ``\\boxed{...}`` of the response (balanced braces, surrounding whitespace stripped) is the final answer; also
+  ``answer_tag`` (``<answer>X</answer>``) and ``answer_is`` ("The answer is X", "Answer: X"), the one ending last
+  wins. No answer: reward 0. A step that holds a complete answer (closes a box) ends the episode. Change
+  ``prompt_template`` too when you change the format: the default one asks for a box.
 - reward: ``score_answer(final_answer, entry)`` of the task, clamped to [0, 1]; an exception in the scorer
   scores 0. Some tasks give partial credit (reasoning-gym's default scorer pays
   ``len(gold) / len(answer)`` when the gold is a substring of the answer); evaluation counts a problem as
@@ -33,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from envs import answers
 from envs.base import ReasoningEnv, build_charset
-from envs.rewards import has_closed_boxed, last_boxed
 
 __all__ = ["DEFAULT_PROMPT_TEMPLATE", "ReasoningGymEnv", "extract_answer", "task_names"]
 
@@ -62,10 +65,10 @@ def task_names() -> list[str]:
     return sorted(DATASETS)
 
 
-def extract_answer(response: str) -> str | None:
-    """The final answer of a response: the last closed ``\\boxed{...}``'s content, stripped; None if none."""
-    content = last_boxed(response)
-    return None if content is None else content.strip()
+def extract_answer(response: str, answer_format: str | list[str] | tuple[str, ...] = "boxed") -> str | None:
+    """The final answer of a response (default: the last closed ``\\boxed{...}``'s content, stripped); None if
+    none. ``answer_format``: see envs/answers.py."""
+    return answers.extract_answer(response, answers.check_answer_format(answer_format))
 
 
 class ReasoningGymEnv(ReasoningEnv):
@@ -79,6 +82,8 @@ class ReasoningGymEnv(ReasoningEnv):
         seed: the reasoning-gym dataset seed; also seeds the random problem stream of ``reset()``.
         task_config: extra fields of the task's reasoning-gym config, e.g. ``{"min_terms": 2}``.
         prompt_template: must contain ``{question}`` (replaced literally; LaTeX braces need no escaping).
+        answer_format: where a response's answer is: one name or a list of ``boxed`` (default), ``answer_tag``,
+            ``answer_is`` (envs/answers.py).
         stop_text, max_steps, max_chars, charset, render_mode: see ReasoningEnv.
     """
 
@@ -92,6 +97,7 @@ class ReasoningGymEnv(ReasoningEnv):
         seed: int | None = 0,
         task_config: dict[str, Any] | None = None,
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        answer_format: str | list[str] | tuple[str, ...] = "boxed",
         stop_text: str | None = None,
         max_steps: int = 8,
         max_chars: int = 4096,
@@ -120,6 +126,7 @@ class ReasoningGymEnv(ReasoningEnv):
             raise ValueError("split='test' needs test_size >= 1")
         if not isinstance(prompt_template, str) or "{question}" not in prompt_template:
             raise ValueError(f"prompt_template must contain '{{question}}', got {prompt_template!r}")
+        self.answer_format = answers.check_answer_format(answer_format)
         task_config = dict(task_config or {})
         for key in ("size", "seed"):
             if key in task_config:
@@ -213,7 +220,7 @@ class ReasoningGymEnv(ReasoningEnv):
         return f"{self.task}/{self.split}/{int(index)}", self._render_prompt(entry), str(entry["answer"])
 
     def _score(self, response: str, answer: str) -> float:
-        final = extract_answer(response)
+        final = answers.extract_answer(response, self.answer_format)
         if final is None or self._entry is None:
             return 0.0
         try:
@@ -223,5 +230,5 @@ class ReasoningGymEnv(ReasoningEnv):
         return min(1.0, max(0.0, score)) if math.isfinite(score) else 0.0
 
     def is_final(self, step_text: str) -> bool:
-        """The step closes a ``\\boxed{...}``: the final answer is given, the response ends."""
-        return has_closed_boxed(step_text)
+        """The step holds a complete answer (closes a ``\\boxed{...}`` by default): the response ends."""
+        return answers.has_final_answer(step_text, self.answer_format)

@@ -37,6 +37,37 @@ def load_causal_lm(model_name_or_path: str | None, dtype: str = "float32"):
     return AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=DTYPES[dtype])
 
 
+def check_model_config(model_name_or_path: str | None) -> None:
+    """Cheap checks on a model's config.json alone (no weights), before any expensive load.
+
+    Refuses a model with sliding-window layers (Gemma-2/3, Qwen2 with use_sliding_window, ...): the hf backend's
+    cache supports full attention only. The ``layer_types`` of the config, or of its text config (multimodal
+    models), are read. Never goes to the network: a hub name is checked when its config is in the local Hugging
+    Face cache; a config that cannot be read here is left to the model load to report (the hf backend refuses
+    such a model again after loading).
+    """
+    if not model_name_or_path:
+        return
+    from transformers import AutoConfig
+
+    local = Path(model_name_or_path).expanduser().is_dir()
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path, local_files_only=not local)
+    except (OSError, ValueError, KeyError):
+        return
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = list(
+        getattr(text_config, "layer_types", None) or getattr(config, "layer_types", None) or []
+    )
+    if any(t != "full_attention" for t in layer_types):
+        kinds = {t: layer_types.count(t) for t in layer_types}
+        summary = ", ".join(f"{t} x{n}" for t, n in kinds.items())
+        raise ValueError(
+            f"config field 'model_name_or_path' = {model_name_or_path!r}: layer_types [{summary}] has "
+            "sliding-window layers; the hf backend supports full attention only"
+        )
+
+
 def load_tokenizer(model_name_or_path: str):
     from transformers import AutoTokenizer
 

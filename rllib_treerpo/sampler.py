@@ -4,8 +4,10 @@ Level by level: every non-terminal node of depth d (the root is depth 0) gets ``
 the whole frontier of all trees is sampled in ONE ``backend.generate`` call whose contexts are the nodes' full
 token paths. A backend with prefix caching (``hf``) therefore feeds each node's tokens once.
 
-Each child steps its own clone of its parent's env with its decoded step text (special tokens kept, so the
-EOS text reaches the env). On every clone ``stop_text`` = the tokenizer's EOS text (None when
+Each child steps its own clone of its parent's env with its step text: the whole response decoded, minus what its
+parent already committed, a trailing unfinished character held back until a later step completes it
+(detokenize.py), so a character cut between two steps reaches the env whole. Special tokens are kept, so the
+EOS text reaches the env. On every clone ``stop_text`` = the tokenizer's EOS text (None when
 ``stop_at_eos=False``: EOS then ends nothing); the env's own ``max_steps`` is left as the env was built (an env
 that ends earlier than depth D makes earlier leaves). A child is a terminal leaf when the backend stopped it at
 EOS, when its env ended (end marker, stop text, step or character limit), or at depth D = len(branching). A leaf
@@ -32,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from .generation.base import GenerationBackend, SamplingParams
+from .detokenize import decode_steps
+from .generation.base import GenerationBackend, Sample, SamplingParams
 from .tree import Tree
 
 __all__ = ["TreeSpec", "draw_prompts", "grow_trees", "sample_trees", "tree_stats"]
@@ -93,12 +96,15 @@ class TreeSpec:
 
 @dataclass
 class _Open:
-    """A node still to be expanded: tree and node index, its env (state after its own step), its path ids."""
+    """A node still to be expanded: tree and node index, its env (state after its own step), its path ids (prompt
+    and response), where the response starts, and the response text committed so far (detokenize.py)."""
 
     tree: int
     node: int
     env: Any
     path: list[int]
+    start: int
+    committed: str = ""
 
 
 def draw_prompts(env: Any, num_prompts: int, seed: int) -> list[Any]:
@@ -135,6 +141,22 @@ def sample_trees(
 
 def grow_trees(envs: Sequence[Any], backend: GenerationBackend, tokenizer: Any, spec: TreeSpec) -> list[Tree]:
     """:func:`sample_trees` with the knobs in a :class:`TreeSpec`."""
+    trees, frontier = _roots(envs, backend, tokenizer, spec)
+    stop_text = tokenizer.eos_token if spec.stop_at_eos else None
+    for level, n_children in enumerate(spec.branching):
+        if not frontier:
+            break
+        results = backend.generate([f.path for f in frontier], n_children, spec.params(level))
+        frontier = _expand(trees, frontier, results, tokenizer, stop_text, level + 1 == spec.depth)
+    # Every remaining sample is a leaf and will never be continued: free its K/V (the learner wants the memory).
+    backend.clear_cache()
+    return trees
+
+
+def _roots(
+    envs: Sequence[Any], backend: GenerationBackend, tokenizer: Any, spec: TreeSpec
+) -> tuple[list[Tree], list[_Open]]:
+    """One empty tree per env (its prompt tokenized) and the roots to expand; checks depth and window."""
     trees: list[Tree] = []
     frontier: list[_Open] = []
     for t, env in enumerate(envs):
@@ -159,7 +181,7 @@ def grow_trees(envs: Sequence[Any], backend: GenerationBackend, tokenizer: Any, 
                 answer=str(env.answer),
             )
         )
-        frontier.append(_Open(t, 0, env, prompt_ids))
+        frontier.append(_Open(t, 0, env, prompt_ids, len(prompt_ids)))
     window = backend.max_length
     if window is not None:
         need = spec.response_tokens
@@ -169,45 +191,55 @@ def grow_trees(envs: Sequence[Any], backend: GenerationBackend, tokenizer: Any, 
                     f"tree {t}: prompt of {len(tree.prompt_ids)} tokens + depth {spec.depth} x step_tokens "
                     f"{spec.step_tokens} = {len(tree.prompt_ids) + need} > the model window {window}"
                 )
-    stop_text = tokenizer.eos_token if spec.stop_at_eos else None
+    return trees, frontier
 
-    for level, n_children in enumerate(spec.branching):
-        if not frontier:
-            break
-        results = backend.generate([f.path for f in frontier], n_children, spec.params(level))
-        # Special tokens stay in the text: the EOS text must reach the env to terminate it.
-        texts = iter(
-            tokenizer.batch_decode(
-                [s.token_ids for samples in results for s in samples], skip_special_tokens=False
-            )
+
+def _expand(
+    trees: list[Tree],
+    frontier: list[_Open],
+    results: list[list[Sample]],
+    tokenizer: Any,
+    stop_text: str | None,
+    last_level: bool,
+) -> list[_Open]:
+    """Add every sample as a child of its frontier node, step its env, score leaves; the next frontier."""
+    pairs = [
+        (parent, sample) for parent, samples in zip(frontier, results, strict=True) for sample in samples
+    ]
+    # Text over the whole path (detokenize.py): a character cut between two steps reaches the env whole.
+    texts = iter(
+        decode_steps(
+            tokenizer,
+            [p.path[p.start :] + list(s.token_ids) for p, s in pairs],
+            [p.committed for p, _ in pairs],
+            [last_level or s.finish_reason == "eos" for _, s in pairs],
         )
-        next_frontier: list[_Open] = []
-        for parent, samples in zip(frontier, results, strict=True):
-            tree = trees[parent.tree]
-            for k, sample in enumerate(samples):
-                text = next(texts)
-                # Each child steps its own copy of the parent's env. Below the root the parent's env belongs to
-                # this function and is not needed after its children: the last child takes it (one clone less).
-                last = k == len(samples) - 1 and parent.node != 0
-                env = parent.env if last else parent.env.clone()
-                env.stop_text = stop_text
-                _, reward, terminated, truncated, _ = env.step(text)
-                ended = terminated or truncated
-                terminal = ended or sample.finish_reason == "eos" or level + 1 == spec.depth
-                if terminal and not ended:  # EOS id without the stop text, or depth D: score it as it stands
-                    _, reward, _, _, _ = env.finish()
-                reason = sample.finish_reason
-                if terminated and reason in ("delimiter", "length"):
-                    reason = "env"
-                index = tree.add_node(parent.node, sample.token_ids, sample.logprobs, reason, text, terminal)
-                if terminal:
-                    tree.nodes[index].reward = float(reward)
-                else:
-                    next_frontier.append(_Open(parent.tree, index, env, parent.path + list(sample.token_ids)))
-        frontier = next_frontier
-    # Every remaining sample is a leaf and will never be continued: free its K/V (the learner wants the memory).
-    backend.clear_cache()
-    return trees
+    )
+    next_frontier: list[_Open] = []
+    for parent, samples in zip(frontier, results, strict=True):
+        tree = trees[parent.tree]
+        for k, sample in enumerate(samples):
+            text, committed = next(texts)
+            # Each child steps its own copy of the parent's env. Below the root the parent's env belongs to
+            # this function and is not needed after its children: the last child takes it (one clone less).
+            last = k == len(samples) - 1 and parent.node != 0
+            env = parent.env if last else parent.env.clone()
+            env.stop_text = stop_text
+            _, reward, terminated, truncated, _ = env.step(text)
+            ended = terminated or truncated
+            terminal = ended or sample.finish_reason == "eos" or last_level
+            if terminal and not ended:  # EOS id without the stop text, or depth D: score it as it stands
+                _, reward, _, _, _ = env.finish()
+            reason = sample.finish_reason
+            if terminated and reason in ("delimiter", "length"):
+                reason = "env"
+            index = tree.add_node(parent.node, sample.token_ids, sample.logprobs, reason, text, terminal)
+            if terminal:
+                tree.nodes[index].reward = float(reward)
+            else:
+                path = parent.path + list(sample.token_ids)
+                next_frontier.append(_Open(parent.tree, index, env, path, parent.start, committed))
+    return next_frontier
 
 
 def tree_stats(trees: Sequence[Tree]) -> dict[str, float]:

@@ -1,15 +1,17 @@
 """Tiny offline models for the embedded default task and for tests.
 
-Nothing here downloads: the tokenizer is a character-level vocabulary built in memory and the model is a
-randomly initialised Qwen2 built from a transformers config. Both save with ``save_pretrained`` so that every
-later load goes through the real ``from_pretrained(path)`` code that a user's hub model also takes.
+Nothing here downloads: the tokenizers are built in memory (a character-level vocabulary for the embedded model,
+a byte-level BPE with merges and chat special tokens for tests of real-model behaviour) and the model is a randomly
+initialised Qwen2 built from a transformers config. All save with ``save_pretrained`` so that every later load goes
+through the real ``from_pretrained(path)`` code that a user's hub model also takes.
 """
 
 from __future__ import annotations
 
 import string
+from collections.abc import Iterable, Sequence
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 PAD, UNK, EOS = "<pad>", "<unk>", "</s>"
@@ -36,6 +38,61 @@ def build_char_tokenizer(charset: str = DEFAULT_CHARSET) -> PreTrainedTokenizerF
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(specials)
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, unk_token=UNK, eos_token=EOS)
+
+
+# ChatML, the chat format of SmolLM2 and Qwen2 instruct models (without their default system turn).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+BPE_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
+_BPE_CORPUS = (
+    "Let me think step by step. First, add the numbers: 7 + 5 = 12.\n",
+    "Then subtract: 12 - 3 = 9. The answer is 9.\n",
+    "So the final answer is \\boxed{9}.\n",
+    "Answer: 42\n<answer>42</answer>\n",
+    "What is 15 + 27? Give the final answer as \\boxed{ANSWER}.\n",
+)
+
+
+def build_bpe_tokenizer(
+    corpus: Iterable[str] | None = None,
+    *,
+    vocab_size: int = 320,
+    eos_token: str = "<|im_end|>",
+    pad_token: str | None = "<|endoftext|>",
+    specials: Sequence[str] = BPE_SPECIALS,
+    chat_template: str | None = CHATML_TEMPLATE,
+) -> PreTrainedTokenizerFast:
+    """A real byte-level BPE with merges, trained in memory in milliseconds (deterministic for a corpus).
+
+    Like the tokenizers of SmolLM2 / Qwen2 instruct models: every byte is a token (so a character outside the
+    corpus, e.g. "\u2713", is several tokens and a step can end inside it), frequent pieces are merged
+    (" answer", "12"), the ``specials`` are single tokens (ids 0, 1, ...) and ``chat_template`` is ChatML. The
+    pre-tokenizer is Qwen2's split, so a Qwen2 model folder reloads it (as Qwen2Tokenizer) with the same ids.
+    ``pad_token=eos_token`` gives the "pad is EOS" setup of many instruct models; ``None`` gives no pad token.
+    """
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(list(corpus if corpus is not None else _BPE_CORPUS * 8), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos_token, pad_token=pad_token)
+    tokenizer.chat_template = chat_template
+    return tokenizer
 
 
 def _bytes_to_unicode() -> dict[int, str]:

