@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rllib_treerpo.losses import policy_loss, token_entropy, token_logprobs
+from rllib_treerpo.losses import policy_loss, token_entropy, token_logprobs, truncated_is_weights
 from rllib_treerpo.rows import build_training_batch
 from rllib_treerpo.sampler import TreeSpec, draw_prompts, grow_trees
 from rllib_treerpo.tree import Tree
@@ -68,6 +68,7 @@ class LossSettings:
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     loss_agg: str = "token_mean"
+    tis_cap: float | None = None
 
     @classmethod
     def from_config(cls, config: Any) -> LossSettings:
@@ -85,14 +86,24 @@ def compute_loss(
     ``batch`` holds the rows of :func:`rllib_treerpo.rows.build_training_batch` as tensors (input_ids,
     loss_mask, advantages, old_logprobs: (B, T)); ``ref_logits`` (B, T, V) are the frozen reference model's, needed
     when ``settings.kl_coef > 0``. Returns the scalar loss and float stats: policy_loss, kl, clip_frac, approx_kl,
-    ratio_mean, entropy, total.
+    ratio_mean, entropy, total, logprob_mismatch (mean |learner - sampler log-prob| over loss tokens: before the
+    iteration's first optimizer step, the sampler/learner numerical mismatch, e.g. vLLM vs transformers), and with
+    ``settings.tis_cap`` tis_weight_mean.
+
+    With ``tis_cap`` (one optimizer step per iteration, so the current policy IS the one that sampled) the ratio is
+    taken against the learner's own detached log-probs and each token is weighted by
+    ``min(pi_learner / pi_sampler, tis_cap)`` (losses.truncated_is_weights), as TRL and verl correct for vLLM.
     """
     input_ids, mask = batch["input_ids"], batch["loss_mask"]
     logprobs = token_logprobs(logits, input_ids, settings.temperature)
     ref_logprobs = None if ref_logits is None else token_logprobs(ref_logits, input_ids, settings.temperature)
+    old, is_weights = batch["old_logprobs"], None
+    if settings.tis_cap is not None:
+        is_weights = truncated_is_weights(logprobs, old, settings.tis_cap)
+        old = logprobs.detach()
     loss, stats = policy_loss(
         logprobs,
-        batch["old_logprobs"],
+        old,
         batch["advantages"],
         mask,
         eps_low=settings.clip_eps_low,
@@ -101,11 +112,16 @@ def compute_loss(
         kl_coef=settings.kl_coef,
         kl_estimator=settings.kl_estimator,
         loss_agg=settings.loss_agg,
+        is_weights=is_weights,
     )
     with torch.no_grad():
-        entropy = (token_entropy(logits, settings.temperature) * mask).sum() / mask.sum().clamp(min=1)
+        count = mask.sum().clamp(min=1)
+        entropy = (token_entropy(logits, settings.temperature) * mask).sum() / count
+        mismatch = ((logprobs - batch["old_logprobs"]).abs() * mask).sum() / count
     out = {name: float(value) for name, value in stats.items()}
-    out.update(entropy=float(entropy), total=float(loss.detach()))
+    out.update(entropy=float(entropy), total=float(loss.detach()), logprob_mismatch=float(mismatch))
+    if is_weights is not None:
+        out["tis_weight_mean"] = float((is_weights * mask).sum() / count)
     return loss, out
 
 

@@ -52,6 +52,12 @@ def test_defaults_are_not_shared_between_configs():
         ("prompts_per_iteration", 2.5),
         ("num_epochs", 0),
         ("minibatch_size", -1),
+        ("gpu_memory_utilization", 0),
+        ("gpu_memory_utilization", 1.5),
+        ("max_model_len", 0),
+        ("enable_sleep_mode", "yes"),
+        ("release_after_sampling", 1),
+        ("tis_cap", 0),
     ],
 )
 def test_bad_value_names_the_field(field, value):
@@ -82,3 +88,34 @@ def test_training_method_sets_fields():
 def test_every_config_file_loads_and_validates(path):
     c = TreeRPOConfig.from_yaml(path)
     assert c.to_flat_dict()["branching"] == c.branching
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"backend": "vllm", "top_k": 20}, "backend"),
+        ({"backend": "vllm", "top_p": 0.9}, "backend"),
+        ({"backend": "vllm", "temperature": 2.5}, "backend"),
+        ({"backend": "vllm", "num_env_runners": 2}, "num_gpus_per_env_runner"),
+        ({"backend": "vllm", "num_env_runners": 2, "num_gpus_per_env_runner": 1}, "create_local_env_runner"),
+        ({"tis_cap": 2.0, "minibatch_size": 8}, "tis_cap"),
+        ({"tis_cap": 2.0, "num_epochs": 2}, "tis_cap"),
+    ],
+)
+def test_vllm_and_tis_constraints_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=f"'{field}'"):
+        TreeRPOConfig.from_yaml(None, overrides)
+
+
+def test_backend_kwargs():
+    assert TreeRPOConfig().backend_kwargs() == {}
+    assert TreeRPOConfig.from_yaml(None, {"num_gpus_per_env_runner": 0.5}).backend_kwargs() == {
+        "device": "cuda"
+    }
+    vllm = {"backend": "vllm", "gpu_memory_utilization": 0.3, "max_model_len": 512, "enable_sleep_mode": True}
+    assert TreeRPOConfig.from_yaml(None, {**vllm, "seed": 3}).backend_kwargs() == {
+        "gpu_memory_utilization": 0.3,
+        "max_model_len": 512,
+        "enable_sleep_mode": True,
+        "seed": 3,
+    }
