@@ -322,3 +322,42 @@ def test_treerpo_trains_on_the_vllm_backend(fake, tiny_lm_dir, ray_session):
         assert "rl_module" not in algo.env_runner.get_state()  # the engine's weights are not exported
     finally:
         algo.stop()
+
+
+def test_train_cli_without_vllm_stops_in_one_line_before_ray_or_a_model(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "run"
+    code = (
+        "import sys; sys.modules['vllm'] = None\n"  # wherever these tests run, vllm is absent for this command
+        "from rllib_treerpo.jobs.cli import main\n"
+        f"rc = main(['train', {str(root / 'configs' / 'gpu_1xH100_vllm.yaml')!r}, '--output', {str(out)!r}])\n"
+        "import ray; print(rc, ray.is_initialized())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False"], proc.stderr[-2000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("treerpo: error:")]
+    assert len(error) == 1 and 'pip install "rllib_treerpo[vllm]"' in error[0]
+    assert not out.exists()
+
+
+def test_vllm_check_helpers_agree_on_one_model(fake, tmp_path):
+    """benchmarks/vllm_check.py's tree, comparison and teacher forcing, on the fake engine and the CPU (fp32)."""
+    from benchmarks.vllm_check import PROMPTS as CHECK_PROMPTS
+    from benchmarks.vllm_check import build_model_folder, compare, grow, teacher_forced
+    from rllib_treerpo.generation.hf import HFBackend
+    from rllib_treerpo.model_io import load_tokenizer
+
+    folder = build_model_folder(tmp_path / "m", "tiny")
+    tok = load_tokenizer(folder)
+    contexts = [tok(p, add_special_tokens=False)["input_ids"] for p in CHECK_PROMPTS[:3]]
+    vllm = VLLMBackend.from_pretrained(folder, tok, dtype="float32")
+    hf = HFBackend.from_pretrained(folder, tok, dtype="float32")
+    paths_v, _ = grow(vllm, contexts, [2, 2], 4)
+    paths_h, _ = grow(hf, contexts, [2, 2], 4)
+    assert len(paths_v) == 12 and all(len(t) == 8 for _, t, _ in paths_v)
+    greedy = compare(paths_v, paths_h)
+    assert greedy["compared_fraction"] == 1.0 and greedy["max_abs_diff"] < 1e-4
+    assert teacher_forced(hf.model, contexts, paths_v)["max_abs_diff"] < 1e-4

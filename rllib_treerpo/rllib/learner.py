@@ -55,8 +55,10 @@ class TreeRPOTorchLearner(TorchLearner):
             with torch.no_grad():
                 ref_logits = model_logits(self._ref_models[module_id], batch)
         loss, stats = compute_loss(fwd_out["logits"], batch, LossSettings.from_config(config), ref_logits)
-        if not getattr(self, "_first_update", True):
-            del stats["logprob_mismatch"]  # later minibatches also see this iteration's own updates
+        # Later minibatches also see this iteration's own updates: they report the first one's measurement.
+        if getattr(self, "_first_update", True):
+            self._mismatch = stats["logprob_mismatch"]
+        stats["logprob_mismatch"] = self._mismatch
         for name, value in stats.items():
             self.metrics.log_value((module_id, f"loss/{name}"), value, window=1)
         return loss
