@@ -48,15 +48,19 @@ class Evaluator:
         backend: str = "hf",
         chat_template: bool = False,
         system_prompt: str | None = None,
+        backend_kwargs: dict[str, Any] | None = None,
         **settings: Any,
     ) -> Evaluator:
-        """An evaluator with its own backend on the model at ``model_name_or_path`` (Hugging Face folder)."""
+        """An evaluator with its own backend on the model at ``model_name_or_path`` (Hugging Face folder);
+        ``backend_kwargs`` go to the backend's ``from_pretrained`` (e.g. TreeRPOConfig.backend_kwargs())."""
         from rllib_treerpo.generation import get_backend_class
         from rllib_treerpo.model_io import load_tokenizer
         from rllib_treerpo.prompts import prompt_tokenizer
 
         tokenizer = load_tokenizer(model_name_or_path)
-        gen = get_backend_class(backend).from_pretrained(model_name_or_path, tokenizer, dtype=dtype)
+        gen = get_backend_class(backend).from_pretrained(
+            model_name_or_path, tokenizer, dtype=dtype, **(backend_kwargs or {})
+        )
         return cls(
             env,
             gen,

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rllib_treerpo.losses import distribution_entropy, policy_loss, target_logprobs
+from rllib_treerpo.losses import distribution_entropy, policy_loss, target_logprobs, truncated_is_weights
 from rllib_treerpo.packing import Pack, collate, loss_weights, packed_logits
 from rllib_treerpo.rows import build_training_batch
 from rllib_treerpo.sampler import TreeSpec, draw_prompts, grow_trees
@@ -137,6 +137,7 @@ class LossSettings:
     clip_eps_high: float = 0.2
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
+    tis_cap: float | None = None
 
     @classmethod
     def from_config(cls, config: Any) -> LossSettings:
@@ -156,15 +157,25 @@ def compute_loss(
     advantages, old_logprobs, loss_weight: (B, M)); ``ref_logits`` (B, M, V) are the frozen reference model's,
     needed when ``settings.kl_coef > 0``. The loss is the weighted sum (the weights carry the minibatch's
     normalisation) times ``scale`` (the number of learners: DDP averages their gradients). Returns the loss and
-    float stats: policy_loss, kl, clip_frac, approx_kl, ratio_mean, entropy, total.
+    float stats: policy_loss, kl, clip_frac, approx_kl, ratio_mean, entropy, total, logprob_mismatch (mean
+    |learner - sampler log-prob| over loss tokens: before the iteration's first optimizer step, the sampler/learner
+    numerical mismatch, e.g. vLLM vs transformers), and with ``settings.tis_cap`` tis_weight_mean.
+
+    With ``tis_cap`` (one optimizer step per iteration, so the current policy IS the one that sampled) the ratio is
+    taken against the learner's own detached log-probs and each token is weighted by
+    ``min(pi_learner / pi_sampler, tis_cap)`` (losses.truncated_is_weights), as TRL and verl correct for vLLM.
     """
     targets, weights = batch["target_ids"], batch["loss_weight"]
     mask = (weights > 0).to(torch.float32)
     logprobs = target_logprobs(logits, targets, settings.temperature)
     ref_logprobs = None if ref_logits is None else target_logprobs(ref_logits, targets, settings.temperature)
+    old, is_weights = batch["old_logprobs"], None
+    if settings.tis_cap is not None:
+        is_weights = truncated_is_weights(logprobs, old, settings.tis_cap)
+        old = logprobs.detach()
     loss, stats = policy_loss(
         logprobs,
-        batch["old_logprobs"],
+        old,
         batch["advantages"],
         mask,
         eps_low=settings.clip_eps_low,
@@ -173,12 +184,17 @@ def compute_loss(
         kl_coef=settings.kl_coef,
         kl_estimator=settings.kl_estimator,
         weights=weights.to(logprobs.dtype),
+        is_weights=is_weights,
     )
     loss = loss * scale
     with torch.no_grad():
-        entropy = (distribution_entropy(logits, settings.temperature) * mask).sum() / mask.sum().clamp(min=1)
+        count = mask.sum().clamp(min=1)
+        entropy = (distribution_entropy(logits, settings.temperature) * mask).sum() / count
+        mismatch = ((logprobs - batch["old_logprobs"]).abs() * mask).sum() / count
     out = {name: float(value) for name, value in stats.items()}
-    out.update(entropy=float(entropy), total=float(loss.detach()))
+    out.update(entropy=float(entropy), total=float(loss.detach()), logprob_mismatch=float(mismatch))
+    if is_weights is not None:
+        out["tis_weight_mean"] = float((is_weights * mask).sum() / count)
     return loss, out
 
 

@@ -76,6 +76,19 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token_m
     raise ValueError(f"loss_agg={loss_agg!r}; expected one of {LOSS_AGGS}")
 
 
+def truncated_is_weights(
+    learner_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Truncated importance-sampling weights for a sampler that is not the learner (e.g. vLLM), per token:
+    ``min(pi_learner / pi_sampler, cap) = min(exp(learner - sampler), cap)``, detached. (B, T) -> (B, T).
+
+    TRL's ``vllm_importance_sampling_correction`` and verl's token-level TIS: the policy-gradient loss of each
+    token is multiplied by this weight, ``learner_logprobs`` being the learner's log-probs under the weights the
+    sampler sampled with (pi_old). Truncation bounds the variance where the sampler under-rates a token.
+    """
+    return torch.exp(learner_logprobs.detach() - sampler_logprobs).clamp(max=cap)
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -89,10 +102,12 @@ def policy_loss(
     kl_estimator: str = "k3",
     loss_agg: str = "token_mean",
     weights: torch.Tensor | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate plus KL to a reference policy, aggregated over masked tokens.
 
-    Per token: ``-min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + kl_coef * KL``, rho = exp(logp - old).
+    Per token: ``-w min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + kl_coef * KL``, rho = exp(logp - old),
+    w = ``is_weights`` (detached, e.g. :func:`truncated_is_weights`; 1 when None).
     All inputs (B, T); ``ref_logprobs`` is required when ``kl_coef > 0``. With ``weights`` (B, T) the
     aggregation is the weighted sum instead of ``loss_agg`` (weights that already hold the normalisation of a
     whole minibatch, packing.loss_weights, so that micro-batches and learners can sum their parts).
@@ -105,6 +120,8 @@ def policy_loss(
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
     pg = -torch.minimum(unclipped, clipped)
+    if is_weights is not None:
+        pg = pg * is_weights.detach()
 
     def agg(values: torch.Tensor) -> torch.Tensor:
         return aggregate(values, mask, loss_agg) if weights is None else (values * weights).sum()

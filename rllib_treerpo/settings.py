@@ -74,6 +74,14 @@ def _dict(v):
     return None if isinstance(v, dict) else "must be a mapping"
 
 
+def _bool(v):
+    return None if isinstance(v, bool) else "must be true or false"
+
+
+def _optional(check):
+    return lambda v: None if v is None else check(v)
+
+
 FIELDS: dict[str, Field] = {
     # --- tree sampling (SPEC.md s.1) ---
     "branching": Field(
@@ -89,11 +97,7 @@ FIELDS: dict[str, Field] = {
         "null cuts steps by token count only, as the paper does.",
         _optional_str,
     ),
-    "stop_at_eos": Field(
-        True,
-        "End a branch (a leaf) when the model emits EOS.",
-        lambda v: None if isinstance(v, bool) else "must be true or false",
-    ),
+    "stop_at_eos": Field(True, "End a branch (a leaf) when the model emits EOS.", _bool),
     "temperature": Field(
         1.0, "Sampling temperature; the learner divides logits by the same value.", _positive
     ),
@@ -167,7 +171,48 @@ FIELDS: dict[str, Field] = {
         _optional_str,
     ),
     "dtype": Field("float32", "Model weights dtype.", _one_of("float32", "bfloat16")),
-    "backend": Field("hf", "Generation backend on the env runners.", _one_of("hf", "vllm")),
+    "backend": Field(
+        "hf",
+        "Generation backend on the env runners: hf (transformers, CPU or GPU) or vllm (GPU only, the optional "
+        "extra; docs/vllm.md).",
+        _one_of("hf", "vllm"),
+    ),
+    "generation_batch": Field(
+        512,
+        "Most sequences the hf backend decodes together: a tree level with more samples is generated in chunks "
+        "(memory bound; null: a whole level at once). vLLM batches by itself.",
+        _optional_positive_int,
+    ),
+    "gpu_memory_utilization": Field(
+        0.9,
+        "vllm backend: fraction of the GPU's memory the engine takes for weights and KV cache; leave room for a "
+        "learner on the same GPU.",
+        _unit_interval,
+    ),
+    "max_model_len": Field(
+        None,
+        "vllm backend: longest context plus response in tokens (sizes the KV cache); null: the model's window.",
+        _optional(_positive_int),
+    ),
+    "enable_sleep_mode": Field(
+        False,
+        "vllm backend: build the engine with sleep mode, so that release_after_sampling frees its GPU memory "
+        "(weights to CPU memory, KV cache dropped) while a learner on the same GPU trains.",
+        _bool,
+    ),
+    "release_after_sampling": Field(
+        False,
+        "Env runners free their backend's device memory after each sample() (hf: its KV caches; vllm with "
+        "enable_sleep_mode: the engine sleeps until the next weight load or sampling).",
+        _bool,
+    ),
+    "tis_cap": Field(
+        None,
+        "Truncated importance sampling for a sampler whose log-probs differ from the learner's (vllm): each "
+        "token's policy-gradient loss is weighted by min(pi_learner / pi_sampler, tis_cap); null: off. Needs "
+        "one optimizer step per iteration (minibatch_size null, num_epochs 1).",
+        _optional(_positive),
+    ),
     "chat_template": Field(
         False,
         "Wrap each env prompt with the tokenizer's chat template as a user message "

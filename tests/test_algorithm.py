@@ -61,6 +61,19 @@ def test_learner_step_equals_the_objective_and_changes_parameters(tiny_lm_dir):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_logprob_mismatch_is_measured_on_an_iterations_first_update(tiny_lm_dir):
+    from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
+
+    learner = build_learner(small_config(tiny_lm_dir))
+    batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(hand_batch())}, env_steps=3)
+    values = []
+    for lifetime in (10, 10, 20):  # the algorithm passes one lifetime count per iteration
+        result = learner.update(batch=batch, timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime})
+        values.append(result[DEFAULT_MODULE_ID]["loss/logprob_mismatch"].peek())
+    # the second minibatch (after a step) keeps the first one's value; the next iteration measures again
+    assert values[1] == values[0] and values[2] != values[1]
+
+
 def test_update_moves_probability_towards_positive_advantages(tiny_lm_dir):
     learner = build_learner(small_config(tiny_lm_dir, lr=1e-3))
     model = learner.module[DEFAULT_MODULE_ID].model

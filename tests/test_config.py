@@ -55,6 +55,12 @@ def test_defaults_are_not_shared_between_configs():
         ("pack_tokens", 0),
         ("forward_tokens", 0),
         ("packing", "yes"),
+        ("gpu_memory_utilization", 0),
+        ("gpu_memory_utilization", 1.5),
+        ("max_model_len", 0),
+        ("enable_sleep_mode", "yes"),
+        ("release_after_sampling", 1),
+        ("tis_cap", 0),
     ],
 )
 def test_bad_value_names_the_field(field, value):
@@ -94,3 +100,43 @@ def test_rllib_minibatch_size_is_refused_for_treerpo_with_the_field_to_use():
         load_run_config(None, {"minibatch_size": 100})
     config, job, _ = load_run_config(None, {"minibatch_size": 100, "algorithm": "PPO"})  # PPO's own field
     assert config.minibatch_size == 100 and job.algorithm == "PPO"
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"backend": "vllm", "top_k": 20}, "backend"),
+        ({"backend": "vllm", "top_p": 0.9}, "backend"),
+        ({"backend": "vllm", "temperature": 2.5}, "backend"),
+        ({"backend": "vllm", "num_env_runners": 2}, "num_gpus_per_env_runner"),
+        ({"backend": "vllm", "num_env_runners": 2, "num_gpus_per_env_runner": 1}, "create_local_env_runner"),
+        ({"tis_cap": 2.0, "num_minibatches": 2}, "tis_cap"),
+        ({"tis_cap": 2.0, "num_epochs": 2}, "tis_cap"),
+    ],
+)
+def test_vllm_and_tis_constraints_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=f"'{field}'"):
+        TreeRPOConfig.from_yaml(None, overrides)
+
+
+def test_backend_kwargs():
+    assert TreeRPOConfig().backend_kwargs() == {"max_batch": 512}
+    assert TreeRPOConfig.from_yaml(
+        None, {"num_gpus_per_env_runner": 0.5, "generation_batch": 64}
+    ).backend_kwargs() == {"max_batch": 64, "device": "cuda"}
+    vllm = {"backend": "vllm", "gpu_memory_utilization": 0.3, "max_model_len": 512, "enable_sleep_mode": True}
+    assert TreeRPOConfig.from_yaml(None, {**vllm, "seed": 3}).backend_kwargs() == {
+        "gpu_memory_utilization": 0.3,
+        "max_model_len": 512,
+        "enable_sleep_mode": True,
+        "seed": 3,
+    }
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_file_loads_as_a_run(path):
+    """The job's loader too (it adds the algorithm's batching checks and the job fields)."""
+    from rllib_treerpo.jobs.config import load_run_config
+
+    config, job, _ = load_run_config(path)
+    assert job.iterations > 0 and config.branching

@@ -8,7 +8,13 @@ import sys
 import pytest
 import torch
 
-from rllib_treerpo.generation import GenerationBackend, SamplingParams, get_backend_class, make_backend
+from rllib_treerpo.generation import (
+    GenerationBackend,
+    MissingExtraError,
+    SamplingParams,
+    get_backend_class,
+    make_backend,
+)
 from rllib_treerpo.tiny import build_char_tokenizer, build_tiny_model
 
 WINDOW = 128
@@ -300,9 +306,14 @@ def test_bf16_runs(tok):
         assert lps == pytest.approx(fresh_logprobs(model, seq, 4), abs=0.1)
 
 
-def test_backend_registry(tok):
+def test_backend_registry(tok, monkeypatch):
     assert issubclass(get_backend_class("hf"), GenerationBackend)
-    with pytest.raises(NotImplementedError, match="vllm backend is not implemented yet; use backend='hf'"):
+    monkeypatch.setitem(
+        sys.modules, "vllm", None
+    )  # as where vllm is not installed (tests/test_vllm_backend.py)
+    with pytest.raises(
+        MissingExtraError, match=r'backend .vllm. needs the vllm package.*pip install "rllib_treerpo\[vllm\]"'
+    ):
         make_backend("vllm", None, tok)
     with pytest.raises(ValueError, match=r"unknown generation backend 'nope'.*\['hf', 'vllm'\]"):
         get_backend_class("nope")

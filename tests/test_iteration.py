@@ -113,3 +113,30 @@ def test_rllib_learner_and_replica_give_the_same_parameters(
     assert (
         max(float((module.model.state_dict()[k] - v).abs().max()) for k, v in initial.items()) > 1e-4
     )  # moved
+
+
+def test_compute_loss_reports_the_sampler_mismatch_and_applies_tis():
+    from rllib_treerpo.iteration import LossSettings, compute_loss
+    from rllib_treerpo.losses import target_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 7, dtype=torch.float64, generator=g)  # at the predicting positions
+    targets = torch.randint(0, 7, (2, 3), generator=g)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.float64)
+    learner = target_logprobs(logits, targets)
+    sampler = (learner + 0.3 * torch.randn(2, 3, dtype=torch.float64, generator=g)) * mask  # e.g. vLLM's
+    adv = torch.tensor([[1.0], [-2.0]], dtype=torch.float64) * mask
+    batch = {
+        "target_ids": targets,
+        "loss_weight": mask / mask.sum(),
+        "advantages": adv,
+        "old_logprobs": sampler,
+    }
+    _, stats = compute_loss(logits, batch, LossSettings())
+    mismatch = float(((learner - sampler).abs() * mask).sum() / mask.sum())
+    assert stats["logprob_mismatch"] == pytest.approx(mismatch) and "tis_weight_mean" not in stats
+    loss, stats = compute_loss(logits, batch, LossSettings(tis_cap=1.5))
+    w = torch.exp(learner - sampler).clamp(max=1.5)
+    assert loss.item() == pytest.approx(float(-(w * adv * mask).sum() / mask.sum()))  # on policy: rho = 1
+    assert stats["ratio_mean"] == pytest.approx(1.0) and stats["clip_frac"] == 0.0
+    assert stats["tis_weight_mean"] == pytest.approx(float((w * mask).sum() / mask.sum()))

@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from rllib_treerpo.losses import aggregate, kl_penalty, policy_loss, token_entropy, token_logprobs
+from rllib_treerpo.losses import (
+    aggregate,
+    kl_penalty,
+    policy_loss,
+    token_entropy,
+    token_logprobs,
+    truncated_is_weights,
+)
 
 
 def t(*rows):
@@ -124,3 +131,19 @@ def test_token_entropy_uniform():
     ent = token_entropy(torch.zeros(1, 3, 8))
     assert ent[0, 0].item() == 0.0
     assert ent[0, 1].item() == pytest.approx(math.log(8), abs=1e-6)
+
+
+def test_truncated_is_weights_are_capped_ratios_without_gradient():
+    learner = t([math.log(0.5), math.log(0.2), math.log(0.9)]).requires_grad_()
+    sampler = t([math.log(0.25), math.log(0.4), math.log(0.1)])
+    w = truncated_is_weights(learner, sampler, cap=2.0)
+    assert w[0].tolist() == pytest.approx([2.0, 0.5, 2.0])  # 0.5/0.25, 0.2/0.4, 0.9/0.1 = 9 -> the cap
+    assert not w.requires_grad
+
+
+def test_is_weights_scale_each_tokens_policy_gradient():
+    logp = t([0.0, 0.0]).requires_grad_()
+    loss, _ = policy_loss(logp, logp.detach(), t([1.0, 1.0]), torch.ones(1, 2), is_weights=t([2.0, 0.5]))
+    loss.backward()
+    assert loss.item() == pytest.approx(-(2.0 + 0.5) / 2)  # rho = 1: -w A per token, token mean
+    assert logp.grad[0].tolist() == pytest.approx([-1.0, -0.25])

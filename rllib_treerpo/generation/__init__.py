@@ -1,8 +1,9 @@
 """Generation backends behind one small interface, chosen by name and imported lazily.
 
-``make_backend("hf", model, tokenizer)`` builds the transformers reference backend; ``"vllm"`` is reserved
-for the GPU backend (not implemented yet). Importing this package imports neither transformers nor vllm:
-a backend module is imported only when its name is chosen.
+``make_backend("hf", model, tokenizer)`` builds the transformers reference backend; ``"vllm"`` is the GPU backend
+(vllm.py, written against vllm 0.32.0; docs/vllm.md). Importing this package imports neither transformers nor vllm:
+a backend module is imported only when its name is chosen, and choosing ``vllm`` where the vllm package is missing
+is one ImportError naming the optional extra, before anything is loaded.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import FinishReason, GenerationBackend, GenerationStats, Sample, SamplingParams
+from .base import FinishReason, GenerationBackend, GenerationStats, MissingExtraError, Sample, SamplingParams
 
 __all__ = [
     "BACKENDS",
     "FinishReason",
     "GenerationBackend",
     "GenerationStats",
+    "MissingExtraError",
     "Sample",
     "SamplingParams",
     "get_backend_class",
@@ -32,15 +34,9 @@ def get_backend_class(name: str) -> type[GenerationBackend]:
     if name not in BACKENDS:
         raise ValueError(f"unknown generation backend {name!r}; valid names: {sorted(BACKENDS)}")
     module_name, class_name = BACKENDS[name]
-    try:
-        module = importlib.import_module(module_name, __name__)
-    except ModuleNotFoundError as err:
-        # Only the backend's own module missing means "not written yet"; a missing dependency is re-raised.
-        if err.name == __name__ + module_name:
-            raise NotImplementedError(
-                f"the {name} backend is not implemented yet; use backend='hf'"
-            ) from None
-        raise
+    module = importlib.import_module(module_name, __name__)
+    if name == "vllm":
+        module.require_vllm()  # the module itself imports vllm only when it builds an engine
     return getattr(module, class_name)
 
 

@@ -22,6 +22,10 @@ from typing import Any, Literal
 FinishReason = Literal["eos", "delimiter", "length"]
 
 
+class MissingExtraError(ImportError):
+    """A chosen backend needs an optional extra that is not installed (the message names the pip command)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample one batch of continuations.
@@ -94,7 +98,7 @@ class GenerationStats:
 
 
 class GenerationBackend(ABC):
-    """Samples continuations of token-id contexts. Implementations: ``hf`` (reference), ``vllm`` (planned)."""
+    """Samples continuations of token-id contexts. Implementations: ``hf`` (reference), ``vllm`` (GPU)."""
 
     name: str = "base"
 
@@ -131,7 +135,8 @@ class GenerationBackend(ABC):
         """Drop every kept KV cache (the next call prefills everything)."""
 
     def release(self) -> None:
-        """Free what the backend holds on the device (caches; the model stays owned by the caller)."""
+        """Free what the backend holds on the device until its next call (caches; vllm with sleep mode: the engine
+        sleeps). A later ``generate`` or ``load_weights`` takes back what it needs."""
         self.clear_cache()
 
     def reset_stats(self) -> None:

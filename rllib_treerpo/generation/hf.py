@@ -102,11 +102,19 @@ class HFBackend(GenerationBackend):
 
     @classmethod
     def from_pretrained(
-        cls, model_name_or_path: str, tokenizer: Any, *, dtype: str = "float32", **kwargs: Any
+        cls,
+        model_name_or_path: str,
+        tokenizer: Any,
+        *,
+        dtype: str = "float32",
+        device: str | torch.device | None = None,
+        **kwargs: Any,
     ) -> HFBackend:
+        """``device``: where to put the model (e.g. "cuda" in an env runner given a GPU); default: the CPU."""
         from rllib_treerpo.model_io import load_causal_lm
 
-        return cls(load_causal_lm(model_name_or_path, dtype), tokenizer, **kwargs)
+        model = load_causal_lm(model_name_or_path, dtype)
+        return cls(model if device is None else model.to(device), tokenizer, **kwargs)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.model.state_dict().items()}

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from rllib_treerpo.generation import MissingExtraError
+
 
 def parse_sets(items: list[str]) -> dict:
     """``field=value`` pairs; values are parsed as YAML (so 0.1, [2, 2], true, null keep their types)."""
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:  # config and input errors: one line naming the field, no traceback
+    except (ValueError, MissingExtraError) as e:  # config and input errors: one line, no traceback
         print(f"treerpo: error: {e}", file=sys.stderr)
         return 2
 

@@ -61,9 +61,11 @@ def run_eval(config: TreeRPOConfig, job: JobConfig, model_path: str, out: Path, 
         max_new_tokens=config.tree_spec().response_tokens,
         temperature=config.temperature,
         seed=config.seed or 0,
+        backend_kwargs=config.backend_kwargs(),
     )
     start = time.perf_counter()
     summary, rows = evaluator()
+    evaluator.backend.release()  # e.g. a sleeping vLLM engine leaves the GPU to the training run
     summary["seconds"] = round(time.perf_counter() - start, 2)
     (out / f"eval_{name}.json").write_text(json.dumps(summary, indent=2))
     with open(out / f"eval_{name}.jsonl", "w") as f:
@@ -151,6 +153,7 @@ def train(
 ) -> dict:
     """Run (or resume) the job; returns summary.json's content. ``parts`` picks the algorithm (default
     TreeRPO; :func:`rllib_treerpo.baselines.ppo.job.ppo_parts` for RLlib's PPO)."""
+    config.check_backend_installed()  # e.g. backend vllm without vllm: one line, before any model or Ray
     out = Path(output).resolve()  # RLlib checkpoints need absolute paths ("URI has empty scheme")
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     job_start = time.perf_counter()

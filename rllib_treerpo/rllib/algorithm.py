@@ -46,6 +46,8 @@ RLLIB_FIELDS = (
     "num_env_runners",
     "num_learners",
     "num_gpus_per_learner",
+    "num_gpus_per_env_runner",
+    "create_local_env_runner",
 )
 
 
@@ -85,13 +87,26 @@ class TreeRPOConfig(AlgorithmConfig):
         super().validate()
         self.validate_fields()
         self.check_treerpo_batching()
+        self.check_backend_installed()  # before the algorithm starts a runner, let alone loads a model
 
     def validate_fields(self) -> None:
-        """TreeRPO's own checks; raises ValueError naming the first bad field."""
+        """TreeRPO's own checks; raises ValueError naming the first bad field.
+
+        Only what a config file can get wrong: whether this machine can run the backend is
+        :meth:`check_backend_installed` (a vllm config must load and validate where vllm is not installed)."""
         check_fields({name: getattr(self, name) for name in FIELDS}, FIELDS)
         value = self.num_epochs
         if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
             raise ValueError(f"config field 'num_epochs' = {value!r}: must be a positive integer")
+
+        if self.tis_cap is not None and (self.num_minibatches != 1 or self.num_epochs != 1):
+            raise ValueError(
+                f"config field 'tis_cap' = {self.tis_cap!r}: needs one optimizer step per iteration "
+                "(num_minibatches: 1, num_epochs: 1): the learner's log-probs of the sampling policy are only "
+                "known before the iteration's first step"
+            )
+        if self.backend == "vllm":
+            self._validate_vllm_fields()
 
     def check_treerpo_batching(self) -> None:
         """TreeRPO plans its minibatches by loss tokens (num_minibatches); RLlib's row count does not apply."""
@@ -101,6 +116,43 @@ class TreeRPOConfig(AlgorithmConfig):
                 "minibatch (a tree batch's row count depends on its shape); set num_minibatches (optimizer steps "
                 "per epoch) instead"
             )
+
+    def _validate_vllm_fields(self) -> None:
+        from rllib_treerpo.generation.vllm import sampling_problem
+
+        problem = sampling_problem(self.temperature, self.top_p, self.top_k)
+        if problem:
+            raise ValueError(f"config field 'backend' = 'vllm': {problem}")
+        if self.num_env_runners > 0 and not self.num_gpus_per_env_runner:
+            raise ValueError(
+                "config field 'num_gpus_per_env_runner' = 0: a vllm env runner needs a GPU (e.g. 0.5 to share one "
+                "with a learner, 1 for its own)"
+            )
+        if self.num_env_runners > 0 and self.create_local_env_runner:
+            raise ValueError(
+                "config field 'create_local_env_runner' = True: with remote vllm env runners set it to false, or "
+                "the driver builds an engine of its own on a GPU"
+            )
+
+    def check_backend_installed(self) -> None:
+        """ImportError naming the optional extra when the chosen backend's package is missing (cheap: no import)."""
+        if self.backend == "vllm":
+            from rllib_treerpo.generation.vllm import require_vllm
+
+            require_vllm()
+
+    def backend_kwargs(self) -> dict[str, Any]:
+        """What ``from_pretrained`` of the chosen backend takes from this config, beyond the model and dtype."""
+        if self.backend == "vllm":
+            return {
+                "gpu_memory_utilization": self.gpu_memory_utilization,
+                "max_model_len": self.max_model_len,
+                "enable_sleep_mode": self.enable_sleep_mode,
+                "seed": self.seed or 0,
+            }
+        # Inside a Ray actor given a GPU, "cuda" is that GPU (Ray sets CUDA_VISIBLE_DEVICES).
+        device = {"device": "cuda"} if self.num_gpus_per_env_runner else {}
+        return {"max_batch": self.generation_batch, **device}
 
     def tree_spec(self, seed: int | None = None) -> TreeSpec:
         """The sampling settings (SPEC.md s.1) as the sampler's validated :class:`TreeSpec`."""

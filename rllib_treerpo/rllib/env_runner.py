@@ -56,7 +56,7 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
             self.tokenizer, chat_template=c.chat_template, system_prompt=c.system_prompt
         )
         self.backend = get_backend_class(c.backend).from_pretrained(
-            c.model_name_or_path, self.tokenizer, dtype=c.dtype
+            c.model_name_or_path, self.tokenizer, dtype=c.dtype, **c.backend_kwargs()
         )
         self.spec = c.tree_spec()
 
@@ -85,6 +85,8 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
         nodes = sum(len(t.nodes) - 1 for t in trees)
         self.num_env_steps_sampled_lifetime += nodes
         self.metrics.log_value(NUM_ENV_STEPS_SAMPLED_LIFETIME, nodes, reduce="lifetime_sum")
+        if c.release_after_sampling:  # e.g. a sleeping vLLM engine leaves the GPU to a learner on it
+            self.backend.release()
         return trees
 
     @staticmethod
@@ -124,7 +126,10 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
             STATE_COUNTERS: {"num_calls": self._num_calls},
         }
         if self._check_component(COMPONENT_RL_MODULE, components, not_components):
-            state[COMPONENT_RL_MODULE] = module_state(self.backend.weights())
+            try:
+                state[COMPONENT_RL_MODULE] = module_state(self.backend.weights())
+            except NotImplementedError:  # vllm: the weights live in the engine; the learner holds the same
+                pass
             state[WEIGHTS_SEQ_NO] = self._weights_seq_no
         return state
 

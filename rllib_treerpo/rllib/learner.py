@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.utils.annotations import override
+from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 
 from rllib_treerpo.iteration import LossSettings, compute_loss, micro_batches
 from rllib_treerpo.packing import packed_logits
@@ -69,6 +70,15 @@ class TreeRPOTorchLearner(TorchLearner):
         return fwd_out, totals, {}
 
     @override(TorchLearner)
+    def before_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
+        super().before_gradient_based_update(timesteps=timesteps)
+        # TreeRPO.training_step passes one lifetime count with every minibatch of an iteration: a new count is a new
+        # iteration, whose first minibatch still sees the weights that sampled (what logprob_mismatch measures).
+        lifetime = timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME)
+        self._first_update = lifetime is None or lifetime != getattr(self, "_last_lifetime", None)
+        self._last_lifetime = lifetime
+
+    @override(TorchLearner)
     def compute_loss_for_module(self, *, module_id, config, batch: dict[str, Any], fwd_out) -> torch.Tensor:
         ref_logits = None
         if module_id in self._ref_models:
@@ -78,6 +88,10 @@ class TreeRPOTorchLearner(TorchLearner):
         loss, stats = compute_loss(
             fwd_out["logits"], batch, LossSettings.from_config(config), ref_logits, scale
         )
+        # Later minibatches also see this iteration's own updates: they report the first one's measurement.
+        if getattr(self, "_first_update", True):
+            self._mismatch = stats["logprob_mismatch"]
+        stats["logprob_mismatch"] = self._mismatch
         for name, value in stats.items():
             self.metrics.log_value((module_id, f"loss/{name}"), value, window=1)
         return loss
