@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from rllib_treerpo.settings import yaml_value
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "TreeRPO": ROOT / "configs/tiny_arith.yaml",
@@ -22,7 +24,7 @@ CONFIGS = {
 # of the held-out evaluation (= the training response budget: depth x step_tokens).
 DIFFICULTIES = {
     "easy": {
-        "env_config": {"num_ops": 3, "operand_min": 1, "operand_max": 9, "seed": 0},
+        "env_config": {},  # the env's defaults: 3 operations on 1-9 (the cache key of make train's warm start)
         "eval_tokens": 48,
         "TreeRPO": {},
         "GRPO": {},
@@ -63,13 +65,7 @@ def parse_sets(items: list[str]) -> dict[str, dict]:
         if not sep:
             raise SystemExit(f"--set {item!r}: expected [ALGORITHM:]field=value")
         scope, _, field = key.rpartition(":")
-        parsed = yaml.safe_load(value)
-        if isinstance(parsed, str):  # YAML 1.1 reads "3e-5" as a string
-            try:
-                parsed = float(parsed)
-            except ValueError:
-                pass
-        out.setdefault(scope or "*", {})[field.strip()] = parsed
+        out.setdefault(scope or "*", {})[field.strip()] = yaml_value(value, f"--set {item!r}")
     return out
 
 

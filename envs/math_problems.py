@@ -167,6 +167,10 @@ class MathProblemsEnv(ReasoningEnv):
         skipped = 0
         parse_ok: dict[str, bool] = {}
         for i, (problem, answer) in enumerate(zip(problems, answers, strict=True)):
+            if (
+                isinstance(answer, list | tuple) and len(answer) == 1
+            ):  # e.g. OlympiadBench's final_answer: [x]
+                answer = answer[0]
             answer_text = "" if answer is None else str(answer).strip()
             problem_text = "" if problem is None else str(problem)
             error = None

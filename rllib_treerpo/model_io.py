@@ -20,6 +20,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODULE_PREFIX = "model."
 # Where RLlib's checkpoint of TreeRPO keeps the learner's (trained) policy.
 MODULE_PATH = Path("learner_group") / "learner" / "rl_module" / "default_policy"
+RUN_CONFIG = "treerpo_run.yaml"  # the settings of the run a final_model/ came from (env, tree, template, ...)
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -180,8 +181,14 @@ def resolve_model(path: str) -> ResolvedModel:
             "RLlib checkpoint folder"
         )
     if is_hf_folder(p):
-        run_config = p.parent / "config.yaml"  # OUTPUT/final_model: the run's config gives the defaults
-        train_config = _read_yaml(run_config) if p.name == "final_model" and run_config.is_file() else {}
+        # The run's settings give the defaults: recorded inside the folder (RUN_CONFIG, kept when it is copied
+        # elsewhere), else the run folder's config.yaml next to OUTPUT/final_model.
+        run_config = p / RUN_CONFIG if (p / RUN_CONFIG).is_file() else p.parent / "config.yaml"
+        train_config = (
+            _read_yaml(run_config)
+            if run_config.is_file() and (run_config.parent == p or p.name == "final_model")
+            else {}
+        )
         return ResolvedModel("hf", str(p), train_config, f"Hugging Face model {p}")
     if is_checkpoint(p):
         if not (p / MODULE_PATH).is_dir():

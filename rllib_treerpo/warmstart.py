@@ -19,7 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-CACHE_DIR = Path(os.environ.get("TREERPO_CACHE", Path.home() / ".cache" / "rllib_treerpo"))
+
+def cache_dir() -> Path:
+    """Where built models are cached: ``$TREERPO_CACHE``, else ~/.cache/rllib_treerpo (read at each call)."""
+    return Path(os.environ.get("TREERPO_CACHE", Path.home() / ".cache" / "rllib_treerpo"))
+
+
 WARMSTART_DEFAULTS = {
     "steps": 1500,
     "batch_size": 128,
@@ -96,6 +101,27 @@ def sft(
     return losses
 
 
+def embedded_model_folder(
+    env: Any, env_config: dict | None, tiny_model: dict | None = None, warmstart: dict | None = None
+) -> Path:
+    """Where the embedded model of these settings is cached (None: the job's defaults, settings.JOB_FIELDS)."""
+    tiny_model, ws = _settings(tiny_model, warmstart)
+    key = json.dumps(
+        {"tiny": tiny_model, "warmstart": ws, "env": str(env), "env_config": env_config or {}, "v": 1},
+        sort_keys=True,
+        default=str,
+    )
+    return cache_dir() / f"warmstart-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _settings(tiny_model: dict | None, warmstart: dict | None) -> tuple[dict, dict]:
+    from rllib_treerpo.settings import JOB_FIELDS
+
+    tiny = dict(JOB_FIELDS["tiny_model"].default if tiny_model is None else tiny_model)
+    ws = {**WARMSTART_DEFAULTS, **(JOB_FIELDS["warmstart"].default if warmstart is None else warmstart)}
+    return tiny, ws
+
+
 def embedded_model(
     env: Any,
     env_config: dict | None,
@@ -105,18 +131,14 @@ def embedded_model(
 ) -> str:
     """The embedded default model: the tiny char-level model warm-started on the env's demonstrations.
 
-    Built once per settings and cached under ``CACHE_DIR`` (``$TREERPO_CACHE``); returns the Hugging Face folder.
+    Built once per settings and cached (:func:`embedded_model_folder`, ``$TREERPO_CACHE``); returns the Hugging
+    Face folder. ``tiny_model`` / ``warmstart`` None: the job's defaults (what `make train` builds).
     """
     from envs import make_reasoning_env
     from rllib_treerpo.tiny import build_char_tokenizer, build_tiny_model
 
-    tiny_model, ws = dict(tiny_model or {}), {**WARMSTART_DEFAULTS, **(warmstart or {})}
-    key = json.dumps(
-        {"tiny": tiny_model, "warmstart": ws, "env": str(env), "env_config": env_config or {}, "v": 1},
-        sort_keys=True,
-        default=str,
-    )
-    folder = CACHE_DIR / f"warmstart-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    folder = embedded_model_folder(env, env_config, tiny_model, warmstart)
+    tiny_model, ws = _settings(tiny_model, warmstart)
     if (folder / "config.json").exists():
         log(f"warm start: cached model {folder}")
         return str(folder)

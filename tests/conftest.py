@@ -1,7 +1,16 @@
-"""Shared fixtures: a tiny random causal LM saved to disk (no downloads) and one Ray session; `slow` tests run only
-with ``pytest --run-slow``."""
+"""Shared fixtures: a tiny random causal LM saved to disk (no downloads), the embedded default model, and one Ray
+session; `slow` tests run only with ``pytest --run-slow``.
+
+Built models are cached in a temporary folder for the session ($TREERPO_CACHE, set before anything imports the
+package or starts Ray, so Ray's workers see it too): tests never read or fill the user's ~/.cache.
+"""
+
+import os
+import tempfile
 
 import pytest
+
+os.environ["TREERPO_CACHE"] = tempfile.mkdtemp(prefix="treerpo-test-cache-")
 
 
 def pytest_addoption(parser):
@@ -43,3 +52,23 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def embedded_default():
+    """The embedded default model (what ``model_name_or_path: null`` resolves to) pre-built in the session's cache:
+    a random tiny model of the default architecture instead of the 2.5-minute warm start (tests check plumbing, not
+    accuracy). Returns its folder."""
+    from rllib_treerpo.rllib.algorithm import TreeRPOConfig
+    from rllib_treerpo.settings import JOB_FIELDS
+    from rllib_treerpo.tiny import build_char_tokenizer, build_tiny_model
+    from rllib_treerpo.warmstart import embedded_model_folder
+
+    config = TreeRPOConfig()
+    folder = embedded_model_folder(config.env, config.env_config)
+    if not (folder / "config.json").exists():
+        tokenizer = build_char_tokenizer()
+        model = build_tiny_model(len(tokenizer), **JOB_FIELDS["tiny_model"].default)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -10,16 +10,29 @@ from rllib_treerpo.settings import FIELDS
 CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
 
 
-def test_paper_defaults():
+def test_defaults_are_the_embedded_cpu_default_and_the_paper_is_a_file():
+    """The class defaults are configs/tiny_arith.yaml's settings (what `make train` runs); the paper's are a file."""
+    from rllib_treerpo.jobs.config import flat_config, load_run_config
+
+    default_config, default_job, _ = load_run_config(None)
+    shipped = flat_config(*load_run_config(CONFIGS[0].parent / "tiny_arith.yaml")[:2])
+    defaults = flat_config(default_config, default_job)
+    assert {k: v for k, v in shipped.items() if defaults.get(k) != v} == {}
     c = TreeRPOConfig()
-    assert c.branching == [8, 8, 8] and c.step_tokens == 384 and c.tau == 0.1
+    assert (c.branching, c.step_tokens, c.tau) == ([4, 4, 4], 16, 0.1)
     assert (c.advantage_std, c.value_estimate, c.loss_agg, c.kl_estimator) == (
         "group",
         "child_mean",
         "token_mean",
         "k3",
     )
-    assert c.clip_eps_low == c.clip_eps_high == 0.2
+    paper, paper_job, _ = load_run_config(CONFIGS[0].parent / "paper_qwen25_math_1p5b_treerpo.yaml")
+    assert (paper.branching, paper.step_tokens, paper.tau, paper.dtype) == ([8, 8, 8], 384, 0.1, "bfloat16")
+    assert (
+        paper.model_name_or_path == "Qwen/Qwen2.5-Math-1.5B" and paper.num_learners > 0 and paper.kl_coef > 0
+    )
+    grpo = load_run_config(CONFIGS[0].parent / "paper_qwen25_math_1p5b_grpo.yaml")[0]
+    assert grpo.branching == [8] and grpo.tree_spec().response_tokens == paper.tree_spec().response_tokens
 
 
 def test_every_field_is_documented():
@@ -31,7 +44,8 @@ def test_every_field_is_documented():
 def test_defaults_are_not_shared_between_configs():
     a, b = TreeRPOConfig(), TreeRPOConfig()
     a.branching.append(2)
-    assert b.branching == [8, 8, 8]
+    a.env_config["num_ops"] = 9
+    assert b.branching == [4, 4, 4] and b.env_config == {}
 
 
 @pytest.mark.parametrize(

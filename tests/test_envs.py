@@ -365,6 +365,10 @@ def test_math_problems_from_csv_and_dataset(tmp_path):
     dd = datasets.DatasetDict({"test": ds.select([2])})
     env = MathProblemsEnv(dataset=dd, split="test")
     assert env.reset()[1] == {"problem_id": "test/0", "answer": "2"}
+    # a one-element list of answers (OlympiadBench's final_answer) is that answer
+    listed = datasets.Dataset.from_list([{"question": "x?", "final_answer": ["$3$"]}])
+    env = MathProblemsEnv(dataset=listed, problem_column="question", answer_column="final_answer")
+    assert env.problems() == [("x?\n", "$3$")]
 
 
 def test_math_problems_missing_column_names_it(math_jsonl):

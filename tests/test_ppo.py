@@ -151,7 +151,9 @@ def test_train_ppo_job_writes_the_train_outputs(tiny_lm_dir, ray_session, tmp_pa
     )
     summary = train_ppo(config, job, out, ppo={"num_envs_per_env_runner": 4})
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 1 and rows[0]["perf/generated_tokens"] > 0 and "reward/mean" in rows[0]
+    assert [r["iteration"] for r in rows] == [0, 1] and "eval/pass@1" in rows[0] and "eval/pass@1" in rows[1]
+    rows = rows[1:]  # the training iterations
+    assert rows[0]["perf/generated_tokens"] > 0 and "reward/mean" in rows[0]
     for name in (
         "eval_before.json",
         "eval_after.json",

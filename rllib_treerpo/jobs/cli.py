@@ -4,6 +4,7 @@
 - `treerpo eval --model PATH_OR_CHECKPOINT [--env ID] [--env-config key=value ...] [--samples K] [--problems N]
   [--greedy/--no-greedy] [--max-new-tokens N] [--temperature T] [--output DIR]` (jobs/eval.py)
 - `treerpo sweep CONFIG [--set field=value ...] [--output DIR] [--resume]` (jobs/sweep.py)
+- `treerpo show RUN [--iteration N] [--tree K] [--output DIR]` (jobs/trees.py)
 - `treerpo get-model NAME --output DIR`: a small real pretrained model as a Hugging Face folder (jobs/get_model.py)
 
 Each command is argument parsing around the jobs; an expected failure (bad path, field or value) is one line on
@@ -16,77 +17,67 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from rllib_treerpo.generation import MissingExtraError
 
 
-def parse_sets(items: list[str]) -> dict:
-    """``field=value`` pairs; values are parsed as YAML (so 0.1, [2, 2], true, null keep their types)."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set {item!r}: expected field=value")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def cmd_train(args) -> int:
-    from rllib_treerpo.jobs.config import load_run_config
-    from rllib_treerpo.jobs.train import train
-
-    if args.resume:
-        folder = Path(args.resume)
-        if not (folder / "config.yaml").exists():
-            raise SystemExit(
-                f"--resume {folder}: no config.yaml there; is it a `treerpo train` output folder?"
-            )
-        config, job, sections = load_run_config(folder / "config.yaml", parse_sets(args.set))
-        output = folder
-    else:
-        config, job, sections = load_run_config(args.config, parse_sets(args.set))
-        output = Path(args.output or Path("runs") / (Path(args.config).stem if args.config else "default"))
-    if job.algorithm == "PPO":  # RLlib's stock PPO on the token-id view of the same env (the baseline)
-        from rllib_treerpo.baselines.ppo.job import train_ppo
-
-        train_ppo(config, job, output, ppo=sections.get("ppo"), resume=bool(args.resume))
-    else:
-        train(config, job, output, resume=bool(args.resume))
-    return 0
-
-
 def parse_key_values(items: list[str], flag: str) -> dict:
-    """``key=value`` pairs of ``flag``; values are parsed as YAML (numbers, lists, booleans keep their types)."""
+    """``key=value`` pairs of ``flag``; values are parsed as YAML (numbers as written, e.g. 1e-4, lists, booleans
+    and null keep their types)."""
+    from rllib_treerpo.settings import yaml_value
+
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"{flag} {item!r}: expected key=value")
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = yaml_value(value, f"{flag} {item!r}")
     return out
 
 
-def cmd_eval(args) -> int:
-    from rllib_treerpo.jobs.eval import eval_model, format_summary
+def cmd_train(args) -> int:
+    from rllib_treerpo.jobs.config import load_run_config
+    from rllib_treerpo.jobs.run_folder import RunFolder
+    from rllib_treerpo.jobs.train import train
 
-    summary = eval_model(
-        args.model,
-        env=args.env,
-        env_config=parse_key_values(args.env_config, "--env-config"),
-        samples=args.samples,
-        greedy=args.greedy,
-        problems=args.problems,
-        output=args.output,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        seed=args.seed,
-        chat_template=args.chat_template,
-        system_prompt=args.system_prompt,
-        dtype=args.dtype,
-        batch_problems=args.batch_problems,
-        progress=not args.quiet,
-    )
+    sets = parse_key_values(args.set, "--set")
+    if args.resume:
+        folder = RunFolder(args.resume)
+        folder.check_resume()  # one line when there is nothing to resume, before anything else
+        config, job, sections = load_run_config(folder.path / "config.yaml", sets)
+        output = folder.path
+    else:
+        config, job, sections = load_run_config(args.config, sets)
+        output = Path(args.output or Path("runs") / (Path(args.config).stem if args.config else "default"))
+    common = {"resume": bool(args.resume), "overwrite": args.overwrite}
+    if job.algorithm == "PPO":  # RLlib's stock PPO on the token-id view of the same env (the baseline)
+        from rllib_treerpo.baselines.ppo.job import train_ppo
+
+        train_ppo(config, job, output, ppo=sections.get("ppo"), **common)
+    else:
+        train(config, job, output, **common)
+    return 0
+
+
+def cmd_show(args) -> int:
+    from rllib_treerpo.jobs.trees import show
+
+    page = show(args.run, iteration=args.iteration, tree=args.tree, output=args.output)
+    print(f"{page}  (and {page.with_suffix('.png').name})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from rllib_treerpo.jobs.eval import EvalOptions, eval_model, format_summary, read_eval_config
+
+    given = {name: getattr(args, name) for name in EvalOptions.__dataclass_fields__ if hasattr(args, name)}
+    given["env_config"] = parse_key_values(args.env_config, "--env-config") or None
+    given["progress"] = not args.quiet
+    if args.config:  # the file fills what the command line leaves unset
+        for key, value in read_eval_config(args.config).items():
+            if given.get(key) is None:
+                given[key] = value
+    given["greedy"] = True if given.get("greedy") is None else given["greedy"]
+    summary = eval_model(args.model, **given)
     print(f"{format_summary(summary)}  -> {summary['output']}")
     return 0
 
@@ -94,7 +85,9 @@ def cmd_eval(args) -> int:
 def cmd_sweep(args) -> int:
     from rllib_treerpo.jobs.sweep import run_sweep
 
-    result = run_sweep(args.config, output=args.output, resume=args.resume, overrides=parse_sets(args.set))
+    result = run_sweep(
+        args.config, output=args.output, resume=args.resume, overrides=parse_key_values(args.set, "--set")
+    )
     print(
         f"sweep: {result['finished_trials']}/{result['expected_trials']} trials finished; best "
         f"{result['metric']} = {result['best_metric']} with {result['best_params']}  -> {result['output']}"
@@ -117,7 +110,7 @@ def cmd_get_model(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="treerpo", description="TreeRPO on Ray RLlib")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _eval_parser, _sweep_parser, _get_model_parser):
+    for add in (_train_parser, _eval_parser, _sweep_parser, _show_parser, _get_model_parser):
         add(sub)
     return parser
 
@@ -128,6 +121,11 @@ def _train_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a field")
     p.add_argument("--output", help="output folder (default runs/<config name>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an output folder that already holds a run (its run files are removed)",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -140,9 +138,14 @@ def _eval_parser(sub) -> None:
     )
     p.add_argument(
         "--model",
-        required=True,
         metavar="PATH_OR_CHECKPOINT",
-        help="HF model folder or hub name, `treerpo train` output folder, or checkpoint folder",
+        help="HF model folder or hub name, `treerpo train` output folder, or checkpoint folder (default: the "
+        "embedded default model, built and cached as `treerpo train` does)",
+    )
+    p.add_argument(
+        "--config",
+        help="YAML of these options (env, env_config, samples, problems, max_new_tokens, "
+        "temperature, chat_template, system_prompt, ...); flags given on the command line win",
     )
     p.add_argument("--env", help="gymnasium id of a ReasoningEnv (default: the training env of a checkpoint)")
     p.add_argument(
@@ -162,7 +165,7 @@ def _eval_parser(sub) -> None:
     p.add_argument(
         "--greedy",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="also decode greedily once per problem for greedy accuracy (default: on)",
     )
     p.add_argument(
@@ -230,13 +233,45 @@ def _get_model_parser(sub) -> None:
     p.set_defaults(func=cmd_get_model)
 
 
+def _show_parser(sub) -> None:
+    p = sub.add_parser(
+        "show",
+        help="one sampled tree of a run as an HTML page and a PNG",
+        description="Render a tree that `treerpo train` saved (trees/iter_N.json): node texts, values, "
+        "advantages, filtered groups greyed, leaf rewards.",
+    )
+    p.add_argument("run", help="a `treerpo train` output folder")
+    p.add_argument("--iteration", type=int, help="which iteration's trees (default: the last saved)")
+    p.add_argument("--tree", type=int, default=0, help="which of the iteration's saved trees (default 0)")
+    p.add_argument("--output", help="folder for the page and the image (default RUN/show)")
+    p.set_defaults(func=cmd_show)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Expected failures end in one line on stderr: a bad path, field or value (exit 2), Ctrl-C (exit 130, with
+    where the run can be resumed from)."""
+    import os
+
+    # "Loading weights" bars at every model load (here and in Ray's workers, which inherit the environment) drown
+    # the progress lines.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    from rllib_treerpo.jobs.train import Interrupted
+
+    hf_logging.disable_progress_bar()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, MissingExtraError) as e:  # config and input errors: one line, no traceback
         print(f"treerpo: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"treerpo: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"treerpo: interrupted ({args.command})", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from rllib_treerpo.rllib.algorithm import TreeRPOConfig
-from rllib_treerpo.settings import JOB_FIELDS, check_fields, default_value, read_config_file, split_fields
+from rllib_treerpo.settings import (
+    JOB_FIELDS,
+    check_fields,
+    default_value,
+    numbers_as_written,
+    read_config_file,
+    split_fields,
+)
 
 
 class JobConfig:
@@ -40,7 +47,7 @@ def load_run_config(
     sections: dict[str, Any] = {}
     for source, values in (
         (str(path), read_config_file(path) if path is not None else {}),
-        ("--set", dict(overrides or {})),
+        ("--set", numbers_as_written(dict(overrides or {}))),
     ):
         algo_values, job_values, section_values = split_fields(values)
         config.update_from_flat_dict(algo_values, source=source)

@@ -91,7 +91,29 @@ class EvalOptions:
             )
 
 
-def eval_model(model: str, **options: Any) -> dict[str, Any]:
+def read_eval_config(path: str | Path) -> dict[str, Any]:
+    """The options of an eval config file (configs/eval/*.yaml); an unknown key is one line naming it."""
+    from rllib_treerpo.settings import read_config_file
+
+    values = read_config_file(path)
+    known = set(EvalOptions.__dataclass_fields__) - {"output", "progress"}
+    for key in values:
+        if key not in known:
+            raise ValueError(f"{path}: unknown eval option {key!r}; known: {sorted(known)}")
+    return values
+
+
+def default_model() -> tuple[str, dict[str, Any]]:
+    """The embedded default model (built and cached as `treerpo train` builds it) and its run's settings."""
+    from rllib_treerpo.jobs.config import flat_config, load_run_config
+    from rllib_treerpo.jobs.train import resolve_model
+
+    config, job, _ = load_run_config(None)
+    resolve_model(config, job)
+    return config.model_name_or_path, flat_config(config, job)
+
+
+def eval_model(model: str | None, **options: Any) -> dict[str, Any]:
     """Evaluate ``model`` (module docstring) and write ``summary.json`` and ``problems.jsonl`` to ``output``.
 
     ``options`` are :class:`EvalOptions`' fields. ``None`` ones take the training config's value when the model
@@ -106,10 +128,7 @@ def eval_model(model: str, **options: Any) -> dict[str, Any]:
 
     o = EvalOptions(**options)
     o.check()
-    try:  # cheap checks first: path, then env, then the model load
-        resolved = resolve_model(model)
-    except ValueError as e:
-        raise ValueError(f"--model {e}") from None
+    resolved = _resolve(model)
     s = _settings(resolved, o)
     _check_env_id(s["env"])
     check_model_config(
@@ -157,7 +176,7 @@ def eval_model(model: str, **options: Any) -> dict[str, Any]:
         close()
     summary["seconds"] = round(time.perf_counter() - start, 2)
     summary["settings"] = {
-        "model": str(model),
+        "model": str(model or resolved.path),
         "resolved_model": resolved.path,
         "model_kind": resolved.kind,
         "base_model": base,
@@ -169,6 +188,17 @@ def eval_model(model: str, **options: Any) -> dict[str, Any]:
     _write_outputs(out, summary, rows, tokenizer if prompt_tok is not tokenizer else None, s)
     summary["output"] = str(out)
     return summary
+
+
+def _resolve(model: str | None) -> ResolvedModel:
+    """``--model`` classified (model_io.resolve_model); none: the embedded default, like a run of the defaults."""
+    if model is None:
+        path, defaults = default_model()
+        return ResolvedModel("hf", path, defaults, f"the embedded default model {path}")
+    try:  # cheap checks first: path, then env, then the model load
+        return resolve_model(model)
+    except ValueError as e:
+        raise ValueError(f"--model {e}") from None
 
 
 def _settings(resolved: ResolvedModel, o: EvalOptions) -> dict[str, Any]:

@@ -1,12 +1,15 @@
-"""The main job behind `treerpo train`: model -> held-out eval -> TreeRPO iterations -> held-out eval.
+"""The main job behind `treerpo train`: model -> held-out eval -> iterations (evaluated along the way) -> eval.
 
-Output folder:
-  config.yaml          the resolved config (fields of TreeRPOConfig), also what --resume reads
-  metrics.jsonl        one row per iteration (tree/*, reward/*, loss/*, perf/*, completions/*)
+Output folder (jobs/run_folder.py):
+  config.yaml          the resolved config (algorithm and job fields), also what --resume reads
+  metrics.jsonl        one row per iteration (tree/*, reward/*, loss/*, perf/*, completions/*; eval/* when the
+                       policy was evaluated then, iteration 0 = before training)
+  tb/                  the same rows as TensorBoard scalars (`tensorboard --logdir runs`)
   eval_before.json / eval_after.json / eval_*.jsonl   held-out summaries and per-problem rows
-  learning_curve.png   reward, accuracy, filtered groups and loss against iterations
+  learning_curve.png   held-out pass@1 and greedy accuracy along training, train reward, filtered groups, ...
+  trees/iter_N.json    a few sampled trees per iteration with values and advantages (`treerpo show RUN`)
   checkpoints/iter_NNNNNN, checkpoints/latest   RLlib checkpoints (weights, optimizer, counters)
-  final_model/         the trained policy as a Hugging Face folder (from_pretrained-able)
+  final_model/         the trained policy as a Hugging Face folder (from_pretrained-able), with its run's settings
   summary.json         before/after accuracy, seconds, generated tokens
 """
 
@@ -15,7 +18,6 @@ from __future__ import annotations
 import json
 import numbers
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +27,13 @@ from typing import Any
 import yaml
 
 from rllib_treerpo.jobs.config import JobConfig, flat_config
+from rllib_treerpo.jobs.monitor import HeldOut, Monitor
+from rllib_treerpo.jobs.run_folder import RunFolder
 from rllib_treerpo.rllib.algorithm import TreeRPOConfig
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the message says where the run can be resumed from (the CLI prints it as one line)."""
 
 
 def log(msg: str) -> None:
@@ -43,38 +51,19 @@ def resolve_model(config: TreeRPOConfig, job: JobConfig) -> None:
         )
 
 
-def run_eval(config: TreeRPOConfig, job: JobConfig, model_path: str, out: Path, name: str) -> dict:
-    """Held-out evaluation of a Hugging Face folder; writes eval_<name>.json and eval_<name>.jsonl."""
-    from envs import make_reasoning_env
-    from rllib_treerpo.evaluation import Evaluator
+def write_eval(folder: RunFolder, name: str, summary: dict, rows: list[dict], seconds: float) -> dict:
+    """eval_<name>.json and eval_<name>.jsonl, and the log line."""
+    from rllib_treerpo.jobs.run_folder import finite, write_json
 
-    env = make_reasoning_env(config.env, {**config.env_config, **job.eval_env_config})
-    evaluator = Evaluator.from_model(
-        model_path,
-        env,
-        dtype=config.dtype,
-        backend=config.backend,
-        chat_template=config.chat_template,
-        system_prompt=config.system_prompt,
-        problems=job.eval_problems,
-        samples=job.eval_samples,
-        max_new_tokens=config.tree_spec().response_tokens,
-        temperature=config.temperature,
-        seed=config.seed or 0,
-        backend_kwargs=config.backend_kwargs(),
-    )
-    start = time.perf_counter()
-    summary, rows = evaluator()
-    evaluator.backend.release()  # e.g. a sleeping vLLM engine leaves the GPU to the training run
-    summary["seconds"] = round(time.perf_counter() - start, 2)
-    (out / f"eval_{name}.json").write_text(json.dumps(summary, indent=2))
-    with open(out / f"eval_{name}.jsonl", "w") as f:
+    summary = {**summary, "seconds": round(seconds, 2)}
+    write_json(folder.path / f"eval_{name}.json", summary)
+    with open(folder.path / f"eval_{name}.jsonl", "w") as f:
         for row in rows:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(finite(row)) + "\n")
     log(
         f"eval {name}: pass@1 {summary['pass@1']:.3f}  greedy {summary.get('greedy_accuracy', float('nan')):.3f}"
         f"  mean response tokens {summary['mean_response_tokens']:.1f}  ({summary['seconds']:.0f}s, "
-        f"{summary['problems']} held-out problems)"
+        f"{summary['problems']} held-out problems x {summary['samples']} samples)"
     )
     return summary
 
@@ -126,13 +115,19 @@ class JobParts:
 
 def treerpo_parts(config: TreeRPOConfig, job: JobConfig) -> JobParts:
     def progress(row: dict) -> str:
-        return (
-            f"reward {row.get('reward/mean', 0):.3f}  acc {row.get('reward/accuracy', 0):.3f}  "
-            f"filtered {row.get('tree/frac_groups_filtered', 0):.2f}  "
-            f"len {row.get('completions/mean_length', 0):.1f}  "
-            f"steps {row.get('loss/optimizer_steps', 0):.0f}  "
+        line = (
+            f"reward {row.get('reward/mean', 0):.3f}  filtered {row.get('tree/frac_groups_filtered', 0):.2f}  "
+            f"len {row.get('completions/mean_length', 0):.1f}  steps {row.get('loss/optimizer_steps') or 0:.0f}  "
             f"{row.get('perf/decode_tokens_per_s', 0) / 1e3:.1f}k tok/s"
         )
+        if not row.get("loss/optimizer_steps"):  # nothing trained: say why, loudly
+            why = (
+                "every sibling group was filtered (equal values, std < tau)"
+                if row.get("tree/train_tokens", 0) == 0
+                else "no update"
+            )
+            line += f"  WARNING: no training step ({why}; reward {row.get('reward/mean', 0):.2f})"
+        return line
 
     return JobParts(
         build_algo=config.build_algo,
@@ -149,51 +144,65 @@ def train(
     output: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     parts: Callable[[TreeRPOConfig, JobConfig], JobParts] = treerpo_parts,
 ) -> dict:
     """Run (or resume) the job; returns summary.json's content. ``parts`` picks the algorithm (default
-    TreeRPO; :func:`rllib_treerpo.baselines.ppo.job.ppo_parts` for RLlib's PPO)."""
-    config.check_backend_installed()  # e.g. backend vllm without vllm: one line, before any model or Ray
-    out = Path(output).resolve()  # RLlib checkpoints need absolute paths ("URI has empty scheme")
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    TreeRPO; :func:`rllib_treerpo.baselines.ppo.job.ppo_parts` for RLlib's PPO). Every check that can fail runs
+    before the warm start, the model load and Ray; Ctrl-C raises :class:`Interrupted` naming where to resume."""
+    folder = RunFolder(output)
+    folder.check_resume() if resume else folder.check_new(overwrite)
+    if parts is treerpo_parts:  # RLlib's, TreeRPO's and the run's checks, before any warm start, model or Ray
+        config.check(job.eval_env_config, job.tiny_model)
+    else:
+        from rllib_treerpo.preflight import preflight
+
+        preflight(config, job.eval_env_config, job.tiny_model)
     job_start = time.perf_counter()
-    resolve_model(config, job)
-    config.validate_fields()
-    pieces = parts(config, job)
-    (out / "config.yaml").write_text(yaml.safe_dump(pieces.resolved, sort_keys=False))
-
-    summary = (
-        json.loads((out / "summary.json").read_text()) if resume and (out / "summary.json").exists() else {}
-    )
-    summary["algorithm"] = pieces.label
-    if job.eval_problems and "eval_before" not in summary:
-        summary["eval_before"] = run_eval(config, job, config.model_name_or_path, out, "before")
-        _write_json(out / "summary.json", summary)
-
-    algo = _start(pieces, out, resume)
-    _iterate(algo, pieces, job, out)
-    final = out / "final_model"
-    from rllib_treerpo.model_io import save_hf_folder
-    from rllib_treerpo.rllib.rl_module import learner_policy_weights
-
-    save_hf_folder(config.model_name_or_path, learner_policy_weights(algo), final, config.dtype)
-    algo.stop()
-    for key, metric in pieces.totals.items():
-        summary[key] = _sum_metric(out / "metrics.jsonl", metric)
-    if job.eval_problems:
-        summary["eval_after"] = run_eval(config, job, str(final), out, "after")
-    summary["iterations"] = job.iterations
+    algo = None
+    try:
+        resolve_model(config, job)
+        pieces = parts(config, job)
+        folder.path.mkdir(parents=True, exist_ok=True)
+        (folder.path / "config.yaml").write_text(yaml.safe_dump(pieces.resolved, sort_keys=False))
+        summary = folder.summary() if resume else {}
+        summary["algorithm"] = pieces.label
+        held_out = HeldOut(config, job, job.eval_problems) if job.eval_problems else None
+        if held_out is not None and "eval_before" not in summary:
+            start = time.perf_counter()
+            summary["eval_before"] = write_eval(folder, "before", *held_out(), time.perf_counter() - start)
+            folder.write_summary(summary)
+        monitor = Monitor(folder.path, job, held_out)
+        algo = _start(pieces, folder, resume, monitor)
+        _iterate(algo, pieces, job, folder, monitor)
+        _finish(algo, config, job, pieces, folder, summary, held_out)
+        algo = None
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted(folder, algo)) from None
+    finally:
+        if algo is not None:
+            algo.stop()
+    summary = folder.summary()
     summary["job_seconds_this_run"] = round(time.perf_counter() - job_start, 1)
-    _write_json(out / "summary.json", summary)
-    from rllib_treerpo.jobs.plots import plot_learning_curve
-
-    plot_learning_curve(out / "metrics.jsonl", out / "learning_curve.png")
-    log(f"done: {out}")
+    folder.write_summary(summary)
+    log(f"done: {folder.path}")
     return summary
 
 
-def _start(pieces: JobParts, out: Path, resume: bool):
-    """Ray up, the algorithm built and (with ``resume``) restored from ``checkpoints/latest``."""
+def _interrupted(folder: RunFolder, algo) -> str:
+    checkpoint = folder.latest_checkpoint()
+    at = f" at iteration {algo.iteration}" if algo is not None else ""
+    if checkpoint is None:
+        return f"interrupted{at}, before the first checkpoint: start again with --overwrite --output {folder.path}"
+    return (
+        f"interrupted{at}: continue from {checkpoint.name} with `treerpo train --resume {folder.path}` (the "
+        "iterations after it are redone)"
+    )
+
+
+def _start(pieces: JobParts, folder: RunFolder, resume: bool, monitor: Monitor):
+    """Ray up, the algorithm built and (with ``resume``) restored; metrics rows past the checkpoint dropped;
+    the evaluation of iteration 0 when due."""
     import ray
 
     if not ray.is_initialized():
@@ -204,65 +213,73 @@ def _start(pieces: JobParts, out: Path, resume: bool):
             num_cpus=max(2, os.cpu_count() or 2),
         )
     algo = pieces.build_algo()
-    latest = out / "checkpoints" / "latest"
-    if resume and latest.exists():
-        path = latest.parent / latest.read_text().strip()
+    if resume:
+        path = folder.check_resume()
         algo.restore_from_path(str(path))
         log(f"resumed from {path} at iteration {algo.iteration}")
-    _truncate_metrics(out / "metrics.jsonl", algo.iteration)
+    folder.truncate(algo.iteration)
+    if algo.iteration == 0 and monitor.held_out is not None and monitor.job.eval_every:
+        row = {"iteration": 0, **monitor.evaluate(None)}  # the start of the held-out curve
+        folder.append(row)
+        monitor.record(row)
     return algo
 
 
-def _iterate(algo, pieces: JobParts, job: JobConfig, out: Path) -> None:
-    """Train to ``job.iterations``: a metrics row, a checkpoint when due, a progress line and the plot each."""
+def _iterate(algo, pieces: JobParts, job: JobConfig, folder: RunFolder, monitor: Monitor) -> None:
+    """Train to ``job.iterations``: a metrics row (with the held-out evaluation when due), a checkpoint when due,
+    saved trees, a progress line and the plot each."""
     from rllib_treerpo.jobs.plots import plot_learning_curve
+    from rllib_treerpo.jobs.trees import save_trees
+    from rllib_treerpo.rllib.rl_module import learner_policy_weights
 
     times = []
     while algo.iteration < job.iterations:
         t0 = time.perf_counter()
         result = algo.train()
-        times.append(time.perf_counter() - t0)
-        row = pieces.metrics_row(result)
-        row["time_s"] = round(times[-1], 3)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
         it = algo.iteration
+        row = pieces.metrics_row(result)
+        if monitor.due(it):
+            row.update(monitor.evaluate(learner_policy_weights(algo)))
+        times.append(time.perf_counter() - t0)
+        row["time_s"] = round(times[-1], 3)
+        folder.append(row)
+        monitor.record(row)
+        if job.save_trees and getattr(algo, "last_trees", None):
+            save_trees(folder.path / "trees", it, algo.last_trees[: job.save_trees], algo.config)
         if (job.checkpoint_every and it % job.checkpoint_every == 0) or it == job.iterations:
-            _save_checkpoint(algo, out / "checkpoints", it)
+            folder.save_checkpoint(algo, it)
         eta = (job.iterations - it) * sum(times[-5:]) / len(times[-5:])
         log(
-            f"iter {it:3d}/{job.iterations}  {pieces.progress(row)}  {times[-1]:.1f}s/it  ETA {eta / 60:.1f} min"
+            f"iter {it:3d}/{job.iterations}  {pieces.progress(row)}{monitor.progress()}  {times[-1]:.1f}s/it  "
+            f"ETA {eta / 60:.1f} min"
         )
-        plot_learning_curve(out / "metrics.jsonl", out / "learning_curve.png")
+        plot_learning_curve(folder.metrics, folder.path / "learning_curve.png")
 
 
-def _save_checkpoint(algo, ckpt_dir: Path, iteration: int) -> None:
-    """Save, then point `latest` at it (atomic rename): an interrupted save never becomes `latest`."""
-    name = f"iter_{iteration:06d}"
-    algo.save_to_path(str(ckpt_dir / name))
-    tmp = ckpt_dir / "latest.tmp"
-    tmp.write_text(name)
-    tmp.rename(ckpt_dir / "latest")
-    for old in sorted(ckpt_dir.glob("iter_*"))[:-2]:  # keep the last two
-        shutil.rmtree(old, ignore_errors=True)
+def _finish(
+    algo,
+    config: TreeRPOConfig,
+    job: JobConfig,
+    pieces: JobParts,
+    folder: RunFolder,
+    summary: dict,
+    held_out: HeldOut | None,
+) -> None:
+    """final_model/ (with its run's settings), the held-out evaluation after training, summary and plot."""
+    from rllib_treerpo.jobs.plots import plot_learning_curve
+    from rllib_treerpo.model_io import RUN_CONFIG, save_hf_folder
+    from rllib_treerpo.rllib.rl_module import learner_policy_weights
 
-
-def _truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop rows past the restored iteration (they belong to the iteration(s) lost in the interruption)."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = [r for r in rows if json.loads(r)["iteration"] <= iteration]
-    path.write_text("".join(r + "\n" for r in keep))
-
-
-def _sum_metric(path: Path, key: str) -> float:
-    if not path.exists():
-        return 0.0
-    return sum(json.loads(line).get(key, 0.0) for line in path.read_text().splitlines() if line.strip())
-
-
-def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    tmp.rename(path)
+    final = folder.path / "final_model"
+    weights = learner_policy_weights(algo)
+    save_hf_folder(config.model_name_or_path, weights, final, config.dtype)
+    (final / RUN_CONFIG).write_text(yaml.safe_dump(pieces.resolved, sort_keys=False))
+    algo.stop()
+    for key, metric in pieces.totals.items():
+        summary[key] = folder.total(metric)
+    if held_out is not None:
+        start = time.perf_counter()
+        summary["eval_after"] = write_eval(folder, "after", *held_out(weights), time.perf_counter() - start)
+    summary["iterations"] = job.iterations
+    folder.write_summary(summary)
+    plot_learning_curve(folder.metrics, folder.path / "learning_curve.png")

@@ -32,7 +32,42 @@ from ray.rllib.utils.metrics import (
 from rllib_treerpo.iteration import minibatch_seed, minibatches, training_packs
 from rllib_treerpo.model_io import load_tokenizer, pad_token_id
 from rllib_treerpo.sampler import TreeSpec
-from rllib_treerpo.settings import FIELDS, check_fields, default_value, read_config_file, split_fields
+from rllib_treerpo.settings import (
+    FIELDS,
+    JOB_FIELDS,
+    Field,
+    check_fields,
+    default_value,
+    non_negative,
+    non_negative_int,
+    positive,
+    positive_int,
+    read_config_file,
+    split_fields,
+)
+
+
+def _number_or_schedule(v):
+    if isinstance(v, int | float) and not isinstance(v, bool) and v > 0:
+        return None
+    return (
+        None
+        if isinstance(v, list) and v
+        else "must be a number > 0 (or RLlib's [[timestep, value], ...] schedule)"
+    )
+
+
+# RLlib attributes TreeRPO reads, checked like FIELDS (the rest RLlib validates itself).
+RLLIB_CHECKS = {
+    "lr": Field(3e-5, "learning rate", _number_or_schedule),
+    "grad_clip": Field(1.0, "global-norm gradient clip", lambda v: None if v is None else positive(v)),
+    "num_epochs": Field(1, "passes over an iteration's packs", positive_int),
+    "seed": Field(0, "the run's seed", lambda v: None if v is None else non_negative_int(v)),
+    "num_env_runners": Field(0, "tree-sampling actors", non_negative_int),
+    "num_learners": Field(0, "learner actors", non_negative_int),
+    "num_gpus_per_learner": Field(0, "GPUs per learner", non_negative),
+    "num_gpus_per_env_runner": Field(0, "GPUs per env runner", non_negative),
+}
 
 # RLlib fields a TreeRPO run depends on: written to a run folder's config.yaml beside FIELDS.
 RLLIB_FIELDS = (
@@ -62,8 +97,11 @@ class TreeRPOConfig(AlgorithmConfig):
             setattr(self, name, default_value(field))
         # RLlib settings that TreeRPO needs: trees are grown by our env runner, connectors are not used.
         self.env_runner_cls = TreeEnvRunner
+        # The embedded CPU default (configs/tiny_arith.yaml): 3-step arithmetic (the env's defaults), lr 3e-5.
         self.env = "treerpo/Arithmetic-v0"
-        self.lr = 1e-6
+        self.env_config = {}
+        self.seed = 0
+        self.lr = 3e-5
         self.grad_clip = 1.0
         self.grad_clip_by = "global_norm"
         self.num_epochs = 1
@@ -84,10 +122,29 @@ class TreeRPOConfig(AlgorithmConfig):
 
     @override(AlgorithmConfig)
     def validate(self) -> None:
+        """:meth:`check` then, when ``model_name_or_path`` is null, the embedded default model (built and
+        warm-started once, cached): so ``TreeRPOConfig().build_algo()`` and ``tune.run("TreeRPO", config={...})``
+        run with no model given."""
+        self.check()
+        if self.model_name_or_path is None:
+            from rllib_treerpo.warmstart import embedded_model
+
+            self.model_name_or_path = embedded_model(self.env, self.env_config)
+
+    def check(self, eval_env_config: dict | None = None, tiny_model: dict | None = None) -> None:
+        """Everything that can fail before expensive work (a warm start, a model load, Ray): RLlib's checks,
+        TreeRPO's fields, the backend's package, and the run checks of preflight.py (env, window, depth)."""
+        from rllib_treerpo.preflight import preflight
+
         super().validate()
         self.validate_fields()
         self.check_treerpo_batching()
         self.check_backend_installed()  # before the algorithm starts a runner, let alone loads a model
+        preflight(
+            self,
+            eval_env_config,
+            default_value(JOB_FIELDS["tiny_model"]) if tiny_model is None else tiny_model,
+        )
 
     def validate_fields(self) -> None:
         """TreeRPO's own checks; raises ValueError naming the first bad field.
@@ -95,9 +152,7 @@ class TreeRPOConfig(AlgorithmConfig):
         Only what a config file can get wrong: whether this machine can run the backend is
         :meth:`check_backend_installed` (a vllm config must load and validate where vllm is not installed)."""
         check_fields({name: getattr(self, name) for name in FIELDS}, FIELDS)
-        value = self.num_epochs
-        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-            raise ValueError(f"config field 'num_epochs' = {value!r}: must be a positive integer")
+        check_fields({name: getattr(self, name) for name in RLLIB_CHECKS}, RLLIB_CHECKS)
 
         if self.tis_cap is not None and (self.num_minibatches != 1 or self.num_epochs != 1):
             raise ValueError(
@@ -248,6 +303,7 @@ class TreeRPO(Algorithm):
         self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
         sample_seconds = time.perf_counter() - start
 
+        self.last_trees = trees  # the job saves a few for `treerpo show`
         packs, tree_metrics = training_packs(trees, c)
         for key, value in tree_metrics.items():
             self.metrics.log_value(key, value, window=1)

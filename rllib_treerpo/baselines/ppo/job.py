@@ -14,7 +14,7 @@
 
 Outputs, as `treerpo train` writes them: config.yaml, metrics.jsonl (reward/mean, reward/accuracy,
 completions/mean_length, perf/generated_tokens, perf/prompts, loss/*), eval_before/after.json(l) through
-:func:`rllib_treerpo.jobs.train.run_eval`, learning_curve.png, checkpoints/, final_model/, summary.json.
+:mod:`rllib_treerpo.jobs.train`, learning_curve.png, checkpoints/, final_model/, summary.json.
 """
 
 from __future__ import annotations
@@ -211,7 +211,10 @@ def train_ppo(
     *,
     ppo: dict | None = None,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """The `treerpo train` job with RLlib's PPO; returns summary.json's content."""
     ppo = ppo_settings(config, ppo)
-    return train(config, job, output, resume=resume, parts=lambda c, j: ppo_parts(c, j, ppo))
+    return train(
+        config, job, output, resume=resume, overwrite=overwrite, parts=lambda c, j: ppo_parts(c, j, ppo)
+    )

@@ -1,0 +1,102 @@
+"""What a user sees while `treerpo train` runs: held-out accuracy along training, the progress line, TensorBoard.
+
+Every ``eval_every`` iterations (and at iteration 0) the learners' current policy is evaluated on the first
+``eval_every_problems`` held-out problems (pass@1 over ``eval_samples`` samples, and greedy accuracy); the numbers go
+into metrics.jsonl under ``eval/*``, into the progress line and into learning_curve.png. Every metrics row is also
+written as TensorBoard scalars under ``tb/`` (tensorboardX comes with ray[rllib]), so ``tensorboard --logdir runs``
+shows runs like any RLlib or Tune run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rllib_treerpo.jobs.config import JobConfig
+from rllib_treerpo.rllib.algorithm import TreeRPOConfig
+
+EVAL_KEYS = ("pass@1", "greedy_accuracy", "mean_response_tokens")
+
+
+class HeldOut:
+    """The held-out evaluation of one run: the env and settings fixed once, a policy's weights swapped in."""
+
+    def __init__(self, config: TreeRPOConfig, job: JobConfig, problems: int) -> None:
+        from envs import make_reasoning_env
+        from rllib_treerpo.evaluation import Evaluator
+
+        env = make_reasoning_env(config.env, {**config.env_config, **job.eval_env_config})
+        limit = getattr(env, "num_problems", None)
+        self.evaluator = Evaluator.from_model(
+            config.model_name_or_path,
+            env,
+            dtype=config.dtype,
+            backend=config.backend,
+            chat_template=config.chat_template,
+            system_prompt=config.system_prompt,
+            problems=min(problems, limit) if isinstance(limit, int) else problems,
+            samples=job.eval_samples,
+            max_new_tokens=config.tree_spec().response_tokens,
+            temperature=config.temperature,
+            seed=config.seed or 0,
+            backend_kwargs=config.backend_kwargs(),
+        )
+
+    def __call__(self, weights: dict | None = None, problems: int | None = None) -> tuple[dict, list[dict]]:
+        """Summary and per-problem rows of the given weights (None: the model as loaded) on ``problems``."""
+        full = self.evaluator.problems
+        if problems is not None:
+            self.evaluator.problems = min(problems, full)
+        try:
+            out = self.evaluator(weights)
+        finally:
+            self.evaluator.problems = full
+            self.evaluator.backend.release()  # e.g. a sleeping vLLM engine leaves the GPU to the training run
+        return out
+
+
+class Monitor:
+    """Evaluation along training, TensorBoard scalars and the progress line's held-out part."""
+
+    def __init__(self, out: Path, job: JobConfig, held_out: HeldOut | None) -> None:
+        self.job, self.held_out, self.latest = job, held_out, None
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(out / "tb"))
+        except ImportError:  # no TensorBoard files then; metrics.jsonl and the plot have everything
+            self.writer = None
+
+    def due(self, iteration: int) -> bool:
+        every = self.job.eval_every
+        return bool(
+            self.held_out is not None
+            and every
+            and (iteration % every == 0 or iteration == self.job.iterations)
+        )
+
+    def evaluate(self, weights: dict | None) -> dict[str, float]:
+        """``eval/*`` metrics of the weights on the first eval_every_problems held-out problems."""
+        summary, _ = self.held_out(weights, self.job.eval_every_problems)
+        self.latest = {f"eval/{k}": float(summary[k]) for k in EVAL_KEYS if k in summary}
+        return self.latest
+
+    def record(self, row: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if key != "iteration" and isinstance(value, int | float) and value == value:  # finite numbers
+                self.writer.add_scalar(key, value, row["iteration"])
+        self.writer.flush()
+
+    def progress(self) -> str:
+        if not self.latest:
+            return ""
+        return (
+            f"  held-out pass@1 {self.latest.get('eval/pass@1', float('nan')):.3f} greedy "
+            f"{self.latest.get('eval/greedy_accuracy', float('nan')):.3f}"
+        )
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

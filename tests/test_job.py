@@ -1,0 +1,214 @@
+"""The job as a user meets it: the embedded default everywhere, misfits in one line before any expensive work, run
+folders that are never silently overwritten, Ctrl-C, numbers as users write them, `treerpo show`."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from rllib_treerpo.jobs.cli import main
+from rllib_treerpo.jobs.config import load_run_config
+
+FAST = [
+    "--set",
+    "iterations=2",
+    "--set",
+    "prompts_per_iteration=2",
+    "--set",
+    "branching=[2, 2]",
+    "--set",
+    "eval_problems=2",
+    "--set",
+    "eval_samples=1",
+    "--set",
+    "eval_every=1",
+    "--set",
+    "eval_every_problems=2",
+    "--set",
+    "checkpoint_every=1",
+]
+
+
+def test_build_algo_without_a_model_uses_the_embedded_default(embedded_default, ray_session):
+    from rllib_treerpo.rllib.algorithm import TreeRPOConfig
+
+    algo = TreeRPOConfig().training(prompts_per_iteration=2, branching=[2, 2]).build_algo()
+    try:
+        assert algo.config.model_name_or_path == embedded_default
+        assert algo.train()["tree/trees"] == 2
+    finally:
+        algo.stop()
+
+
+def test_tune_run_and_tuner_with_a_plain_dict(embedded_default, ray_session, tmp_path):
+    """As an RLlib user tries it: tune.run("TreeRPO", config={...}) with no model, like tune.run("PPO", ...)."""
+    from ray import tune
+
+    import rllib_treerpo  # noqa: F401  registers "TreeRPO"
+
+    small = {"prompts_per_iteration": 2, "branching": [2, 2]}  # the default env: the cached embedded model
+    analysis = tune.run(
+        "TreeRPO", config=small, stop={"training_iteration": 1}, storage_path=str(tmp_path), verbose=0
+    )
+    assert analysis.trials[0].last_result["tree/trees"] == 2
+    tuner = tune.Tuner(
+        "TreeRPO",
+        param_space=small,
+        run_config=tune.RunConfig(stop={"training_iteration": 1}, storage_path=str(tmp_path), verbose=0),
+    )
+    assert tuner.fit()[0].metrics["tree/trees"] == 2
+
+
+def test_train_without_a_config_runs_and_show_draws_its_trees(
+    embedded_default, ray_session, tmp_path, capsys
+):
+    from rllib_treerpo.advantages import tree_advantages
+    from rllib_treerpo.jobs.trees import load, scored, show
+
+    out = tmp_path / "run"
+    assert main(["train", "--output", str(out), *FAST]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2] and all("eval/pass@1" in r for r in rows)
+    assert "held-out pass@1" in capsys.readouterr().out  # the progress line shows the latest held-out numbers
+
+    assert main(["show", str(out), "--iteration", "2", "--tree", "1"]) == 0
+    page = out / "show" / "iter_000002_tree1.html"
+    assert page.exists() and page.with_suffix(".png").stat().st_size > 5000
+    saved = load(out, 2)
+    record = saved["trees"][1]
+    parent = np.array([n["parent"] for n in record["nodes"]])
+    reward = np.array([np.nan if n["reward"] is None else n["reward"] for n in record["nodes"]])
+    values, advantages = tree_advantages(parent, reward, tau=0.1)  # the run's settings: the defaults
+    got_values, got_advantages = scored(record, saved["settings"])
+    np.testing.assert_array_equal(values, got_values)
+    np.testing.assert_array_equal(advantages, got_advantages)
+    html = page.read_text()
+    assert "<script" not in html and "http" not in html  # self-contained
+    for i in range(1, len(values)):
+        assert f"value {values[i]:.2f}" in html
+        if np.isfinite(advantages[i]):
+            assert f"advantage {advantages[i]:+.2f}" in html
+    with pytest.raises(ValueError, match="--iteration 7"):
+        show(out, iteration=7)
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (
+            ["--set", "step_tokens=200"],
+            "'step_tokens' = 200",
+        ),  # 3 x 200 + the prompt > the tiny model's 512 tokens
+        (["--set", "branching=[2, 2, 2, 2, 2, 2]"], "'branching'"),  # deeper than the env's 5 steps
+        (["--set", "env=treerpo/Arithmetc-v0"], "'env'"),
+        (["--set", "env_config={num_ops: 0}"], "num_ops"),
+        (["--set", "lr=fast"], "'lr'"),
+    ],
+)
+def test_a_misfit_fails_in_one_line_before_anything_expensive(args, field, tmp_path, capsys, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the checks"))
+    start = time.perf_counter()
+    out = tmp_path / "run"
+    assert main(["train", "--output", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert time.perf_counter() - start < 5 and "\n" not in err and field in err, err
+    assert not out.exists()  # nothing was written (no warm start, no folder)
+
+
+def test_numbers_parse_as_users_write_them(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 3e-5\nwarmstart: {lr: 2e-3}\n")
+    config, job, _ = load_run_config(path, {"kl_coef": "1e-2"})
+    assert config.lr == 3e-5 and job.warmstart["lr"] == 2e-3 and config.kl_coef == 0.01
+    from rllib_treerpo.jobs.cli import parse_key_values
+
+    assert parse_key_values(["lr=1e-4", "tau=0", "branching=[4, 4]", "name=1e4x"], "--set") == {
+        "lr": 1e-4,
+        "tau": 0,
+        "branching": [4, 4],
+        "name": "1e4x",
+    }
+
+
+def test_config_file_and_yaml_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("branching: [4, 4\ntau: 0.1\n")
+    cases = [
+        (["train", str(tmp_path / "missing.yaml")], "missing.yaml: cannot read"),
+        (["train", str(bad)], "not valid YAML at line"),
+        (["train", "--set", "branching=[4, 4"], "--set 'branching=[4, 4': not valid YAML"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+
+
+def test_a_run_folder_is_never_silently_overwritten(tiny_lm_dir, ray_session, tmp_path, capsys, monkeypatch):
+    """A second run into a folder that holds one is refused; --overwrite starts over; Ctrl-C ends in one line
+    naming where to resume; a run that never checkpointed cannot be resumed."""
+    from rllib_treerpo.rllib.algorithm import TreeRPO
+
+    out = tmp_path / "run"
+    args = ["train", "--output", str(out), "--set", f"model_name_or_path={tiny_lm_dir}", *FAST]
+    assert main(args) == 0
+    before = (out / "metrics.jsonl").read_text()
+    assert main(args) == 2
+    assert "already holds a run (2 iterations recorded)" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == before  # nothing lost
+
+    calls = {"n": 0}
+    real = TreeRPO.train
+
+    def interrupted_train(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(TreeRPO, "train", interrupted_train)
+    assert main([*args, "--overwrite"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "interrupted at iteration 1" in err and f"--resume {out}" in err, err
+    monkeypatch.setattr(TreeRPO, "train", real)
+    assert main(["train", "--resume", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+
+    never = tmp_path / "never"
+    never.mkdir()
+    (never / "config.yaml").write_text("tau: 0.1\n")  # a run that failed before its first checkpoint
+    assert main(["train", "--resume", str(never)]) == 2
+    assert "never saved a checkpoint" in capsys.readouterr().err
+
+
+def test_run_folder_pruning_by_number_and_nan_free_metrics(tmp_path):
+    from rllib_treerpo.jobs.run_folder import RunFolder
+
+    class FakeAlgo:
+        def save_to_path(self, path):
+            from pathlib import Path
+
+            Path(path).mkdir(parents=True)
+            (Path(path) / "rllib_checkpoint.json").write_text("{}")
+
+    folder = RunFolder(tmp_path / "run")
+    for it in (9, 12, 1, 2, 3, 4):  # the old run's 9 and 12 are a discarded future once 1-4 are written
+        folder.save_checkpoint(FakeAlgo(), it)
+    assert sorted(p.name for p in folder.checkpoints.glob("iter_*")) == ["iter_000003", "iter_000004"]
+    assert folder.latest_checkpoint().name == "iter_000004"
+    for it in (
+        8,
+        10,
+        100,
+    ):  # by number: 100 > 10 > 8 (by name "iter_000100" would also sort last, 8 vs 10 not)
+        folder.save_checkpoint(FakeAlgo(), it)
+    assert sorted(p.name for p in folder.checkpoints.glob("iter_*")) == ["iter_000010", "iter_000100"]
+    folder.append({"iteration": 1, "loss/total": float("nan"), "eval/pass@1": float("inf")})
+    (row,) = [json.loads(line) for line in folder.metrics.read_text().splitlines()]  # strict JSON: no NaN
+    assert row == {"iteration": 1, "loss/total": None, "eval/pass@1": None}
