@@ -172,6 +172,17 @@ def test_remote_env_runner(tiny_lm_dir, ray_session):
         algo.stop()
 
 
+@pytest.mark.ray
+def test_two_learners_report_the_synchronized_step_count(tiny_lm_dir, ray_session):
+    """num_learners=2: both learners take every planned step together; the count is the plan's, not their sum."""
+    algo = small_config(tiny_lm_dir, num_learners=2, prompts_per_iteration=3, num_minibatches=2).build_algo()
+    try:
+        result = algo.train()
+        assert result["loss/optimizer_steps"] == min(2, result["tree/train_packs"])
+    finally:
+        algo.stop()
+
+
 def test_prompts_are_split_over_runners():
     from rllib_treerpo.rllib.env_runner import TreeEnvRunner
 

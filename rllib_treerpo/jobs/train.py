@@ -92,6 +92,8 @@ def metrics_row(result: dict) -> dict:
             row["loss/grad_norm"] = value
         elif key.startswith("timers/"):
             row["perf/" + key.removeprefix("timers/").lower()] = value
+    if row.get("loss/optimizer_steps") == 0:  # no update this iteration: the learners' last values are stale
+        row = {k: v for k, v in row.items() if not k.startswith("loss/") or k == "loss/optimizer_steps"}
     return row
 
 

@@ -28,6 +28,7 @@ from ray.rllib.utils.metrics import (
     SYNCH_WORKER_WEIGHTS_TIMER,
     TIMERS,
 )
+from ray.util import log_once
 
 from rllib_treerpo.iteration import minibatch_seed, minibatches, training_packs
 from rllib_treerpo.model_io import load_tokenizer, pad_token_id
@@ -93,6 +94,9 @@ class TreeRPOConfig(AlgorithmConfig):
         from rllib_treerpo.rllib.env_runner import TreeEnvRunner
 
         super().__init__(algo_class=algo_class or TreeRPO)
+        # TreeRPO exists only on RLlib's new API stack: its one-time notice that the new stack is now the default is
+        # noise in our users' logs, so it is marked as already shown.
+        log_once(f"{self.algo_class.__name__}_on_new_api_stack")
         for name, field in FIELDS.items():
             setattr(self, name, default_value(field))
         # RLlib settings that TreeRPO needs: trees are grown by our env runner, connectors are not used.
