@@ -60,7 +60,9 @@ def segment_plan(token_node: torch.Tensor, node_parent: torch.Tensor) -> Segment
     device = token_node.device
     buckets = [_bucket(members, device) for _, members in sorted(groups.items())]
     rows, cols = np.nonzero(tn < 0)
-    if len(rows):  # padding attends to itself: every row (an empty one too) uses the attention weights, as DDP needs
+    if len(
+        rows
+    ):  # padding attends to itself: every row (an empty one too) uses the attention weights, as DDP needs
         own = torch.from_numpy(cols).to(device)[:, None]
         ones = torch.ones(len(rows), 1, 1, 1, dtype=torch.bool, device=device)
         buckets.append(Bucket(torch.from_numpy(rows).to(device), own, own >= 0, own, ones))

@@ -111,6 +111,10 @@ def test_metrics_row_keeps_numpy_scalars():
 
 
 def test_an_iteration_without_an_update_has_no_stale_losses():
-    result = {"training_iteration": 5, "loss": {"optimizer_steps": 0.0}, "tree": {"train_tokens": 0.0},
-              "learners": {"default_policy": {"loss/total": 0.3, "loss/kl": float("nan")}}}
+    result = {
+        "training_iteration": 5,
+        "loss": {"optimizer_steps": 0.0},
+        "tree": {"train_tokens": 0.0},
+        "learners": {"default_policy": {"loss/total": 0.3, "loss/kl": float("nan")}},
+    }
     assert metrics_row(result) == {"iteration": 5, "loss/optimizer_steps": 0.0, "tree/train_tokens": 0.0}
