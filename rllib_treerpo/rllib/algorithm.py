@@ -70,6 +70,13 @@ class TreeRPOConfig(AlgorithmConfig):
         self.minibatch_size = None  # RLlib's rows per minibatch: TreeRPO plans by num_minibatches instead
         self.merge_env_runner_states = False
         self.broadcast_env_runner_states = False
+        # null: a local env runner only when it is the one that samples (num_env_runners 0). Beside remote runners it
+        # would hold one more copy of the model on the driver and load every weight sync; restarted runners take
+        # their state from the learners instead (Algorithm.restore_env_runners).
+        self.create_local_env_runner = None
+        # An exception in an env runner: RLlib sleeps this long before the runner exits (and is restarted), while the
+        # iteration waits for it; RLlib's 60 s stalls the iteration. A killed runner is restarted at once anyway.
+        self.delay_between_env_runner_restarts_s = 1.0
 
     @override(AlgorithmConfig)
     def training(self, **kwargs) -> TreeRPOConfig:
@@ -84,6 +91,8 @@ class TreeRPOConfig(AlgorithmConfig):
 
     @override(AlgorithmConfig)
     def validate(self) -> None:
+        if self.create_local_env_runner is None:
+            self.create_local_env_runner = self.num_env_runners == 0
         super().validate()
         self.validate_fields()
         self.check_treerpo_batching()
@@ -99,6 +108,11 @@ class TreeRPOConfig(AlgorithmConfig):
         if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
             raise ValueError(f"config field 'num_epochs' = {value!r}: must be a positive integer")
 
+        if self.create_local_env_runner is False and self.num_env_runners == 0 and not self.in_evaluation:
+            raise ValueError(
+                "config field 'create_local_env_runner' = False: with num_env_runners 0 the local env runner is the "
+                "only one that grows trees (null: a local runner only when num_env_runners is 0)"
+            )
         if self.tis_cap is not None and (self.num_minibatches != 1 or self.num_epochs != 1):
             raise ValueError(
                 f"config field 'tis_cap' = {self.tis_cap!r}: needs one optimizer step per iteration "
@@ -305,14 +319,27 @@ class TreeRPO(Algorithm):
         return len(plan), sum(len(p.input_ids) for p in packs) * c.num_epochs
 
     def _sample_trees(self):
-        """Each env runner grows its share of prompts_per_iteration trees (in parallel when remote)."""
+        """Each env runner grows its share of prompts_per_iteration trees (in parallel when remote); a share lost
+        with its runner is grown again on a healthy one with the same seed (rllib/shares.py)."""
+        from rllib_treerpo.rllib.shares import sample_shares
+
         group = self.env_runner_group
-        remote = group.num_remote_workers() > 0
-        results = group.foreach_env_runner(
-            lambda runner: (runner.sample(), runner.get_metrics()), local_env_runner=not remote
-        )
-        trees = [tree for runner_trees, _ in results for tree in runner_trees]
-        return trees, [metrics for _, metrics in results]
+        sampled = sample_shares(group, self.config, self.iteration, lambda: self.restore_env_runners(group))
+        restarts, self._env_runner_restarts = getattr(self, "_env_runner_restarts", 0), 0
+        for name, value in (("env_runner_failures", sampled.failures), ("env_runner_restarts", restarts)):
+            self.metrics.log_value(f"perf/{name}", float(value), window=1)
+            self.metrics.log_value(f"perf/{name}_lifetime", float(value), reduce="lifetime_sum")
+        self.metrics.log_value("perf/resampled_trees", float(sampled.resampled_trees), window=1)
+        return sampled.trees, sampled.runner_metrics
+
+    @override(Algorithm)
+    def restore_env_runners(self, env_runner_group) -> list[int]:
+        """RLlib's restore (ping restarted runners, set their state: weights and weights version), counted for
+        ``perf/env_runner_restarts``."""
+        restored = super().restore_env_runners(env_runner_group)
+        if env_runner_group is self.env_runner_group:
+            self._env_runner_restarts = getattr(self, "_env_runner_restarts", 0) + len(restored)
+        return restored
 
     def _pad_id(self) -> int:
         if not hasattr(self, "_cached_pad_id"):
