@@ -108,6 +108,7 @@ def trace(algo, iterations):
                 "restarts": r["perf/env_runner_restarts"],
                 "restarts_lifetime": r["perf/env_runner_restarts_lifetime"],
                 "resampled": r["perf/resampled_trees"],
+                "healthy": r["perf/env_runners_healthy"],
             }
         )
     return rows
@@ -175,6 +176,7 @@ def test_lost_runners_shares_are_grown_again_and_the_run_is_unchanged(tiny_lm_di
         rows += trace(algo, ITERATIONS - 3)
         assert [r["trees"] for r in rows] == [4] * ITERATIONS  # every iteration trains on all its trees
         assert [r["failures"] for r in rows] == [0, 1, 1, 0]
+        assert rows[0]["healthy"] == rows[-1]["healthy"] == 2 and rows[2]["healthy"] in (1, 2)
         # Iteration 3 re-grows share 2, and share 1 too when runner 2 was growing it as well (runner 1 not back yet).
         assert [r["resampled"] for r in rows][:2] == [0, 2] and rows[2]["resampled"] in (2, 4)
         assert sum(r["restarts"] for r in rows) == 2 and rows[-1]["restarts_lifetime"] == 2
@@ -280,7 +282,7 @@ def test_a_lost_share_is_grown_again_on_a_healthy_runner_with_its_own_seed():
     lost = grow(FakeGroup(2, dies=[(1, 1)]))
     assert seeds_and_prompts(lost) == seeds_and_prompts(clean) and len(clean.trees) == 5
     assert {runner for *_, runner in lost.trees} == {2}  # runner 2 grew both shares
-    assert (lost.failures, lost.resampled_trees, clean.failures) == (1, 3, 0)
+    assert (lost.failures, lost.resampled_trees, clean.failures, lost.healthy_runners) == (1, 3, 0, 2)
 
 
 def test_with_every_remote_runner_down_the_local_runner_or_a_restarted_one_grows_the_shares():

@@ -330,6 +330,8 @@ class TreeRPO(Algorithm):
             self.metrics.log_value(f"perf/{name}", float(value), window=1)
             self.metrics.log_value(f"perf/{name}_lifetime", float(value), reduce="lifetime_sum")
         self.metrics.log_value("perf/resampled_trees", float(sampled.resampled_trees), window=1)
+        if sampled.healthy_runners is not None:
+            self.metrics.log_value("perf/env_runners_healthy", float(sampled.healthy_runners), window=1)
         return sampled.trees, sampled.runner_metrics
 
     @override(Algorithm)

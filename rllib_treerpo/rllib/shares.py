@@ -35,6 +35,7 @@ class SampledShares:
     runner_metrics: list = field(default_factory=list)
     failures: int = 0  # env runners lost while growing a share
     resampled_trees: int = 0  # trees grown again because their first runner was lost
+    healthy_runners: int | None = None  # remote runners in service at the start (None: local only)
 
 
 def share_sizes(total: int, num_remote: int) -> dict[int, int]:
@@ -73,6 +74,7 @@ def sample_shares(group, config, iteration: int, restore: Callable[[], list[int]
 
     done: dict[int, tuple] = {}
     attempts = dict.fromkeys(sizes, 0)
+    out.healthy_runners = len(group.healthy_env_runner_ids())
     while len(done) < len(sizes):
         pending = [k for k in sizes if k not in done]
         runners = sorted(group.healthy_env_runner_ids())
@@ -85,7 +87,7 @@ def sample_shares(group, config, iteration: int, restore: Callable[[], list[int]
             attempts[k] += 1
             if attempts[k] > MAX_ATTEMPTS_PER_SHARE:
                 raise RuntimeError(
-                    f"iteration {iteration}: share {k} ({sizes[k]} prompts) was lost with its env runner "
+                    f"iteration {iteration + 1}: share {k} ({sizes[k]} prompts) was lost with its env runner "
                     f"{MAX_ATTEMPTS_PER_SHARE} times; see the env runners' errors above"
                 )
         # A share goes to its own runner when that one is healthy, else round-robin over the healthy ones.
@@ -105,7 +107,7 @@ def sample_shares(group, config, iteration: int, restore: Callable[[], list[int]
             logger.warning(
                 "iteration %d: env runner(s) %s lost with shares %s (%d prompts); growing them again on the "
                 "healthy runners with the same seeds",
-                iteration,
+                iteration + 1,  # RLlib's training_iteration of this step
                 failed,
                 lost,
                 sum(sizes[k] for k in lost),
