@@ -32,7 +32,15 @@ from ray.rllib.utils.metrics import (
 from rllib_treerpo.iteration import minibatch_seed, minibatches, training_packs
 from rllib_treerpo.model_io import load_tokenizer, pad_token_id
 from rllib_treerpo.sampler import TreeSpec
-from rllib_treerpo.settings import FIELDS, check_fields, default_value, read_config_file, split_fields
+from rllib_treerpo.settings import (
+    FIELDS,
+    RLLIB_FIELD_CHECKS,
+    check_fields,
+    coerce_numbers,
+    default_value,
+    read_config_file,
+    split_fields,
+)
 
 # RLlib fields a TreeRPO run depends on: written to a run folder's config.yaml beside FIELDS.
 RLLIB_FIELDS = (
@@ -103,6 +111,7 @@ class TreeRPOConfig(AlgorithmConfig):
 
         Only what a config file can get wrong: whether this machine can run the backend is
         :meth:`check_backend_installed` (a vllm config must load and validate where vllm is not installed)."""
+        check_fields({name: getattr(self, name) for name in RLLIB_FIELD_CHECKS}, RLLIB_FIELD_CHECKS)
         check_fields({name: getattr(self, name) for name in FIELDS}, FIELDS)
         value = self.num_epochs
         if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
@@ -208,7 +217,7 @@ class TreeRPOConfig(AlgorithmConfig):
     def update_from_flat_dict(self, values: dict[str, Any], *, source: str = "config") -> TreeRPOConfig:
         """Set fields from a flat mapping; an unknown key is an error naming it (and close matches)."""
         known = set(self.known_fields())
-        for key, value in values.items():
+        for key, value in coerce_numbers(values, {**FIELDS, **RLLIB_FIELD_CHECKS}).items():
             if key not in known:
                 close = difflib.get_close_matches(key, sorted(known), n=3)
                 hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
