@@ -101,10 +101,22 @@ class TreeRPOConfig(AlgorithmConfig):
     def validate(self) -> None:
         if self.create_local_env_runner is None:
             self.create_local_env_runner = self.num_env_runners == 0
+        self.validate_fields()  # ours first: one line naming the field, before RLlib's checks
         super().validate()
-        self.validate_fields()
         self.check_treerpo_batching()
         self.check_backend_installed()  # before the algorithm starts a runner, let alone loads a model
+        self.check_model_path()
+
+    def check_model_path(self) -> None:
+        """A local model path that cannot be a model is one line here, on the driver (Tune validates a trial's
+        config in TreeRPO.default_resource_request before it starts the trial's actor), not an actor traceback.
+        On a cluster of several nodes the path may exist on other nodes only: not checked."""
+        import ray
+
+        from rllib_treerpo.model_io import check_model_path
+
+        if not (ray.is_initialized() and len([n for n in ray.nodes() if n.get("Alive")]) > 1):
+            check_model_path(self.model_name_or_path)
 
     def validate_fields(self) -> None:
         """TreeRPO's own checks; raises ValueError naming the first bad field.
