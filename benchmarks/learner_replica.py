@@ -48,7 +48,7 @@ class Replica:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         self.backend = make_backend("hf", self.model, self.tok)  # samples with the weights being trained
         self.env = make_reasoning_env(c.env, c.env_config)
-        test = make_reasoning_env(c.env, {**c.env_config, **job.eval_env_config})
+        test = make_reasoning_env(c.env, {**c.env_config, **job.eval_env_config}, field="eval_env_config")
         self.evaluate = Evaluator(
             test,
             self.backend,

@@ -50,25 +50,48 @@ for _env_id, (_entry_point, _kwargs) in REGISTERED_IDS.items():
         gymnasium.register(_env_id, entry_point=_entry_point, kwargs=dict(_kwargs))
 
 
-def make_reasoning_env(env, env_config: dict | None = None) -> ReasoningEnv:
+def make_reasoning_env(env, env_config: dict | None = None, *, field: str = "env_config") -> ReasoningEnv:
     """A ReasoningEnv from a registered id (``"treerpo/Arithmetic-v0"``) or a ReasoningEnv subclass.
 
-    The env is unwrapped (gymnasium wrappers do not forward ``clone()`` or the text properties). A wrong id or
-    argument is a ValueError naming the config field ``env`` / ``env_config``.
+    The env is unwrapped (gymnasium wrappers do not forward ``clone()`` or the text properties). A wrong id is a
+    ValueError naming the config field ``env``; an argument the env refuses (unknown, wrong type, out of range),
+    one naming ``field`` (the config field the arguments came from, e.g. ``eval_env_config``) and the argument.
     """
+    if env_config is not None and not isinstance(env_config, dict):
+        raise ValueError(f"config field {field!r} = {env_config!r}: must be a mapping of the env's arguments")
     env_config = dict(env_config or {})
-    if isinstance(env, str):
-        try:
-            instance = gymnasium.make(env, **env_config).unwrapped
-        except gymnasium.error.Error as e:
-            raise ValueError(f"config field 'env' = {env!r}: {e}") from e
-    elif isinstance(env, type):
-        instance = env(**env_config)
-    else:
+    if not isinstance(env, str | type):
         raise ValueError(f"config field 'env' = {env!r}: expected a gymnasium id or a ReasoningEnv subclass")
+    try:
+        instance = gymnasium.make(env, **env_config).unwrapped if isinstance(env, str) else env(**env_config)
+    except (gymnasium.error.UnregisteredEnv, gymnasium.error.DeprecatedEnv) as e:  # names the closest ids
+        raise ValueError(f"config field 'env' = {env!r}: {e}") from e
+    except (TypeError, ValueError, KeyError, gymnasium.error.Error) as e:
+        raise ValueError(_argument_error(env, field, e)) from e
     if not isinstance(instance, ReasoningEnv):
         raise ValueError(
             f"config field 'env' = {env!r} is a {type(instance).__name__}, not a ReasoningEnv: "
             "TreeRPO grows trees by cloning text environments"
         )
     return instance
+
+
+def _argument_error(env, field: str, error: Exception) -> str:
+    """One line naming the config field and the argument an env's constructor refused."""
+    import difflib
+    import inspect
+    import re
+
+    name = env if isinstance(env, str) else env.__name__
+    message = str(error).split(" was raised from the environment creator")[0]  # gymnasium's suffix
+    message = " ".join(line.strip() for line in message.strip().splitlines()) or type(error).__name__
+    unknown = re.search(r"unexpected keyword argument '(\w+)'", message)
+    if unknown:
+        cls = gymnasium.spec(env).entry_point if isinstance(env, str) else env
+        if isinstance(cls, str):
+            cls = gymnasium.envs.registration.load_env_creator(cls)
+        keys = [p for p in inspect.signature(cls).parameters if p not in ("self", "kwargs", "render_mode")]
+        close = difflib.get_close_matches(unknown.group(1), keys, n=2)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else f"; it takes {keys}"
+        return f"config field {field!r}: {name} has no argument {unknown.group(1)!r}{hint}"
+    return f"config field {field!r}: {name}: {message}"

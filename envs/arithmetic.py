@@ -79,13 +79,23 @@ class ArithmeticEnv(ReasoningEnv):
         charset: str | None = None,
         render_mode: str | None = None,
     ) -> None:
+        for name, value in (("num_ops", num_ops), ("operand_min", operand_min), ("operand_max", operand_max)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise ValueError(f"seed must be an integer >= 0 or null, got {seed!r}")
         if num_ops < 1:
             raise ValueError(f"num_ops must be >= 1, got {num_ops}")
         if not 0 <= operand_min <= operand_max:
             raise ValueError(f"need 0 <= operand_min <= operand_max, got {operand_min}, {operand_max}")
+        longest = (num_ops + 1) * (len(str(operand_max)) + 1) + 3  # "a+b-...=?\n", the widest operands
+        if not isinstance(max_chars, int) or longest > max_chars:
+            raise ValueError(
+                f"num_ops = {num_ops} with operand_max = {operand_max}: a prompt exceeds max_chars"
+            )
         if not ops or set(ops) - set("+-*"):
             raise ValueError(f"ops must be a non-empty subset of '+-*', got {ops!r}")
-        if split not in _SPLITS:
+        if not isinstance(split, str) or split not in _SPLITS:
             raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
         self.num_ops = int(num_ops)
         self.operand_min, self.operand_max = int(operand_min), int(operand_max)

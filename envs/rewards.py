@@ -16,7 +16,8 @@ replaces a helper that overruns it, returning 0.0.
   ``MAX_NESTING_DEPTH`` brackets scores 0.0 at once (degenerate output would cost a timeout each).
 - Gold answers are parsed once per helper (LRU cache): a tree scores hundreds of leaves per answer.
 - Nothing here evaluates model text as code; math-verify's parser is the only interpreter.
-- Helpers exit when their stdin closes (also when the caller dies) and are shut down at exit.
+- Helpers exit when their stdin closes (also when the caller dies) and are shut down at exit. One found dead
+  (killed while idle) is replaced before it gets a request; one killed under a call scores 0.0 (a warning).
 
 This module imports only the standard library at top level: the helper loads this very file
 standalone (not the ``envs`` package), so keep it that way.
@@ -110,6 +111,14 @@ class _WorkerError(Exception):
     """The helper overran its time or died; it has been killed."""
 
 
+class _HelperDied(_WorkerError):
+    """The helper exited (killed from outside, crashed) while it held a request."""
+
+
+class _HelperGone(_WorkerError):
+    """The helper was dead before it got the request: the request can go to another helper."""
+
+
 _BOOTSTRAP = (
     "import importlib.util as u, sys\n"
     "s = u.spec_from_file_location('_treerpo_reward_helper', sys.argv[1])\n"
@@ -151,7 +160,7 @@ class _Worker:
                 view = view[os.write(fd, view) :]
         except OSError as e:
             self.kill()
-            raise _WorkerError(f"helper died: {e}") from None
+            raise _HelperGone(f"helper was gone: {e}") from None
         return json.loads(self._read_line(timeout_s))
 
     def _read_line(self, timeout_s: float) -> bytes:
@@ -167,7 +176,7 @@ class _Worker:
             chunk = os.read(fd, 1 << 16)
             if not chunk:
                 self.kill()
-                raise _WorkerError(f"helper exited with code {self.proc.poll()}")
+                raise _HelperDied(f"helper exited with code {self.proc.returncode}")
             self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
         return line
@@ -211,6 +220,14 @@ class _Pool:
         self._closed = False
 
     def call(self, payload: dict[str, Any], timeout_s: float) -> Any:
+        """One request on an idle (or new) helper; when the helper was dead before it got the request (killed
+        while idle), the request goes to another helper, once."""
+        try:
+            return self._call_once(payload, timeout_s)
+        except _HelperGone:
+            return self._call_once(payload, timeout_s)
+
+    def _call_once(self, payload: dict[str, Any], timeout_s: float) -> Any:
         worker = self._acquire()
         healthy = False
         try:
@@ -225,6 +242,11 @@ class _Pool:
             while True:
                 if self._closed:
                     raise RuntimeError("envs.rewards was shut down")
+                while self._idle and self._idle[-1].proc.poll() is not None:  # died while idle: reap it
+                    dead = self._idle.pop()
+                    self._all.discard(dead)
+                    self._count -= 1
+                    dead.kill()
                 if self._idle:
                     return self._idle.pop()
                 if self._count < self.max_workers:
@@ -315,7 +337,8 @@ def math_reward(response: str, answer: str, *, timeout_s: float | None = None) -
     try:
         return float(_get_pool().call(payload, timeout))
     except _WorkerError as e:
-        logger.debug("math_reward scored 0.0: %s", e)
+        # A timeout is the verdict on a hostile input; a helper that died under a call was killed or crashed.
+        (logger.warning if isinstance(e, _HelperDied) else logger.debug)("math_reward scored 0.0: %s", e)
         return 0.0
 
 

@@ -69,6 +69,25 @@ def check_model_config(model_name_or_path: str | None) -> None:
         )
 
 
+def check_model_path(model_name_or_path: str | None) -> None:
+    """ValueError naming config field ``model_name_or_path`` when it is a local path that cannot be a model: missing
+    (and not shaped like a hub name, ``org/name`` or ``name``), a file, or a folder without config.json. Hub names
+    and null (the job's embedded model) pass; nothing goes to the network."""
+    if not isinstance(model_name_or_path, str):
+        return
+    path = Path(model_name_or_path).expanduser()
+    field = f"config field 'model_name_or_path' = {model_name_or_path!r}"
+    if not path.exists():
+        hub_shaped = re.match(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$", model_name_or_path)
+        if hub_shaped and not model_name_or_path.startswith((".", "/", "~")):
+            return
+        raise ValueError(f"{field}: no such folder (and not a hub name: org/name)")
+    if not path.is_dir():
+        raise ValueError(f"{field}: a file; expected a Hugging Face model folder")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{field}: no config.json in this folder; expected a Hugging Face model folder")
+
+
 def load_tokenizer(model_name_or_path: str):
     from transformers import AutoTokenizer
 

@@ -24,7 +24,9 @@ def preflight(config: Any, eval_env_config: dict | None = None, tiny_model: dict
     spec = config.tree_spec()
     envs = {"env_config": make_reasoning_env(config.env, config.env_config)}
     if eval_env_config is not None:
-        envs["eval_env_config"] = make_reasoning_env(config.env, {**config.env_config, **eval_env_config})
+        envs["eval_env_config"] = make_reasoning_env(
+            config.env, {**config.env_config, **eval_env_config}, field="eval_env_config"
+        )
     for field, env in envs.items():
         max_steps = getattr(env, "max_steps", None)
         if max_steps is not None and max_steps < spec.depth:

@@ -361,3 +361,72 @@ def split_fields(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     for key, value in values.items():
         (job if key in JOB_FIELDS else sections if key in SECTIONS else algo)[key] = value
     return algo, job, sections
+
+
+# --- RLlib AlgorithmConfig attributes a config file sets: checked like FIELDS (documented by RLlib) ---------------
+def _finite(check):
+    def finite(v):
+        why = check(v)
+        return why or (None if v == v and abs(v) != float("inf") else "must be a finite number")
+
+    return finite
+
+
+def _learning_rate(v):
+    if isinstance(v, list):  # RLlib's schedule: [[timestep, lr], ...]
+        ok = all(isinstance(p, list | tuple) and len(p) == 2 and not _finite(non_negative)(p[1]) for p in v)
+        return None if v and ok else "must be a number > 0 or a schedule [[timestep, lr], ...]"
+    return _finite(positive)(v)
+
+
+def _env(v):
+    if (isinstance(v, str) and v) or isinstance(v, type):
+        return None
+    return "must be a registered env id (e.g. treerpo/Arithmetic-v0) or a ReasoningEnv class"
+
+
+RLLIB_FIELD_CHECKS: dict[str, Field] = {
+    "env": Field("treerpo/Arithmetic-v0", "The reasoning env: a gymnasium id or a ReasoningEnv class.", _env),
+    "env_config": Field({}, "The env's constructor arguments.", mapping),
+    "seed": Field(0, "Seeds sampling, minibatch order and the env's problems.", _optional(non_negative_int)),
+    "lr": Field(3e-5, "Learning rate (or an RLlib schedule).", _learning_rate),
+    "grad_clip": Field(1.0, "Global gradient-norm clip; null: none.", _optional(_finite(positive))),
+    "num_epochs": Field(1, "Passes over an iteration's packs.", positive_int),
+    "minibatch_size": Field(
+        None, "RLlib's rows per minibatch (PPO; TreeRPO refuses it).", optional_positive_int
+    ),
+    "num_env_runners": Field(0, "Remote env runners (0: the driver samples).", non_negative_int),
+    "num_learners": Field(0, "Learner actors (0: one learner on the driver).", non_negative_int),
+    "num_gpus_per_learner": Field(0, "GPUs per learner.", _finite(non_negative)),
+    "num_gpus_per_env_runner": Field(0, "GPUs per remote env runner.", _finite(non_negative)),
+    "num_cpus_per_env_runner": Field(1, "CPUs per remote env runner.", _finite(non_negative)),
+    "create_local_env_runner": Field(
+        None,
+        "A local env runner on the driver; null: only when num_env_runners is 0.",
+        _optional(true_or_false),
+    ),
+    "restart_failed_env_runners": Field(True, "Ray restarts a lost env runner.", true_or_false),
+    "max_num_env_runner_restarts": Field(1000, "Restarts allowed per env runner.", non_negative_int),
+    "delay_between_env_runner_restarts_s": Field(
+        1.0, "Seconds a runner that raised waits before it exits and is restarted.", _finite(non_negative)
+    ),
+}
+
+
+def coerce_numbers(values: dict[str, Any], fields: dict[str, Field]) -> dict[str, Any]:
+    """A number written as a string (YAML 1.1 reads ``1e-4`` as one; a quoted ``"32"``) becomes that number when
+    the string fails its field's check and the number passes it; anything else is left for the check to name."""
+    out = dict(values)
+    for name, value in values.items():
+        field = fields.get(name)
+        if field is None or not isinstance(value, str) or field.check(value) is None:
+            continue
+        for convert in (int, float):
+            try:
+                number = convert(value.strip())
+            except ValueError:
+                continue
+            if field.check(number) is None:
+                out[name] = number
+                break
+    return out

@@ -209,6 +209,30 @@ def test_tune_run_by_name(tiny_lm_dir, tmp_path, ray_session):
     assert trial.last_result["tree/trees"] == 2
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model_name_or_path": "no/such/dir"}, "'model_name_or_path' = 'no/such/dir': no such folder"),
+        ({"tau": -1}, "'tau' = -1: must be a number >= 0"),
+        ({"lr": "abc"}, "'lr' = 'abc': must be a number > 0"),
+    ],
+)
+def test_tune_refuses_a_bad_config_on_the_driver_before_the_trial_starts(
+    tiny_lm_dir, tmp_path, ray_session, overrides, message
+):
+    """Tune validates a trial's config on the driver (TreeRPO.default_resource_request): our one-line ValueError
+    comes out of tune.run, not a trial actor's traceback behind 'Trials did not complete'."""
+    from ray import tune
+
+    import rllib_treerpo  # noqa: F401  registers "TreeRPO"
+
+    config = {**small_config(tiny_lm_dir).to_dict(), **overrides}
+    with pytest.raises(ValueError, match=message):
+        tune.run(
+            "TreeRPO", config=config, stop={"training_iteration": 1}, storage_path=str(tmp_path), verbose=0
+        )
+
+
 def test_bf16_module_state_round_trips_without_numpy(tiny_lm_dir):
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 

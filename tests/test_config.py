@@ -123,7 +123,16 @@ def test_rllib_minibatch_size_is_refused_for_treerpo_with_the_field_to_use():
         ({"backend": "vllm", "top_p": 0.9}, "backend"),
         ({"backend": "vllm", "temperature": 2.5}, "backend"),
         ({"backend": "vllm", "num_env_runners": 2}, "num_gpus_per_env_runner"),
-        ({"backend": "vllm", "num_env_runners": 2, "num_gpus_per_env_runner": 1}, "create_local_env_runner"),
+        (
+            {
+                "backend": "vllm",
+                "num_env_runners": 2,
+                "num_gpus_per_env_runner": 1,
+                "create_local_env_runner": True,
+            },
+            "create_local_env_runner",
+        ),
+        ({"num_env_runners": 0, "create_local_env_runner": False}, "create_local_env_runner"),
         ({"tis_cap": 2.0, "num_minibatches": 2}, "tis_cap"),
         ({"tis_cap": 2.0, "num_epochs": 2}, "tis_cap"),
     ],
@@ -131,6 +140,18 @@ def test_rllib_minibatch_size_is_refused_for_treerpo_with_the_field_to_use():
 def test_vllm_and_tis_constraints_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=f"'{field}'"):
         TreeRPOConfig.from_yaml(None, overrides)
+
+
+def test_a_local_env_runner_only_when_it_samples():
+    """null (the default): the driver builds a local env runner only when there are no remote ones."""
+    for runners, local in ((0, True), (2, False)):
+        config = TreeRPOConfig.from_yaml(None, {"num_env_runners": runners})
+        assert config.create_local_env_runner is None
+        config.check()  # validate() without the embedded model's warm start
+        assert config.create_local_env_runner is local
+    explicit = TreeRPOConfig.from_yaml(None, {"num_env_runners": 2, "create_local_env_runner": True})
+    explicit.check()
+    assert explicit.create_local_env_runner is True
 
 
 def test_backend_kwargs():

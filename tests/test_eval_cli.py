@@ -220,7 +220,13 @@ def test_bad_dataset_is_named_before_the_model_loads(tiny_lm_dir, tmp_path, caps
         ]
     )
     err = capsys.readouterr().err.strip().splitlines()[-1]  # (datasets prints a progress line before)
-    assert rc == 2 and err.startswith("treerpo: error: column 'problem' not found") and "question" in err
+    assert (
+        rc == 2
+        and err.startswith(
+            "treerpo: error: config field 'env_config': treerpo/MathProblems-v0: column 'problem' not found"
+        )
+        and "question" in err
+    )
     data.write_text(json.dumps({"problem": "1+1?", "answer": ""}) + "\n")
     rc = main(
         [
@@ -235,4 +241,8 @@ def test_bad_dataset_is_named_before_the_model_loads(tiny_lm_dir, tmp_path, caps
         ]
     )
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert rc == 2 and err.startswith("treerpo: error: bad row 0") and "'answer' is missing or empty" in err
+    assert (
+        rc == 2
+        and err.startswith("treerpo: error: config field 'env_config': treerpo/MathProblems-v0: bad row 0")
+        and "'answer' is missing or empty" in err
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from transformers import Gemma2Config, Gemma3Config, LlamaConfig, Qwen2Config
 
@@ -54,3 +56,19 @@ def test_eval_refuses_before_loading(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "sliding-window layers" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_check_model_path_names_a_local_path_that_cannot_be_a_model(tmp_path):
+    from rllib_treerpo.model_io import check_model_path
+
+    for ok in (None, "gpt2", "Qwen/Qwen2.5-Math-1.5B"):  # null (the embedded model) and hub names pass
+        check_model_path(ok)
+    (tmp_path / "weights.bin").write_text("")
+    for path, why in (
+        ("no/such/dir", "no such folder"),
+        ("./missing", "no such folder"),
+        (str(tmp_path / "weights.bin"), "a file"),
+        (str(tmp_path), "no config.json"),
+    ):
+        with pytest.raises(ValueError, match=f"'model_name_or_path' = '{re.escape(path)}': {why}"):
+            check_model_path(path)

@@ -67,6 +67,44 @@ def test_hard_timeout_kills_and_replaces_the_helper():
     assert math_reward("\\boxed{3}", "3") == 1.0
 
 
+def test_a_helper_killed_mid_call_gives_a_verdict_in_time_and_the_pool_recovers():
+    """kill -9 of the helper from another thread while a slow call runs: 0.0 at once, the next call works."""
+    import signal
+    import threading
+
+    assert math_reward("\\boxed{3}", "3") == 1.0  # a helper is up (idle)
+    pool = rewards._get_pool()
+    result, start = {}, time.monotonic()
+    # slow: math-verify's own 3 s timeout (timeout_s // 3) ends it, unless the helper is killed first
+    call = threading.Thread(
+        target=lambda: result.update(v=math_reward("\\boxed{9^{9^{9^{9}}}}", "9", timeout_s=9.0))
+    )
+    call.start()
+    while not (busy := [w for w in list(pool._all) if w not in pool._idle]):
+        assert time.monotonic() - start < 5, "the call never reached a helper"
+        time.sleep(0.01)
+    time.sleep(0.2)  # the request is in the helper's hands
+    os.kill(busy[0].proc.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    call.join(timeout=9.0)
+    assert result == {"v": 0.0} and time.monotonic() - killed_at < 1.0
+    assert busy[0].proc.returncode == -signal.SIGKILL and busy[0] not in pool._all  # reaped, out of the pool
+    assert pool._count == len(pool._all)
+    assert math_reward("\\boxed{3}", "3") == 1.0
+
+
+def test_a_helper_killed_while_idle_does_not_cost_the_next_call_its_verdict():
+    import signal
+
+    assert math_reward("\\boxed{2}", "2") == 1.0
+    for worker in list(rewards._get_pool()._idle):
+        os.kill(worker.proc.pid, signal.SIGKILL)
+        worker.proc.wait()
+    assert math_reward("\\boxed{2}", "2") == 1.0  # was 0.0: the request went to the dead helper
+    pool = rewards._get_pool()
+    assert pool._count == len(pool._all) and all(w.proc.poll() is None for w in pool._all)
+
+
 def test_shutdown_stops_helpers_and_next_call_restarts():
     assert math_reward("\\boxed{2}", "2") == 1.0
     procs = [w.proc for w in rewards._get_pool()._all]

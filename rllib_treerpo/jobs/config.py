@@ -15,11 +15,23 @@ from rllib_treerpo.rllib.algorithm import TreeRPOConfig
 from rllib_treerpo.settings import (
     JOB_FIELDS,
     check_fields,
+    coerce_numbers,
     default_value,
     numbers_as_written,
     read_config_file,
     split_fields,
 )
+
+# The keys tiny_model and warmstart take (rllib_treerpo/tiny.py build_tiny_model, warmstart.WARMSTART_DEFAULTS).
+TINY_MODEL_KEYS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions")
+WARMSTART_KEYS = {
+    "steps": int,
+    "batch_size": int,
+    "lr": float,
+    "error_rate": float,
+    "demos": int,
+    "seed": int,
+}
 
 
 class JobConfig:
@@ -29,9 +41,30 @@ class JobConfig:
         unknown = set(values) - set(JOB_FIELDS)
         if unknown:
             raise ValueError(f"unknown job field {sorted(unknown)[0]!r}; job fields: {sorted(JOB_FIELDS)}")
+        values = coerce_numbers(values, JOB_FIELDS)
         for name, field in JOB_FIELDS.items():
             setattr(self, name, values[name] if name in values else default_value(field))
         check_fields(self.to_flat_dict(), JOB_FIELDS)
+        self._check_embedded_model()
+
+    def _check_embedded_model(self) -> None:
+        """tiny_model and warmstart: known keys with numbers in range (else the warm start fails mid-job)."""
+        kinds = {"tiny_model": dict.fromkeys(TINY_MODEL_KEYS, int), "warmstart": WARMSTART_KEYS}
+        for name, keys in kinds.items():
+            for key, value in getattr(self, name).items():
+                if key not in keys:
+                    raise ValueError(f"config field {name!r}: unknown key {key!r}; keys: {list(keys)}")
+                number = isinstance(value, keys[key] | int) and not isinstance(value, bool)
+                low, high = (0, 1) if key == "error_rate" else (0, None) if key == "seed" else (1e-300, None)
+                if not number or not (low <= value and (high is None or value <= high)):
+                    kind = "an integer" if keys[key] is int else "a number"
+                    where = f"in [{low}, {high}]" if high else ">= 0" if low == 0 else "> 0"
+                    raise ValueError(f"config field {name!r}: {key} = {value!r} must be {kind} {where}")
+        tiny = self.tiny_model
+        if tiny.get("hidden_size", 96) % tiny.get("num_heads", 4):
+            raise ValueError(
+                f"config field 'tiny_model': hidden_size must be a multiple of num_heads, got {tiny}"
+            )
 
     def to_flat_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in JOB_FIELDS}

@@ -25,7 +25,9 @@ class HeldOut:
         from envs import make_reasoning_env
         from rllib_treerpo.evaluation import Evaluator
 
-        env = make_reasoning_env(config.env, {**config.env_config, **job.eval_env_config})
+        env = make_reasoning_env(
+            config.env, {**config.env_config, **job.eval_env_config}, field="eval_env_config"
+        )
         limit = getattr(env, "num_problems", None)
         self.evaluator = Evaluator.from_model(
             config.model_name_or_path,

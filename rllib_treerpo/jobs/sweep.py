@@ -81,6 +81,7 @@ def run_sweep(
     import ray
     from ray import tune
 
+    from rllib_treerpo.jobs.ray_session import start_ray
     from rllib_treerpo.rllib import register
 
     register()  # the "TreeRPO" trainable
@@ -104,10 +105,7 @@ def run_sweep(
     raw["model_name_or_path"] = config.model_name_or_path
     (out / "sweep_config.yaml").write_text(_dump_yaml(raw))
 
-    started_ray = False
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level="ERROR", num_cpus=max(2, os.cpu_count() or 2))
-        started_ray = True
+    started_ray = start_ray()
     start = time.perf_counter()
     try:
         with _classic_tune_console():

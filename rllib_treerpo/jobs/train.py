@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import numbers
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -129,6 +128,11 @@ def treerpo_parts(config: TreeRPOConfig, job: JobConfig) -> JobParts:
                 else "no update"
             )
             line += f"  WARNING: no training step ({why}; reward {row.get('reward/mean', 0):.2f})"
+        if row.get("perf/env_runner_failures") or row.get("perf/env_runner_restarts"):
+            line += (
+                f"  env runner lost {row.get('perf/env_runner_failures', 0):.0f}, restarted "
+                f"{row.get('perf/env_runner_restarts', 0):.0f}, trees re-grown {row.get('perf/resampled_trees', 0):.0f}"
+            )
         return line
 
     return JobParts(
@@ -136,7 +140,12 @@ def treerpo_parts(config: TreeRPOConfig, job: JobConfig) -> JobParts:
         metrics_row=metrics_row,
         progress=progress,
         resolved=flat_config(config, job),
-        totals={"generated_tokens": "tree/generated_tokens"},
+        totals={
+            "generated_tokens": "tree/generated_tokens",
+            "env_runner_failures": "perf/env_runner_failures",
+            "env_runner_restarts": "perf/env_runner_restarts",
+            "resampled_trees": "perf/resampled_trees",
+        },
     )
 
 
@@ -205,15 +214,9 @@ def _interrupted(folder: RunFolder, algo) -> str:
 def _start(pieces: JobParts, folder: RunFolder, resume: bool, monitor: Monitor):
     """Ray up, the algorithm built and (with ``resume``) restored; metrics rows past the checkpoint dropped;
     the evaluation of iteration 0 when due."""
-    import ray
+    from rllib_treerpo.jobs.ray_session import start_ray
 
-    if not ray.is_initialized():
-        ray.init(
-            include_dashboard=False,
-            logging_level="ERROR",
-            log_to_driver=True,
-            num_cpus=max(2, os.cpu_count() or 2),
-        )
+    start_ray(log_to_driver=True)
     algo = pieces.build_algo()
     if resume:
         path = folder.check_resume()

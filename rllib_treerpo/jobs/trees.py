@@ -108,7 +108,7 @@ def render_html(record: dict, index: int, settings: dict, iteration: int) -> str
         head = (
             f"value {values[i]:.2f}"
             + (
-                f" · advantage {adv:+.2f}"
+                f" · adv {adv:+.2f}"
                 if np.isfinite(adv)
                 else " · filtered (group std < tau)"
                 if i
@@ -119,19 +119,19 @@ def render_html(record: dict, index: int, settings: dict, iteration: int) -> str
         text = html.escape(record["prompt"] if i == 0 else node["text"]) or "<i>(empty)</i>"
         kids = "".join(box(c) for c in children.get(i, []))
         return (
-            f'<div class="node {kind}"><div class="head">{"prompt" if i == 0 else f"node {i}"} · {head}</div>'
+            f'<div class="node {kind}{"" if kids else " leaf"}"><div class="head">{"prompt" if i == 0 else f"node {i}"} · {head}</div>'
             f"<pre>{text}</pre>{f'<div class=kids>{kids}</div>' if kids else ''}</div>"
         )
 
     title = f"tree {index} of iteration {iteration} · answer {html.escape(str(record['answer']))}"
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>
-body {{ font-family: sans-serif; margin: 16px; }} pre {{ margin: 2px 0; white-space: pre-wrap; font-size: 13px; }}
+body {{ font-family: sans-serif; margin: 16px; min-width: min-content; }} p {{ max-width: 90ch; }} pre {{ margin: 2px 0; white-space: pre-wrap; font-size: 13px; }}
 .node {{ border: 1px solid #999; border-radius: 4px; padding: 4px 6px; margin: 4px 0; background: #fff; }}
-.kids {{ display: flex; gap: 6px; align-items: flex-start; }} .kids > .node {{ flex: 1; }}
+.kids {{ display: flex; gap: 6px; align-items: flex-start; }} .kids > .node {{ flex: 1 1 0; }} .leaf {{ min-width: 11em; }}
 .head {{ font-size: 12px; color: #333; }} .pos {{ background: #e6f4e6; }} .neg {{ background: #f9e6e6; }}
 .filtered {{ background: #eee; color: #888; }} .filtered .head {{ color: #888; }}
-</style></head><body><h3>{title}</h3><p>settings: {html.escape(json.dumps(settings))} · green: positive
-advantage, red: negative, grey: filtered sibling group</p>{box(0)}</body></html>"""
+</style></head><body><h3>{title}</h3><p>settings: {html.escape(json.dumps(settings))} · adv: the node's advantage (its
+step's tokens) · green: positive, red: negative, grey: filtered sibling group</p>{box(0)}</body></html>"""
 
 
 def render_png(record: dict, index: int, settings: dict, iteration: int, path: Path) -> None:

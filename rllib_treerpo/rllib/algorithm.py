@@ -36,39 +36,13 @@ from rllib_treerpo.sampler import TreeSpec
 from rllib_treerpo.settings import (
     FIELDS,
     JOB_FIELDS,
-    Field,
+    RLLIB_FIELD_CHECKS,
     check_fields,
+    coerce_numbers,
     default_value,
-    non_negative,
-    non_negative_int,
-    positive,
-    positive_int,
     read_config_file,
     split_fields,
 )
-
-
-def _number_or_schedule(v):
-    if isinstance(v, int | float) and not isinstance(v, bool) and v > 0:
-        return None
-    return (
-        None
-        if isinstance(v, list) and v
-        else "must be a number > 0 (or RLlib's [[timestep, value], ...] schedule)"
-    )
-
-
-# RLlib attributes TreeRPO reads, checked like FIELDS (the rest RLlib validates itself).
-RLLIB_CHECKS = {
-    "lr": Field(3e-5, "learning rate", _number_or_schedule),
-    "grad_clip": Field(1.0, "global-norm gradient clip", lambda v: None if v is None else positive(v)),
-    "num_epochs": Field(1, "passes over an iteration's packs", positive_int),
-    "seed": Field(0, "the run's seed", lambda v: None if v is None else non_negative_int(v)),
-    "num_env_runners": Field(0, "tree-sampling actors", non_negative_int),
-    "num_learners": Field(0, "learner actors", non_negative_int),
-    "num_gpus_per_learner": Field(0, "GPUs per learner", non_negative),
-    "num_gpus_per_env_runner": Field(0, "GPUs per env runner", non_negative),
-}
 
 # RLlib fields a TreeRPO run depends on: written to a run folder's config.yaml beside FIELDS.
 RLLIB_FIELDS = (
@@ -112,6 +86,13 @@ class TreeRPOConfig(AlgorithmConfig):
         self.minibatch_size = None  # RLlib's rows per minibatch: TreeRPO plans by num_minibatches instead
         self.merge_env_runner_states = False
         self.broadcast_env_runner_states = False
+        # null: a local env runner only when it is the one that samples (num_env_runners 0). Beside remote runners it
+        # would hold one more copy of the model on the driver and load every weight sync; restarted runners take
+        # their state from the learners instead (Algorithm.restore_env_runners).
+        self.create_local_env_runner = None
+        # An exception in an env runner: RLlib sleeps this long before the runner exits (and is restarted), while the
+        # iteration waits for it; RLlib's 60 s stalls the iteration. A killed runner is restarted at once anyway.
+        self.delay_between_env_runner_restarts_s = 1.0
 
     @override(AlgorithmConfig)
     def training(self, **kwargs) -> TreeRPOConfig:
@@ -136,28 +117,48 @@ class TreeRPOConfig(AlgorithmConfig):
             self.model_name_or_path = embedded_model(self.env, self.env_config)
 
     def check(self, eval_env_config: dict | None = None, tiny_model: dict | None = None) -> None:
-        """Everything that can fail before expensive work (a warm start, a model load, Ray): RLlib's checks,
-        TreeRPO's fields, the backend's package, and the run checks of preflight.py (env, window, depth)."""
+        """Everything that can fail before expensive work (a warm start, a model load, Ray): TreeRPO's and RLlib's
+        fields (ours first: one line naming the field), RLlib's checks, the backend's package, the model path and
+        the run checks of preflight.py (env, window, depth)."""
         from rllib_treerpo.preflight import preflight
 
-        super().validate()
+        if self.create_local_env_runner is None:
+            self.create_local_env_runner = self.num_env_runners == 0
         self.validate_fields()
+        super().validate()
         self.check_treerpo_batching()
         self.check_backend_installed()  # before the algorithm starts a runner, let alone loads a model
+        self.check_model_path()
         preflight(
             self,
             eval_env_config,
             default_value(JOB_FIELDS["tiny_model"]) if tiny_model is None else tiny_model,
         )
 
+    def check_model_path(self) -> None:
+        """A local model path that cannot be a model is one line here, on the driver (Tune validates a trial's
+        config in TreeRPO.default_resource_request before it starts the trial's actor), not an actor traceback.
+        On a cluster of several nodes the path may exist on other nodes only: not checked."""
+        import ray
+
+        from rllib_treerpo.model_io import check_model_path
+
+        if not (ray.is_initialized() and len([n for n in ray.nodes() if n.get("Alive")]) > 1):
+            check_model_path(self.model_name_or_path)
+
     def validate_fields(self) -> None:
         """TreeRPO's own checks; raises ValueError naming the first bad field.
 
         Only what a config file can get wrong: whether this machine can run the backend is
         :meth:`check_backend_installed` (a vllm config must load and validate where vllm is not installed)."""
+        check_fields({name: getattr(self, name) for name in RLLIB_FIELD_CHECKS}, RLLIB_FIELD_CHECKS)
         check_fields({name: getattr(self, name) for name in FIELDS}, FIELDS)
-        check_fields({name: getattr(self, name) for name in RLLIB_CHECKS}, RLLIB_CHECKS)
 
+        if self.create_local_env_runner is False and self.num_env_runners == 0 and not self.in_evaluation:
+            raise ValueError(
+                "config field 'create_local_env_runner' = False: with num_env_runners 0 the local env runner is the "
+                "only one that grows trees (null: a local runner only when num_env_runners is 0)"
+            )
         if self.tis_cap is not None and (self.num_minibatches != 1 or self.num_epochs != 1):
             raise ValueError(
                 f"config field 'tis_cap' = {self.tis_cap!r}: needs one optimizer step per iteration "
@@ -253,7 +254,7 @@ class TreeRPOConfig(AlgorithmConfig):
     def update_from_flat_dict(self, values: dict[str, Any], *, source: str = "config") -> TreeRPOConfig:
         """Set fields from a flat mapping; an unknown key is an error naming it (and close matches)."""
         known = set(self.known_fields())
-        for key, value in values.items():
+        for key, value in coerce_numbers(values, {**FIELDS, **RLLIB_FIELD_CHECKS}).items():
             if key not in known:
                 close = difflib.get_close_matches(key, sorted(known), n=3)
                 hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
@@ -365,14 +366,29 @@ class TreeRPO(Algorithm):
         return len(plan), sum(len(p.input_ids) for p in packs) * c.num_epochs
 
     def _sample_trees(self):
-        """Each env runner grows its share of prompts_per_iteration trees (in parallel when remote)."""
+        """Each env runner grows its share of prompts_per_iteration trees (in parallel when remote); a share lost
+        with its runner is grown again on a healthy one with the same seed (rllib/shares.py)."""
+        from rllib_treerpo.rllib.shares import sample_shares
+
         group = self.env_runner_group
-        remote = group.num_remote_workers() > 0
-        results = group.foreach_env_runner(
-            lambda runner: (runner.sample(), runner.get_metrics()), local_env_runner=not remote
-        )
-        trees = [tree for runner_trees, _ in results for tree in runner_trees]
-        return trees, [metrics for _, metrics in results]
+        sampled = sample_shares(group, self.config, self.iteration, lambda: self.restore_env_runners(group))
+        restarts, self._env_runner_restarts = getattr(self, "_env_runner_restarts", 0), 0
+        for name, value in (("env_runner_failures", sampled.failures), ("env_runner_restarts", restarts)):
+            self.metrics.log_value(f"perf/{name}", float(value), window=1)
+            self.metrics.log_value(f"perf/{name}_lifetime", float(value), reduce="lifetime_sum")
+        self.metrics.log_value("perf/resampled_trees", float(sampled.resampled_trees), window=1)
+        if sampled.healthy_runners is not None:
+            self.metrics.log_value("perf/env_runners_healthy", float(sampled.healthy_runners), window=1)
+        return sampled.trees, sampled.runner_metrics
+
+    @override(Algorithm)
+    def restore_env_runners(self, env_runner_group) -> list[int]:
+        """RLlib's restore (ping restarted runners, set their state: weights and weights version), counted for
+        ``perf/env_runner_restarts``."""
+        restored = super().restore_env_runners(env_runner_group)
+        if env_runner_group is self.env_runner_group:
+            self._env_runner_restarts = getattr(self, "_env_runner_restarts", 0) + len(restored)
+        return restored
 
     def _pad_id(self) -> int:
         if not hasattr(self, "_cached_pad_id"):

@@ -66,14 +66,18 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
         return {"__env__": spaces, "__env_single__": spaces, DEFAULT_MODULE_ID: spaces}
 
     @override(EnvRunner)
-    def sample(self, *, num_prompts: int | None = None, **kwargs):
-        """Grow one tree per prompt; ``num_prompts`` defaults to this runner's share of the iteration."""
+    def sample(self, *, num_prompts: int | None = None, seed: int | None = None, **kwargs):
+        """Grow one tree per prompt; ``num_prompts`` defaults to this runner's share of the iteration.
+
+        TreeRPO.training_step passes each share's ``seed`` (rllib/shares.py: it depends on the iteration and the
+        share, not on the runner); without one, the seed follows this runner's index and its count of calls."""
         from rllib_treerpo.iteration import sample_iteration, sampling_seed
 
         c = self.config
         if num_prompts is None:
             num_prompts = self.prompts_share(c.prompts_per_iteration, self.worker_index, c.num_env_runners)
-        seed = sampling_seed(c.seed, self.worker_index, self._num_calls)
+        if seed is None:
+            seed = sampling_seed(c.seed, self.worker_index, self._num_calls)
         self._num_calls += 1
         self.backend.reset_stats()
         start = time.perf_counter()
