@@ -170,7 +170,25 @@ FIELDS: dict[str, Field] = {
         "warmstart).",
         _optional_str,
     ),
-    "dtype": Field("float32", "Model weights dtype.", _one_of("float32", "bfloat16")),
+    "dtype": Field(
+        "float32",
+        "Compute dtype: the sampler's weights (env runners, evaluation), the learner's forward and the exported "
+        "final_model. bfloat16 halves the sampler's copy; the learner's weights follow mixed_precision.",
+        _one_of("float32", "bfloat16"),
+    ),
+    "mixed_precision": Field(
+        True,
+        "With dtype bfloat16: the learner keeps float32 master weights and AdamW state and runs its forward under "
+        "bf16 autocast (checkpoints hold the float32 masters); false trains the bf16 weights themselves (most "
+        "small-lr updates then round to zero). No effect with float32 (rllib_treerpo/precision.py).",
+        _bool,
+    ),
+    "gradient_checkpointing": Field(
+        False,
+        "Recompute each decoder layer's activations in the backward instead of keeping them: less learner memory "
+        "for about one more forward of compute; the same update.",
+        _bool,
+    ),
     "backend": Field(
         "hf",
         "Generation backend on the env runners: hf (transformers, CPU or GPU) or vllm (GPU only, the optional "

@@ -177,6 +177,8 @@ class TreeRPOConfig(AlgorithmConfig):
         return {
             "model_name_or_path": self.model_name_or_path,
             "dtype": self.dtype,
+            "mixed_precision": self.mixed_precision,
+            "gradient_checkpointing": self.gradient_checkpointing,
             "pack_attention": self.pack_attention,
         }
 
