@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from rllib_treerpo.settings import yaml_value
+from rllib_treerpo.config_files import yaml_value
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {

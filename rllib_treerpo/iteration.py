@@ -9,8 +9,8 @@
   add their parts; :func:`micro_batches` splits a minibatch into forwards of at most ``forward_tokens`` tokens;
 - the loss: :func:`compute_loss` goes from the logits at the predicting positions (packing.packed_logits) and
   the reference model's to the clipped surrogate of losses.py plus the stats the learner logs;
-- :func:`policy_update` is the whole learner update (per minibatch: forward and backward per micro-batch,
-  global-norm clip, AdamW step) for drivers without Ray. The RLlib learner runs the same steps through RLlib's
+- :func:`policy_update` is the whole learner update (per minibatch: forward and backward per micro-batch under
+  the config's precision (precision.compute_context), global-norm clip, AdamW step) for drivers without Ray. The RLlib learner runs the same steps through RLlib's
   Learner: tests/test_iteration.py checks that both give the same parameters from the same packs.
 """
 
@@ -24,6 +24,7 @@ import torch
 
 from rllib_treerpo.losses import distribution_entropy, policy_loss, target_logprobs, truncated_is_weights
 from rllib_treerpo.packing import Pack, collate, loss_weights, packed_logits
+from rllib_treerpo.precision import compute_context
 from rllib_treerpo.rows import build_training_batch
 from rllib_treerpo.sampler import TreeSpec, draw_prompts, grow_trees
 from rllib_treerpo.tree import Tree
@@ -213,9 +214,11 @@ def policy_update(
     ref_model: torch.nn.Module | None = None,
 ) -> list[dict[str, float]]:
     """One learner update without Ray, as the RLlib learner runs it: per minibatch, per micro-batch the packed
-    forward, :func:`compute_loss` and backward; then clip (``config.grad_clip``) and step. Returns per-minibatch
-    stats (the last micro-batch's, plus grad_norm)."""
+    forward (autocast to ``config.dtype`` when the model's parameters are float32 masters, precision.py),
+    :func:`compute_loss` and backward; then clip (``config.grad_clip``), step and free the gradients. Returns
+    per-minibatch stats (the last micro-batch's, plus grad_norm)."""
     device = next(model.parameters()).device
+    dtype = getattr(config, "dtype", "float32")
     params = [p for p in model.parameters() if p.requires_grad]
     settings = LossSettings.from_config(config)
     out = []
@@ -225,14 +228,16 @@ def policy_update(
         for part in micro_batches(as_tensors(batch, device), config.forward_tokens):
             ref_logits = None
             if ref_model is not None and settings.kl_coef > 0:
-                with torch.no_grad():
+                with torch.no_grad(), compute_context(ref_model, dtype):
                     ref_logits = packed_logits(ref_model, part, config.pack_attention)
-            logits = packed_logits(model, part, config.pack_attention)
+            with compute_context(model, dtype):
+                logits = packed_logits(model, part, config.pack_attention)
             loss, stats = compute_loss(logits, part, settings, ref_logits)
             loss.backward()
         if config.grad_clip:
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         out.append(stats)
     model.eval()
     return out

@@ -101,9 +101,9 @@ def pad_token_id(tokenizer: Any) -> int:
 
 
 def hf_weights(module_state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """RLModule state -> the policy's weights under Hugging Face names (tensors, never numpy)."""
+    """RLModule state -> the policy's weights under Hugging Face names (plain tensors, never numpy)."""
     return {
-        k.removeprefix(MODULE_PREFIX): torch.as_tensor(v)
+        k.removeprefix(MODULE_PREFIX): torch.as_tensor(v).as_subclass(torch.Tensor)
         for k, v in module_state.items()
         if k.startswith(MODULE_PREFIX)
     }

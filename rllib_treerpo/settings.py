@@ -13,10 +13,8 @@ one flat mapping of both; the loader splits it. Each field's check returns why a
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 
@@ -173,7 +171,25 @@ FIELDS: dict[str, Field] = {
         "warmstart).",
         optional_str,
     ),
-    "dtype": Field("float32", "Model weights dtype.", one_of("float32", "bfloat16")),
+    "dtype": Field(
+        "float32",
+        "Compute dtype: the sampler's weights (env runners, evaluation), the learner's forward and the exported "
+        "final_model. bfloat16 halves the sampler's copy; the learner's weights follow mixed_precision.",
+        one_of("float32", "bfloat16"),
+    ),
+    "mixed_precision": Field(
+        True,
+        "With dtype bfloat16: the learner keeps float32 master weights and AdamW state and runs its forward under "
+        "bf16 autocast (checkpoints hold the float32 masters); false trains the bf16 weights themselves (most "
+        "small-lr updates then round to zero). No effect with float32 (rllib_treerpo/precision.py).",
+        true_or_false,
+    ),
+    "gradient_checkpointing": Field(
+        False,
+        "Recompute each decoder layer's activations in the backward instead of keeping them: less learner memory "
+        "for about one more forward of compute; the same update.",
+        true_or_false,
+    ),
     "backend": Field(
         "hf",
         "Generation backend on the env runners: hf (transformers, CPU or GPU) or vllm (GPU only, the optional "
@@ -304,65 +320,6 @@ def default_value(field: Field) -> Any:
     return list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) else value
 
 
-# Sections of a config file that are not fields: read by their own commands (`treerpo sweep`, the PPO baseline).
-SECTIONS = ("sweep", "ppo")
-
-
-_YAML11_FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def numbers_as_written(value: Any) -> Any:
-    """``"1e-4"`` -> 1e-4: YAML 1.1 (PyYAML) reads scientific notation without a dot as a string, users write it
-    anyway. Applied to every value of a config (nested mappings and lists too); other strings are left alone."""
-    if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
-        return float(value)
-    if isinstance(value, dict):
-        return {k: numbers_as_written(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [numbers_as_written(v) for v in value]
-    return value
-
-
-def yaml_value(text: str, source: str) -> Any:
-    """One value written as YAML (``--set field=value``); a YAML error is one ValueError naming ``source``."""
-    import yaml
-
-    try:
-        return numbers_as_written(yaml.safe_load(text))
-    except yaml.YAMLError as e:
-        raise ValueError(
-            f"{source}: not valid YAML: {getattr(e, 'problem', None) or str(e).splitlines()[0]}"
-        ) from None
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML config file; a missing file or a YAML error is one ValueError naming the file."""
-    import yaml
-
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read the config file ({e.strerror or e})") from None
-    try:
-        values = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ValueError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of config fields, got {type(values).__name__}")
-    return numbers_as_written(values)
-
-
-def split_fields(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """A flat config mapping -> (algorithm values, job values (JOB_FIELDS), sections (SECTIONS))."""
-    algo, job, sections = {}, {}, {}
-    for key, value in values.items():
-        (job if key in JOB_FIELDS else sections if key in SECTIONS else algo)[key] = value
-    return algo, job, sections
-
-
 # --- RLlib AlgorithmConfig attributes a config file sets: checked like FIELDS (documented by RLlib) ---------------
 def _finite(check):
     def finite(v):
@@ -411,22 +368,3 @@ RLLIB_FIELD_CHECKS: dict[str, Field] = {
         1.0, "Seconds a runner that raised waits before it exits and is restarted.", _finite(non_negative)
     ),
 }
-
-
-def coerce_numbers(values: dict[str, Any], fields: dict[str, Field]) -> dict[str, Any]:
-    """A number written as a string (YAML 1.1 reads ``1e-4`` as one; a quoted ``"32"``) becomes that number when
-    the string fails its field's check and the number passes it; anything else is left for the check to name."""
-    out = dict(values)
-    for name, value in values.items():
-        field = fields.get(name)
-        if field is None or not isinstance(value, str) or field.check(value) is None:
-            continue
-        for convert in (int, float):
-            try:
-                number = convert(value.strip())
-            except ValueError:
-                continue
-            if field.check(number) is None:
-                out[name] = number
-                break
-    return out

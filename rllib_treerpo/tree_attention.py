@@ -99,7 +99,7 @@ def segment_attention(
         )
     groups = query.shape[1] // key.shape[1]
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, L, heads, D)
-    out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+    out = None  # (B, L, H, D) in the dtype attention computes in (bf16 under autocast, like sdpa's output)
     for bucket in attention_mask.buckets:
         rows = bucket.batch[:, None]
         qg = q[rows, bucket.q_index].transpose(1, 2)  # (G, H, m, D)
@@ -108,8 +108,12 @@ def segment_attention(
         og = torch.nn.functional.scaled_dot_product_attention(
             qg, kg, vg, attn_mask=bucket.mask, scale=scaling, dropout_p=dropout if module.training else 0.0
         )
+        if out is None:
+            out = og.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
         valid = bucket.q_valid
         out = out.index_put((rows.expand_as(valid)[valid], bucket.q_index[valid]), og.transpose(1, 2)[valid])
+    if out is None:
+        out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
     return out, None
 
 

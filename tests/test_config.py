@@ -175,3 +175,14 @@ def test_every_config_file_loads_as_a_run(path):
 
     config, job, _ = load_run_config(path)
     assert job.iterations > 0 and config.branching
+
+
+def test_fields_doc_is_current():
+    """docs/fields.md is what `treerpo fields` prints: a field added or changed in settings.py shows up there."""
+    from pathlib import Path
+
+    from rllib_treerpo.config_files import fields_markdown
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "fields.md"
+    assert doc.read_text() == fields_markdown(), "run `treerpo fields > docs/fields.md`"
+    assert "| `mixed_precision` |" in doc.read_text() and "| `eval_every` |" in doc.read_text()

@@ -41,7 +41,9 @@ BAD_VALUES += [{"a": 1}, [[1]], "-3", "0.5", 10**30]
 def problems_file(folder: Path) -> str:
     """Problems with both answer columns the shipped configs read (answer; solution with a \\boxed{})."""
     path = folder / "problems.jsonl"
-    rows = [{"problem": p, "answer": a, "solution": f"\\boxed{{{a}}}"} for p, a in (("1+1?", "2"), ("2+3?", "5"))]
+    rows = [
+        {"problem": p, "answer": a, "solution": f"\\boxed{{{a}}}"} for p, a in (("1+1?", "2"), ("2+3?", "5"))
+    ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return str(path)
 

@@ -66,12 +66,18 @@ def sampled_packs(model_dir: str, seed: int = 0):
     return packs
 
 
+BF16_MIXED = {"dtype": "bfloat16", "mixed_precision": True, "gradient_checkpointing": True}
+
+
 @pytest.mark.parametrize(
-    "num_minibatches, kl_coef, grad_clip, forward_tokens", [(1, 0.0, 1.0, None), (3, 0.2, 0.05, 40)]
+    "num_minibatches, kl_coef, grad_clip, forward_tokens, precision",
+    [(1, 0.0, 1.0, None, {}), (3, 0.2, 0.05, 40, {}), (3, 0.2, 0.05, 40, BF16_MIXED)],
 )
 def test_rllib_learner_and_replica_give_the_same_parameters(
-    tiny_lm_dir, num_minibatches, kl_coef, grad_clip, forward_tokens
+    tiny_lm_dir, num_minibatches, kl_coef, grad_clip, forward_tokens, precision
 ):
+    """Also with mixed precision (float32 masters, bf16 autocast, checkpointed layers): the replica computes the
+    same way from a copy of the module's model."""
     from envs import ArithmeticEnv
 
     config = TreeRPOConfig.from_yaml(
@@ -88,11 +94,13 @@ def test_rllib_learner_and_replica_give_the_same_parameters(
             "num_minibatches": num_minibatches,
             "forward_tokens": forward_tokens,
             "loss_agg": "seq_mean_token_mean",
+            **precision,
         },
     )
     env = ArithmeticEnv()
     learner = config.build_learner(spaces={DEFAULT_MODULE_ID: (env.observation_space, env.action_space)})
     module = learner.module[DEFAULT_MODULE_ID]
+    assert all(p.dtype == torch.float32 for p in module.model.parameters())  # masters, also under bf16
     initial = {k: v.clone() for k, v in module.model.state_dict().items()}
     replica = copy.deepcopy(module.model)
     reference = copy.deepcopy(module.model) if kl_coef else None

@@ -23,7 +23,7 @@ from rllib_treerpo.generation import MissingExtraError
 def parse_key_values(items: list[str], flag: str) -> dict:
     """``key=value`` pairs of ``flag``; values are parsed as YAML (numbers as written, e.g. 1e-4, lists, booleans
     and null keep their types)."""
-    from rllib_treerpo.settings import yaml_value
+    from rllib_treerpo.config_files import yaml_value
 
     out = {}
     for item in items:
@@ -63,6 +63,13 @@ def cmd_show(args) -> int:
 
     page = show(args.run, iteration=args.iteration, tree=args.tree, output=args.output)
     print(f"{page}  (and {page.with_suffix('.png').name})")
+    return 0
+
+
+def cmd_fields(args) -> int:
+    from rllib_treerpo.config_files import fields_markdown
+
+    print(fields_markdown(), end="")
     return 0
 
 
@@ -110,7 +117,7 @@ def cmd_get_model(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="treerpo", description="TreeRPO on Ray RLlib")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _eval_parser, _sweep_parser, _show_parser, _get_model_parser):
+    for add in (_train_parser, _eval_parser, _sweep_parser, _show_parser, _get_model_parser, _fields_parser):
         add(sub)
     return parser
 
@@ -245,6 +252,15 @@ def _show_parser(sub) -> None:
     p.add_argument("--tree", type=int, default=0, help="which of the iteration's saved trees (default 0)")
     p.add_argument("--output", help="folder for the page and the image (default RUN/show)")
     p.set_defaults(func=cmd_show)
+
+
+def _fields_parser(sub) -> None:
+    p = sub.add_parser(
+        "fields",
+        help="every config field with its default and meaning (markdown; docs/fields.md)",
+        description="Print the table of config fields (TreeRPO's, the RLlib ones it reads, the job's).",
+    )
+    p.set_defaults(func=cmd_fields)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,16 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rllib_treerpo.config_files import coerce_numbers, numbers_as_written, read_config_file, split_fields
 from rllib_treerpo.rllib.algorithm import TreeRPOConfig
-from rllib_treerpo.settings import (
-    JOB_FIELDS,
-    check_fields,
-    coerce_numbers,
-    default_value,
-    numbers_as_written,
-    read_config_file,
-    split_fields,
-)
+from rllib_treerpo.settings import JOB_FIELDS, check_fields, default_value
 
 # The keys tiny_model and warmstart take (rllib_treerpo/tiny.py build_tiny_model, warmstart.WARMSTART_DEFAULTS).
 TINY_MODEL_KEYS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions")

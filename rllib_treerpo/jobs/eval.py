@@ -93,7 +93,7 @@ class EvalOptions:
 
 def read_eval_config(path: str | Path) -> dict[str, Any]:
     """The options of an eval config file (configs/eval/*.yaml); an unknown key is one line naming it."""
-    from rllib_treerpo.settings import read_config_file
+    from rllib_treerpo.config_files import read_config_file
 
     values = read_config_file(path)
     known = set(EvalOptions.__dataclass_fields__) - {"output", "progress"}

@@ -107,13 +107,7 @@ def render_html(record: dict, index: int, settings: dict, iteration: int) -> str
         )
         head = (
             f"value {values[i]:.2f}"
-            + (
-                f" · adv {adv:+.2f}"
-                if np.isfinite(adv)
-                else " · filtered (group std < tau)"
-                if i
-                else ""
-            )
+            + (f" · adv {adv:+.2f}" if np.isfinite(adv) else " · filtered (group std < tau)" if i else "")
             + (f" · reward {node['reward']:.2f}" if node["reward"] is not None else "")
         )
         text = html.escape(record["prompt"] if i == 0 else node["text"]) or "<i>(empty)</i>"

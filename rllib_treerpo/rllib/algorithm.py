@@ -30,19 +30,11 @@ from ray.rllib.utils.metrics import (
 )
 from ray.util import log_once
 
+from rllib_treerpo.config_files import coerce_numbers, read_config_file, split_fields
 from rllib_treerpo.iteration import minibatch_seed, minibatches, training_packs
 from rllib_treerpo.model_io import load_tokenizer, pad_token_id
 from rllib_treerpo.sampler import TreeSpec
-from rllib_treerpo.settings import (
-    FIELDS,
-    JOB_FIELDS,
-    RLLIB_FIELD_CHECKS,
-    check_fields,
-    coerce_numbers,
-    default_value,
-    read_config_file,
-    split_fields,
-)
+from rllib_treerpo.settings import FIELDS, JOB_FIELDS, RLLIB_FIELD_CHECKS, check_fields, default_value
 
 # RLlib fields a TreeRPO run depends on: written to a run folder's config.yaml beside FIELDS.
 RLLIB_FIELDS = (
@@ -237,6 +229,8 @@ class TreeRPOConfig(AlgorithmConfig):
         return {
             "model_name_or_path": self.model_name_or_path,
             "dtype": self.dtype,
+            "mixed_precision": self.mixed_precision,
+            "gradient_checkpointing": self.gradient_checkpointing,
             "pack_attention": self.pack_attention,
         }
 

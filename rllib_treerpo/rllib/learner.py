@@ -4,13 +4,17 @@ The batch is one minibatch of collated training packs (iteration.minibatches: in
 node_parent, target_pos, target_ids, advantages, old_logprobs, loss_weight), handed to
 ``LearnerGroup.update(batch=...)`` by TreeRPO.training_step, which plans the minibatches itself. One update = one
 optimizer step: the minibatch is split into micro-batches of at most ``forward_tokens`` tokens whose gradients
-add up (the loss weights carry the minibatch's normalisation). The learner never generates.
+add up (the loss weights carry the minibatch's normalisation); the gradients are freed after the step (they are not
+needed while trees are sampled or a checkpoint is written). The learner never generates.
+
+Precision (precision.py): the module's parameters are the master copy (float32 under mixed precision) and the
+forward is autocast to ``dtype``; the optimizer state is in the parameters' dtype and goes into checkpoints as
+tensors (RLlib's TorchLearner converts it to numpy, which fails on bf16), as views that pickle without a copy.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Any
 
 import torch
@@ -20,6 +24,7 @@ from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 
 from rllib_treerpo.iteration import LossSettings, compute_loss, micro_batches
 from rllib_treerpo.packing import packed_logits
+from rllib_treerpo.precision import compute_context, plain_tensor, reference_copy, state_tensors
 
 
 class TreeRPOTorchLearner(TorchLearner):
@@ -30,9 +35,7 @@ class TreeRPOTorchLearner(TorchLearner):
         self._ref_models: dict[str, torch.nn.Module] = {}
         for module_id in self.module.keys():
             if self.config.get_config_for_module(module_id).kl_coef > 0:
-                ref = copy.deepcopy(self.module[module_id].unwrapped().model).eval()
-                ref.requires_grad_(False)
-                self._ref_models[module_id] = ref
+                self._ref_models[module_id] = reference_copy(self.module[module_id].unwrapped().model)
 
     @override(TorchLearner)
     def configure_optimizers_for_module(self, module_id, config=None) -> None:
@@ -67,7 +70,37 @@ class TreeRPOTorchLearner(TorchLearner):
                 for module in self.module.values():
                     stack.enter_context(module.no_sync())
             self.apply_gradients(self.postprocess_gradients(gradients))
+        del gradients
+        for optimizer in self._optimizer_parameters:
+            optimizer.zero_grad(set_to_none=True)
         return fwd_out, totals, {}
+
+    @override(TorchLearner)
+    def _get_optimizer_state(self) -> dict:
+        """Each optimizer's state_dict as tensors (bf16 included), not numpy."""
+        return {
+            name: {
+                "module_id": self._optimizer_name_to_module[name],
+                "state": state_tensors(optim.state_dict()),
+            }
+            for name, optim in self._named_optimizers.items()
+        }
+
+    @override(TorchLearner)
+    def _set_optimizer_state(self, state: dict) -> None:
+        for name, entry in state.items():
+            module_id = entry["module_id"]
+            if name not in self._named_optimizers and module_id in self.module:
+                self.configure_optimizers_for_module(
+                    module_id=module_id, config=self.config.get_config_for_module(module_id=module_id)
+                )
+            if name in self._named_optimizers:
+                saved = entry["state"]
+                tensors = {
+                    index: {k: plain_tensor(v).to(self._device) for k, v in values.items()}
+                    for index, values in saved["state"].items()
+                }
+                self._named_optimizers[name].load_state_dict({**saved, "state": tensors})
 
     @override(TorchLearner)
     def before_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
@@ -82,8 +115,9 @@ class TreeRPOTorchLearner(TorchLearner):
     def compute_loss_for_module(self, *, module_id, config, batch: dict[str, Any], fwd_out) -> torch.Tensor:
         ref_logits = None
         if module_id in self._ref_models:
-            with torch.no_grad():
-                ref_logits = packed_logits(self._ref_models[module_id], batch, config.pack_attention)
+            ref = self._ref_models[module_id]
+            with torch.no_grad(), compute_context(ref, config.dtype):
+                ref_logits = packed_logits(ref, batch, config.pack_attention)
         scale = max(1, self.config.num_learners)  # DDP averages the learners' gradients; the weights sum them
         loss, stats = compute_loss(
             fwd_out["logits"], batch, LossSettings.from_config(config), ref_logits, scale

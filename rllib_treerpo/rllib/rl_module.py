@@ -1,48 +1,67 @@
 """A causal language model as an RLlib RLModule: the policy of TreeRPO (and, with a value head, of PPO).
 
 The Hugging Face model is loaded with ``from_pretrained(model_name_or_path)``: a local folder (the tiny model
-that `treerpo train` builds) or any hub name the user's machine can reach. State goes in and out as torch
-tensors, never numpy: RLlib's default get_state converts to numpy, which fails on bf16 and doubles fp16.
+that `treerpo train` builds) or any hub name the user's machine can reach. Its parameters are the learner's master
+copy (precision.py: float32 under mixed precision, the forward autocast to ``dtype``); optionally its layers are
+gradient-checkpointed. State goes in and out as torch tensors, never numpy (RLlib's default get_state converts to
+numpy, which fails on bf16 and doubles fp16), as views that pickle without a copy (precision.StateTensor); the
+inference-only state (the weight sync to the env runners) is cast to ``dtype``, the sampler's.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 from ray.rllib.utils.annotations import override
 
-from rllib_treerpo.model_io import hf_weights, load_causal_lm
+from rllib_treerpo.model_io import hf_weights
 from rllib_treerpo.packing import packed_logits
+from rllib_treerpo.precision import (
+    cast_floating,
+    compute_context,
+    load_trainable,
+    plain_tensor,
+    state_tensors,
+)
 
 
 class CausalLMModule(TorchRLModule):
     """Wraps ``self.model`` (a transformers causal LM). The training forward takes collated packs (packing.py)
     and returns {"logits": (B, M, V)} at the positions that predict each loss token (inside the module's forward,
-    so DDP sees it when num_learners > 1)."""
+    so DDP sees it when num_learners > 1). model_config: model_name_or_path, dtype, mixed_precision (default
+    false here: TreeRPOConfig passes its field), gradient_checkpointing, pack_attention."""
 
     @override(TorchRLModule)
     def setup(self):
         cfg = self.model_config or {}
-        self.model = load_causal_lm(cfg.get("model_name_or_path"), cfg.get("dtype", "float32"))
+        self.compute_dtype = cfg.get("dtype", "float32")
+        self.model = load_trainable(
+            cfg.get("model_name_or_path"),
+            self.compute_dtype,
+            mixed_precision=cfg.get("mixed_precision", False),
+            gradient_checkpointing=cfg.get("gradient_checkpointing", False),
+        )
 
     @override(TorchRLModule)
     def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        return {
-            "logits": packed_logits(self.model, batch, self.model_config.get("pack_attention", "segments"))
-        }
+        with compute_context(self.model, self.compute_dtype):
+            logits = packed_logits(self.model, batch, self.model_config.get("pack_attention", "segments"))
+        return {"logits": logits}
 
     @override(TorchRLModule)
     def get_state(self, components=None, *, not_components=None, inference_only: bool = False, **kwargs):
-        return {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach() for k, v in self.state_dict().items()}
+        if inference_only:  # the sampler's copy
+            state = cast_floating(state, self.compute_dtype)
+        return state_tensors({k: v.cpu() for k, v in state.items()})
 
     @override(TorchRLModule)
     def set_state(self, state) -> None:
-        self.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+        self.load_state_dict({k: plain_tensor(v) for k, v in state.items()}, strict=True)
 
 
-def learner_policy_weights(algo) -> dict[str, torch.Tensor]:
+def learner_policy_weights(algo) -> dict:
     """The learners' current policy under Hugging Face names (a PPO value head is left out)."""
     from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 

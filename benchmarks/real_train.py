@@ -1,0 +1,140 @@
+"""A real pretrained model through the whole job on CPU (issue 14): `treerpo train` then `treerpo eval` of its
+final_model, once per precision setting, with the job's peak memory.
+
+For each setting (fp32; bf16 with fp32 master weights, i.e. mixed precision; the same plus gradient checkpointing)
+it runs ``treerpo train configs/smollm2_cpu.yaml --set model_name_or_path=MODEL ...`` as a subprocess (the sampler
+and the learner both live in the driver: num_env_runners 0, num_learners 0), samples the resident memory of the
+driver every 50 ms (and of the driver plus every process it started, Ray's included), then ``treerpo eval`` on the
+run's final_model. A setting passes when both exit 0, the run wrote its checkpoints and final_model, and the
+evaluation wrote its summary. Prints a table and ends with one JSON line.
+
+    treerpo get-model smollm2-135m-instruct --output models/smollm2
+    OMP_NUM_THREADS=1 python -m benchmarks.real_train --model models/smollm2 [--iterations 3] [--out runs/real_train]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = {
+    "fp32": ["dtype=float32"],
+    "bf16 mixed": ["dtype=bfloat16", "mixed_precision=true", "gradient_checkpointing=false"],
+    "bf16 mixed + ckpt": ["dtype=bfloat16", "mixed_precision=true", "gradient_checkpointing=true"],
+}
+
+
+def run_measured(command: list[str], log: Path) -> dict:
+    """Run ``command`` with stdout/stderr to ``log``; its exit code, seconds and peak resident memory (GB) of the
+    process alone and of the process plus its descendants."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        peak = {"driver": 0.0, "tree": 0.0}
+        done = threading.Event()
+
+        def watch() -> None:
+            parent = psutil.Process(proc.pid)
+            while not done.wait(0.05):
+                try:
+                    driver = parent.memory_info().rss
+                    tree = driver + sum(_rss(p) for p in parent.children(recursive=True))
+                except psutil.Error:
+                    continue
+                peak["driver"] = max(peak["driver"], driver / 2**30)
+                peak["tree"] = max(peak["tree"], tree / 2**30)
+
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        code = proc.wait()
+        done.set()
+        thread.join()
+    return {
+        "exit": code,
+        "seconds": time.perf_counter() - start,
+        "peak_gb": peak["driver"],
+        "tree_gb": peak["tree"],
+    }
+
+
+def _rss(proc: psutil.Process) -> int:
+    try:
+        return proc.memory_info().rss
+    except psutil.Error:
+        return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="a Hugging Face folder (treerpo get-model ...)")
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--problems", type=int, default=8, help="held-out problems of the final evaluation")
+    parser.add_argument("--out", default="runs/real_train")
+    parser.add_argument(
+        "--settings", default=",".join(SETTINGS), help=f"comma-separated, of: {list(SETTINGS)}"
+    )
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    treerpo = [sys.executable, "-m", "rllib_treerpo.jobs.cli"]
+    rows = []
+    for name in args.settings.split(","):
+        tag = name.replace(" ", "").replace("+", "_")
+        run = out / tag
+        sets = [f"model_name_or_path={Path(args.model).resolve()}", f"iterations={args.iterations}"]
+        sets += SETTINGS[name]
+        train = [*treerpo, "train", "configs/smollm2_cpu.yaml", "--output", str(run), "--overwrite"]
+        train += [arg for s in sets for arg in ("--set", s)]
+        result = run_measured(train, out / f"{tag}.train.log")
+        evaluation = [*treerpo, "eval", "--model", str(run / "final_model")]  # its env and budget: the run's
+        evaluation += ["--problems", str(args.problems), "--output", str(run / "eval_final")]
+        checked = run_measured(evaluation, out / f"{tag}.eval.log") if result["exit"] == 0 else {"exit": None}
+        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+        final = run / "eval_final" / "summary.json"
+        rows.append(
+            {
+                "setting": name,
+                "train_exit": result["exit"],
+                "eval_exit": checked["exit"],
+                "seconds": round(result["seconds"], 1),
+                "seconds_per_iteration": round(
+                    summary.get("job_seconds_this_run", float("nan")) / args.iterations, 1
+                ),
+                "peak_driver_gb": round(result["peak_gb"], 2),
+                "peak_all_gb": round(result["tree_gb"], 2),
+                "checkpoints": sorted(p.name for p in (run / "checkpoints").glob("iter_*")),
+                "final_model": (run / "final_model" / "config.json").exists(),
+                "final_eval": json.loads(final.read_text()) if final.exists() else None,
+            }
+        )
+    print(f"{'setting':<20} {'train':>5} {'eval':>5} {'s':>7} {'s/it':>6} {'peak GB':>8} {'all GB':>7}")
+    for r in rows:
+        print(
+            f"{r['setting']:<20} {r['train_exit']!s:>5} {r['eval_exit']!s:>5} {r['seconds']:>7.1f} "
+            f"{r['seconds_per_iteration']:>6.1f} {r['peak_driver_gb']:>8.2f} {r['peak_all_gb']:>7.2f}"
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "real_train",
+                "model": args.model,
+                "threads": os.environ.get("OMP_NUM_THREADS"),
+                "rows": rows,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
