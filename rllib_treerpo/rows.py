@@ -57,6 +57,7 @@ def build_training_batch(
         "tree/train_tokens": float(sum(p.loss_tokens for p in packs)),
         "tree/packed_tokens": float(sum(len(p.input_ids) for p in packs)),
         "reward/mean": float(rewards.mean()) if len(rewards) else 0.0,
+        "reward/std": float(rewards.std()) if len(rewards) else 0.0,  # 0: no learning signal at all
         # A leaf is correct when its reward is (numerically) full: the verifier accepted the answer.
         "reward/accuracy": float(np.mean(rewards >= 1.0 - 1e-9)) if len(rewards) else 0.0,
         "reward/frac_trees_all_wrong": float(np.mean([np.nanmax(t.leaf_rewards()) <= 0 for t in trees]))

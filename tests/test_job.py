@@ -212,3 +212,25 @@ def test_run_folder_pruning_by_number_and_nan_free_metrics(tmp_path):
     folder.append({"iteration": 1, "loss/total": float("nan"), "eval/pass@1": float("inf")})
     (row,) = [json.loads(line) for line in folder.metrics.read_text().splitlines()]  # strict JSON: no NaN
     assert row == {"iteration": 1, "loss/total": None, "eval/pass@1": None}
+
+
+def test_the_progress_line_warns_when_nothing_is_learned():
+    """All groups filtered, every reward equal (tau 0 keeps such groups, their advantages are 0) and a lost env
+    runner: each is said on the progress line; a normal iteration has no warning."""
+    from rllib_treerpo.jobs.train import treerpo_parts
+
+    config, job, _ = load_run_config(None)
+    progress = treerpo_parts(config, job).progress
+    normal = {"reward/mean": 0.4, "reward/std": 0.49, "loss/optimizer_steps": 4, "tree/train_tokens": 900}
+    assert "WARNING" not in progress(normal) and "env runner" not in progress(normal)
+    filtered = {**normal, "loss/optimizer_steps": 0, "tree/train_tokens": 0}
+    assert "WARNING: no training step (every sibling group was filtered" in progress(filtered)
+    flat = {**normal, "reward/mean": 0.0, "reward/std": 0.0}
+    assert "WARNING: every leaf reward was 0.00: no learning signal" in progress(flat)
+    lost = {
+        **normal,
+        "perf/env_runner_failures": 1,
+        "perf/env_runner_restarts": 1,
+        "perf/resampled_trees": 16,
+    }
+    assert "env runner lost 1, restarted 1, trees re-grown 16" in progress(lost)

@@ -114,12 +114,16 @@ class JobParts:
     label: str = "TreeRPO"
 
 
+def _rate(per_second: float) -> str:
+    return f"{per_second / 1e3:.1f}k" if per_second >= 1000 else f"{per_second:.0f}"
+
+
 def treerpo_parts(config: TreeRPOConfig, job: JobConfig) -> JobParts:
     def progress(row: dict) -> str:
         line = (
             f"reward {row.get('reward/mean', 0):.3f}  filtered {row.get('tree/frac_groups_filtered', 0):.2f}  "
             f"len {row.get('completions/mean_length', 0):.1f}  steps {row.get('loss/optimizer_steps') or 0:.0f}  "
-            f"{row.get('perf/decode_tokens_per_s', 0) / 1e3:.1f}k tok/s"
+            f"{_rate(row.get('perf/decode_tokens_per_s', 0))} tok/s"
         )
         if not row.get("loss/optimizer_steps"):  # nothing trained: say why, loudly
             why = (
@@ -128,6 +132,8 @@ def treerpo_parts(config: TreeRPOConfig, job: JobConfig) -> JobParts:
                 else "no update"
             )
             line += f"  WARNING: no training step ({why}; reward {row.get('reward/mean', 0):.2f})"
+        elif row.get("reward/std") == 0:  # trained, but every advantage is 0 (tau 0 keeps equal groups)
+            line += f"  WARNING: every leaf reward was {row.get('reward/mean', 0):.2f}: no learning signal"
         if row.get("perf/env_runner_failures") or row.get("perf/env_runner_restarts"):
             line += (
                 f"  env runner lost {row.get('perf/env_runner_failures', 0):.0f}, restarted "
