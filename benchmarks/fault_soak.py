@@ -40,19 +40,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def tiny_model(folder: Path) -> str:
-    """tests/conftest.py's tiny_lm_dir: a 1-layer random Qwen2 with the char tokenizer."""
-    from rllib_treerpo.tiny import build_char_tokenizer, build_tiny_model
-
-    tokenizer = build_char_tokenizer()
-    model = build_tiny_model(
-        len(tokenizer), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=256
-    )
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 # --- one run (child process) ----------------------------------------------------------------------------------
 def one_run(args: argparse.Namespace) -> dict:
     from rllib_treerpo.jobs.ray_session import start_ray
@@ -174,10 +161,12 @@ def main(argv=None) -> dict:
     if args.child is not None:
         print("RESULT " + json.dumps(one_run(args)), flush=True)
         return {}
+    from rllib_treerpo.tiny import TEST_ARCHITECTURE, save_tiny_model
+
     with tempfile.TemporaryDirectory() as tmp:
         logs = args.logs or Path(tmp)
         logs.mkdir(parents=True, exist_ok=True)
-        model = tiny_model(Path(tmp) / "tiny_lm")
+        model = save_tiny_model(Path(tmp) / "tiny_lm", **TEST_ARCHITECTURE)
         results = []
         for i in range(args.runs):
             results.append(run_child(args, i, model, logs))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import string
 from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -142,3 +144,22 @@ def build_tiny_model(
     )
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config)
+
+
+# The smallest model the tests and the fault soak train (1 layer, hidden 32): plumbing, not accuracy.
+TEST_ARCHITECTURE = {
+    "hidden_size": 32,
+    "num_layers": 1,
+    "num_heads": 2,
+    "intermediate_size": 64,
+    "max_positions": 256,
+}
+
+
+def save_tiny_model(folder: str | Path, **architecture: Any) -> str:
+    """A random tiny model (``build_tiny_model``'s arguments) with the character tokenizer, saved as a Hugging Face
+    folder; returns the folder. Tests and benchmarks use it as a stand-in for a real model."""
+    tokenizer = build_char_tokenizer()
+    build_tiny_model(len(tokenizer), **architecture).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

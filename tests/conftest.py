@@ -31,16 +31,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory):
     """A 1-layer random Qwen2 with the char tokenizer, saved like any Hugging Face model folder."""
-    from rllib_treerpo.tiny import build_char_tokenizer, build_tiny_model
+    from rllib_treerpo.tiny import TEST_ARCHITECTURE, save_tiny_model
 
-    folder = tmp_path_factory.mktemp("tiny_lm")
-    tokenizer = build_char_tokenizer()
-    model = build_tiny_model(
-        len(tokenizer), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=256
-    )
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_lm"), **TEST_ARCHITECTURE)
 
 
 @pytest.fixture(scope="session")
@@ -61,14 +54,11 @@ def embedded_default():
     accuracy). Returns its folder."""
     from rllib_treerpo.rllib.algorithm import TreeRPOConfig
     from rllib_treerpo.settings import JOB_FIELDS
-    from rllib_treerpo.tiny import build_char_tokenizer, build_tiny_model
+    from rllib_treerpo.tiny import save_tiny_model
     from rllib_treerpo.warmstart import embedded_model_folder
 
     config = TreeRPOConfig()
     folder = embedded_model_folder(config.env, config.env_config)
     if not (folder / "config.json").exists():
-        tokenizer = build_char_tokenizer()
-        model = build_tiny_model(len(tokenizer), **JOB_FIELDS["tiny_model"].default)
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        save_tiny_model(folder, **JOB_FIELDS["tiny_model"].default)
     return str(folder)

@@ -235,8 +235,12 @@ def test_stops_eos_delimiter_length(tok):
 
 def test_multi_token_delimiter(tok):
     """'ab' spans two tokens: the step ends at the 'b' that completes the first 'ab'."""
-    model = tiny_lm(tok, bias={"a": 4.0, "b": 4.0})
-    out = make_backend("hf", model, tok).generate(
+    check_multi_token_delimiter(make_backend("hf", tiny_lm(tok, bias={"a": 4.0, "b": 4.0}), tok), tok)
+
+
+def check_multi_token_delimiter(backend, tok) -> None:
+    """A backend whose model favours 'a' and 'b' stops each step at the first 'ab' (kept), or never sees one."""
+    out = backend.generate(
         [ids(tok, p) for p in PROMPTS], 4, SamplingParams(max_new_tokens=16, stop_strings=("ab",), seed=0)
     )
     samples = [s for xs in out for s in xs]

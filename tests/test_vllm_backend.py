@@ -13,7 +13,16 @@ from pathlib import Path
 import fake_vllm
 import pytest
 import torch
-from test_generation import PROMPTS, fresh_logprobs, fresh_logprobs_many, grow, ids, tiny_lm, token_id
+from test_generation import (
+    PROMPTS,
+    check_multi_token_delimiter,
+    fresh_logprobs,
+    fresh_logprobs_many,
+    grow,
+    ids,
+    tiny_lm,
+    token_id,
+)
 
 from rllib_treerpo.generation import MissingExtraError, SamplingParams, get_backend_class
 from rllib_treerpo.generation.vllm import VLLMBackend, finish_reason, request_seed, to_sample
@@ -131,18 +140,7 @@ def test_stops_eos_delimiter_length(fake, tok):
 
 def test_multi_token_delimiter(fake, tok):
     """'ab' spans two tokens: the step ends at the 'b' that completes the first 'ab' (and keeps it)."""
-    backend = backend_for(tiny_lm(tok, bias={"a": 4.0, "b": 4.0}), tok)
-    out = backend.generate(
-        [ids(tok, p) for p in PROMPTS], 4, SamplingParams(max_new_tokens=16, stop_strings=("ab",), seed=0)
-    )
-    samples = [s for xs in out for s in xs]
-    assert any(s.finish_reason == "delimiter" for s in samples)
-    for s in samples:
-        text = tok.decode(s.token_ids)
-        if s.finish_reason == "delimiter":
-            assert text.endswith("ab") and text.find("ab") == len(text) - 2
-        else:
-            assert "ab" not in text
+    check_multi_token_delimiter(backend_for(tiny_lm(tok, bias={"a": 4.0, "b": 4.0}), tok), tok)
 
 
 def test_finish_reason_mapping():

@@ -19,6 +19,19 @@ from rllib_treerpo.advantages import tree_advantages
 SETTINGS = ("tau", "advantage_std", "value_estimate", "advantage_eps")
 
 
+# How a node is drawn, by its advantage: the page's CSS class and the PNG's dot colour ("": the prompt, or 0).
+COLORS = {"filtered": "#999", "pos": "#2a2", "neg": "#c33", "": "#36c"}
+
+
+def _kind(index: int, advantage: float) -> str:
+    """A node's class: "filtered" (its sibling group was dropped: NaN), "pos", "neg", or "" (the prompt, or 0)."""
+    if index == 0:
+        return ""
+    if not np.isfinite(advantage):
+        return "filtered"
+    return "pos" if advantage > 0 else "neg" if advantage < 0 else ""
+
+
 def save_trees(folder: Path, iteration: int, trees: list, config: Any) -> Path:
     """Write ``trees`` (rllib_treerpo.tree.Tree) of an iteration with the advantage settings they were scored with."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,15 +109,7 @@ def render_html(record: dict, index: int, settings: dict, iteration: int) -> str
     def box(i: int) -> str:
         node = record["nodes"][i]
         adv = advantages[i]
-        kind = (
-            "filtered"
-            if i and not np.isfinite(adv)
-            else "pos"
-            if i and adv > 0
-            else "neg"
-            if i and adv < 0
-            else ""
-        )
+        kind = _kind(i, adv)
         head = (
             f"value {values[i]:.2f}"
             + (f" · adv {adv:+.2f}" if np.isfinite(adv) else " · filtered (group std < tau)" if i else "")
@@ -162,15 +167,7 @@ def render_png(record: dict, index: int, settings: dict, iteration: int, path: P
         )
     for i in xs:
         adv = advantages[i]
-        color = (
-            "#999"
-            if i and not np.isfinite(adv)
-            else "#2a2"
-            if i and adv > 0
-            else "#c33"
-            if i and adv < 0
-            else "#36c"
-        )
+        color = COLORS[_kind(i, adv)]
         ax.scatter([xs[i]], [-depth[i]], s=60, color=color, zorder=2)
         label = f"{values[i]:.2f}" + (
             "" if record["nodes"][i]["reward"] is None else f"\nr={record['nodes'][i]['reward']:.0f}"
