@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/tiny_arith.yaml
 OUTPUT ?= runs/tiny_arith
+# More `treerpo train` flags: make train ARGS=--overwrite (train again into the same folder).
+ARGS ?=
 
 .PHONY: setup test train lint clean
 
@@ -22,7 +24,7 @@ test: setup
 	$(PY) -m pytest -q
 
 train: setup
-	$(VENV)/bin/treerpo train $(CONFIG) --output $(OUTPUT)
+	$(VENV)/bin/treerpo train $(CONFIG) --output $(OUTPUT) $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

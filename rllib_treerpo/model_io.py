@@ -8,6 +8,7 @@ Names: the RLModule (rllib/rl_module.py) holds the transformers model as ``self.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,7 +36,22 @@ def load_causal_lm(model_name_or_path: str | None, dtype: str = "float32"):
         )
     if dtype not in DTYPES:
         raise ValueError(f"config field 'dtype' = {dtype!r}: must be one of {list(DTYPES)}")
-    return AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=DTYPES[dtype])
+    with _loading(model_name_or_path):
+        return AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=DTYPES[dtype])
+
+
+@contextlib.contextmanager
+def _loading(model_name_or_path: str):
+    """A model or tokenizer that cannot be loaded (a hub name with no network and no cached copy, a folder missing
+    files) is one ValueError naming the config field, not transformers' traceback."""
+    try:
+        yield
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"config field 'model_name_or_path' = {model_name_or_path!r}: cannot load it ({first}). A local model: "
+            "check the path (`treerpo get-model` writes one); a hub name needs the network once"
+        ) from e
 
 
 def check_model_config(model_name_or_path: str | None) -> None:
@@ -81,7 +97,9 @@ def check_model_path(model_name_or_path: str | None) -> None:
         hub_shaped = re.match(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$", model_name_or_path)
         if hub_shaped and not model_name_or_path.startswith((".", "/", "~")):
             return
-        raise ValueError(f"{field}: no such folder (and not a hub name: org/name)")
+        raise ValueError(
+            f"{field}: no such folder (and not a hub name: org/name); `treerpo get-model` writes one"
+        )
     if not path.is_dir():
         raise ValueError(f"{field}: a file; expected a Hugging Face model folder")
     if not (path / "config.json").is_file():
@@ -91,7 +109,8 @@ def check_model_path(model_name_or_path: str | None) -> None:
 def load_tokenizer(model_name_or_path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_name_or_path)
+    with _loading(model_name_or_path):
+        return AutoTokenizer.from_pretrained(model_name_or_path)
 
 
 def pad_token_id(tokenizer: Any) -> int:

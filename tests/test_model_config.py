@@ -72,3 +72,17 @@ def test_check_model_path_names_a_local_path_that_cannot_be_a_model(tmp_path):
     ):
         with pytest.raises(ValueError, match=f"'model_name_or_path' = '{re.escape(path)}': {why}"):
             check_model_path(path)
+
+
+def test_a_model_that_cannot_be_loaded_is_one_line_naming_the_field(tmp_path, tiny_lm_dir):
+    """A folder with a config but no weights: one ValueError naming model_name_or_path, not transformers' OSError."""
+    import shutil
+
+    from rllib_treerpo.model_io import load_causal_lm
+
+    folder = tmp_path / "no_weights"
+    folder.mkdir()
+    shutil.copy(f"{tiny_lm_dir}/config.json", folder / "config.json")
+    with pytest.raises(ValueError, match="config field 'model_name_or_path'.*cannot load it") as caught:
+        load_causal_lm(str(folder))
+    assert "\n" not in str(caught.value)
