@@ -4,10 +4,13 @@ Two tree shapes on a tiny random Qwen2 (CPU, fp32): (a) the default tree of conf
 tokens, 32 prompts) and (b) the paper's [8,8,8] x 384 tokens (1 prompt by default), EOS off so every tree is
 full. For each, the trees are sampled once; then, each in a fresh process (peak memory is per process), the
 forward + backward of the policy loss (and of the reference model's forward when --kl > 0) over all trained nodes,
-in micro-batches of --forward-tokens tokens, in the per-row layout and the packed one. Prints a table and one JSON
-line per shape, the paper shape's last:
+in micro-batches of --forward-tokens tokens, in the per-row layout and the packed one. Peak memory twice: the
+process's resident memory (RSS, what the machine pays; it also holds what glibc's allocator keeps after frees, which
+varies by up to ~15% from run to run) and the peak of live tensor bytes (one more pass under the torch profiler:
+the CPU's max_memory_allocated, independent of the allocator). Prints a table and one JSON line per shape, the
+paper shape's last:
 {"rows_tokens", "packed_tokens", "rows_seconds", "packed_seconds", "rows_peak_mb", "packed_peak_mb",
- "max_logprob_diff", "max_grad_rel_diff", "shape"}.
+ "rows_tensor_peak_mb", "packed_tensor_peak_mb", "max_logprob_diff", "max_grad_rel_diff", "shape"}.
 
     python -m benchmarks.learner [--paper-prompts 1] [--kl 0.0] [--threads 2] [--repeats 2]
 """
@@ -116,6 +119,8 @@ def measure(path: Path, layout: str, args) -> dict:
             _forward_backward(model, ref, parts, settings, args.attention)
         times.append(time.perf_counter() - start)
         peaks.append(rss.above_start)
+    model.zero_grad(set_to_none=True)
+    tensor_peak = _tensor_peak_mb(lambda: _forward_backward(model, ref, parts, settings, args.attention))
     # per loss token, sorted by (tree, node, token): comparable across layouts
     order = np.lexsort(
         (
@@ -129,6 +134,7 @@ def measure(path: Path, layout: str, args) -> dict:
         "tokens": int(sum(len(p.input_ids) for p in packs)),
         "seconds": min(times),
         "peak_mb": max(peaks),
+        "tensor_peak_mb": tensor_peak,
         "packs": len(packs),
         "forwards": len(parts),
         "logprobs": flat[order].tolist() if len(flat) else [],
@@ -145,15 +151,38 @@ def _forward_backward(model, ref, parts, settings, attention: str) -> None:
     import torch
 
     from rllib_treerpo.iteration import compute_loss
-    from rllib_treerpo.packing import packed_logits
+    from rllib_treerpo.packing import packed_target_stats
+    from rllib_treerpo.settings import FIELDS
+
+    def stats(m):
+        return packed_target_stats(m, part, attention, settings.temperature, FIELDS["logits_chunk"].default)
 
     for part in parts:
-        ref_logits = None
+        ref_logprobs = None
         if ref is not None:
             with torch.no_grad():
-                ref_logits = packed_logits(ref, part, attention)
-        loss, _ = compute_loss(packed_logits(model, part, attention), part, settings, ref_logits)
+                ref_logprobs, _ = stats(ref)
+        logprobs, entropy = stats(model)
+        loss, _ = compute_loss(logprobs, part, settings, ref_logprobs, entropy=entropy)
         loss.backward()
+
+
+def _tensor_peak_mb(work) -> float:
+    """Peak of live CPU tensor bytes while ``work()`` runs, above those live at its start (torch profiler)."""
+    import numpy as np
+    import torch
+
+    cpu = torch.autograd.DeviceType.CPU
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        work()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == cpu
+    )
+    return float(np.cumsum([0] + [n for _, n in events]).max()) / 2**20
 
 
 def _in_pack_order(packs, batch, model):
@@ -216,15 +245,19 @@ def run_shape(shape: str, args) -> dict:
         f"kl {args.kl}, {args.attention} attention, forward budget {args.forward_tokens} tokens, pack budget "
         f"{args.pack_tokens}"
     )
-    print("| layout | packs | forwards | tokens fed | seconds (fwd+bwd) | peak MB above start |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| layout | packs | forwards | tokens fed | seconds (fwd+bwd) | peak RSS MB above start | peak tensor MB |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name, m in r.items():
         print(
-            f"| {name} | {m['packs']} | {m['forwards']} | {m['tokens']:,} | {m['seconds']:.2f} | {m['peak_mb']:.0f} |"
+            f"| {name} | {m['packs']} | {m['forwards']} | {m['tokens']:,} | {m['seconds']:.2f} | {m['peak_mb']:.0f} "
+            f"| {m['tensor_peak_mb']:.0f} |"
         )
     print(
         f"packed/rows: tokens {packed['tokens'] / rows['tokens']:.3f}, seconds {packed['seconds'] / rows['seconds']:.3f}, "
-        f"peak memory {packed['peak_mb'] / max(rows['peak_mb'], 1):.3f}; max |log-prob diff| {diff:.2e}, max "
+        f"peak memory {packed['peak_mb'] / max(rows['peak_mb'], 1):.3f} (RSS), "
+        f"{packed['tensor_peak_mb'] / max(rows['tensor_peak_mb'], 1):.3f} (tensors); max |log-prob diff| {diff:.2e}, max "
         f"relative gradient diff {rel:.2e}"
     )
     return {
@@ -234,6 +267,8 @@ def run_shape(shape: str, args) -> dict:
         "packed_seconds": round(packed["seconds"], 3),
         "rows_peak_mb": round(rows["peak_mb"], 1),
         "packed_peak_mb": round(packed["peak_mb"], 1),
+        "rows_tensor_peak_mb": round(rows["tensor_peak_mb"], 1),
+        "packed_tensor_peak_mb": round(packed["tensor_peak_mb"], 1),
         "max_logprob_diff": diff,
         "max_grad_rel_diff": rel,
         "shape": shape,

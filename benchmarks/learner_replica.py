@@ -33,19 +33,19 @@ class Replica:
     """One training run without Ray: the policy, its optimizer and reference, the train and held-out envs."""
 
     def __init__(self, args) -> None:
-        import torch
 
         from envs import make_reasoning_env
         from rllib_treerpo.evaluation import Evaluator
         from rllib_treerpo.generation import make_backend
         from rllib_treerpo.model_io import load_causal_lm, load_tokenizer
+        from rllib_treerpo.precision import adamw
 
         model_path = args.model or lib.warm_model(args.difficulty, lib.parse_sets(args.set).get("*", {}))
         c, job, _ = lib.run_config(args.algorithm, args.difficulty, _overrides(args), model_path, args.seed)
         self.config, self.tok = c, load_tokenizer(model_path)
         self.model = load_causal_lm(model_path, c.dtype).to(args.device).eval()
         self.ref = load_causal_lm(model_path, c.dtype).to(args.device).eval() if c.kl_coef > 0 else None
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        self.optimizer = adamw(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         self.backend = make_backend("hf", self.model, self.tok)  # samples with the weights being trained
         self.env = make_reasoning_env(c.env, c.env_config)
         test = make_reasoning_env(c.env, {**c.env_config, **job.eval_env_config}, field="eval_env_config")

@@ -7,8 +7,9 @@
   of about equal loss tokens (every loss token exactly once per epoch, SPEC.md s.4), whatever the tree shape, each
   collated with loss weights that hold the whole minibatch's normalisation, so micro-batches and learners just
   add their parts; :func:`micro_batches` splits a minibatch into forwards of at most ``forward_tokens`` tokens;
-- the loss: :func:`compute_loss` goes from the logits at the predicting positions (packing.packed_logits) and
-  the reference model's to the clipped surrogate of losses.py plus the stats the learner logs;
+- the loss: :func:`compute_loss` goes from the loss tokens' log-probs (packing.packed_target_stats: the LM head
+  at the predicting positions only, ``logits_chunk`` of them at a time) and the reference model's to the clipped
+  surrogate of losses.py plus the stats the learner logs;
 - :func:`policy_update` is the whole learner update (per minibatch: forward and backward per micro-batch under
   the config's precision (precision.compute_context), global-norm clip, AdamW step) for drivers without Ray. The RLlib learner runs the same steps through RLlib's
   Learner: tests/test_iteration.py checks that both give the same parameters from the same packs.
@@ -22,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rllib_treerpo.losses import distribution_entropy, policy_loss, target_logprobs, truncated_is_weights
-from rllib_treerpo.packing import Pack, collate, loss_weights, packed_logits
+from rllib_treerpo.losses import policy_loss, truncated_is_weights
+from rllib_treerpo.packing import Pack, collate, loss_weights, packed_target_stats
 from rllib_treerpo.precision import compute_context
 from rllib_treerpo.rows import build_training_batch
 from rllib_treerpo.sampler import TreeSpec, draw_prompts, grow_trees
@@ -146,17 +147,18 @@ class LossSettings:
 
 
 def compute_loss(
-    logits: torch.Tensor,
+    logprobs: torch.Tensor,
     batch: dict[str, torch.Tensor],
     settings: LossSettings,
-    ref_logits: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
     scale: float = 1.0,
+    entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The TreeRPO loss of one (micro-)batch of packs from the policy's logits at the predicting positions.
+    """The TreeRPO loss of one (micro-)batch of packs from the policy's log-probs of its loss tokens.
 
-    ``logits`` (B, M, V) as packing.packed_logits returns them; ``batch`` holds the collated packs (target_ids,
-    advantages, old_logprobs, loss_weight: (B, M)); ``ref_logits`` (B, M, V) are the frozen reference model's,
-    needed when ``settings.kl_coef > 0``. The loss is the weighted sum (the weights carry the minibatch's
+    ``logprobs`` (B, M) and ``entropy`` (B, M, for the stats) as packing.packed_target_stats returns them at
+    ``settings.temperature``; ``batch`` holds the collated packs (advantages, old_logprobs, loss_weight: (B, M));
+    ``ref_logprobs`` (B, M) are the frozen reference model's, needed when ``settings.kl_coef > 0``. The loss is the weighted sum (the weights carry the minibatch's
     normalisation) times ``scale`` (the number of learners: DDP averages their gradients). Returns the loss and
     float stats: policy_loss, kl, clip_frac, approx_kl, ratio_mean, entropy, total, logprob_mismatch (mean
     |learner - sampler log-prob| over loss tokens: before the iteration's first optimizer step, the sampler/learner
@@ -166,10 +168,8 @@ def compute_loss(
     taken against the learner's own detached log-probs and each token is weighted by
     ``min(pi_learner / pi_sampler, tis_cap)`` (losses.truncated_is_weights), as TRL and verl correct for vLLM.
     """
-    targets, weights = batch["target_ids"], batch["loss_weight"]
+    weights = batch["loss_weight"]
     mask = (weights > 0).to(torch.float32)
-    logprobs = target_logprobs(logits, targets, settings.temperature)
-    ref_logprobs = None if ref_logits is None else target_logprobs(ref_logits, targets, settings.temperature)
     old, is_weights = batch["old_logprobs"], None
     if settings.tis_cap is not None:
         is_weights = truncated_is_weights(logprobs, old, settings.tis_cap)
@@ -190,13 +190,22 @@ def compute_loss(
     loss = loss * scale
     with torch.no_grad():
         count = mask.sum().clamp(min=1)
-        entropy = (distribution_entropy(logits, settings.temperature) * mask).sum() / count
+        mean_entropy = float("nan") if entropy is None else float((entropy * mask).sum() / count)
         mismatch = ((logprobs - batch["old_logprobs"]).abs() * mask).sum() / count
     out = {name: float(value) for name, value in stats.items()}
-    out.update(entropy=float(entropy), total=float(loss.detach()), logprob_mismatch=float(mismatch))
+    out.update(entropy=mean_entropy, total=float(loss.detach()), logprob_mismatch=float(mismatch))
     if is_weights is not None:
         out["tis_weight_mean"] = float((is_weights * mask).sum() / count)
     return loss, out
+
+
+def target_stats(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], config: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed forward with the config's attention, temperature and logits chunk (packing.packed_target_stats)."""
+    return packed_target_stats(
+        model, batch, config.pack_attention, config.temperature, getattr(config, "logits_chunk", None)
+    )
 
 
 def as_tensors(batch: dict[str, np.ndarray], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -226,13 +235,13 @@ def policy_update(
     for batch in minibatches(packs, config, pad_id, seed=seed):
         optimizer.zero_grad(set_to_none=True)
         for part in micro_batches(as_tensors(batch, device), config.forward_tokens):
-            ref_logits = None
+            ref_logprobs = None
             if ref_model is not None and settings.kl_coef > 0:
                 with torch.no_grad(), compute_context(ref_model, dtype):
-                    ref_logits = packed_logits(ref_model, part, config.pack_attention)
+                    ref_logprobs, _ = target_stats(ref_model, part, config)
             with compute_context(model, dtype):
-                logits = packed_logits(model, part, config.pack_attention)
-            loss, stats = compute_loss(logits, part, settings, ref_logits)
+                logprobs, entropy = target_stats(model, part, config)
+            loss, stats = compute_loss(logprobs, part, settings, ref_logprobs, entropy=entropy)
             loss.backward()
         if config.grad_clip:
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))

@@ -8,6 +8,7 @@ at the tokens that carry loss.
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean")
@@ -38,6 +39,57 @@ def target_logprobs(logits: torch.Tensor, target_ids: torch.Tensor, temperature:
     logits = _upcast(logits) / temperature
     picked = torch.gather(logits, -1, target_ids[..., None]).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+def head_target_stats(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    target_ids: torch.Tensor,
+    temperature: float = 1.0,
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob (differentiable) and entropy (detached) of each target from the hidden state at its predicting
+    position, through the LM ``head``: (..., H), (...) -> (...), (...). The same tempered quantities as
+    :func:`target_logprobs` and :func:`distribution_entropy` of ``head(hidden)``.
+
+    The full-vocabulary logits (a 150k vocabulary: 0.6 MB per position in fp32, more with the softmax and its
+    gradient) exist for at most ``chunk`` positions at a time, in the forward and in the backward: with gradients
+    on and more than one chunk, each chunk is checkpointed (its logits are recomputed for its backward, one head
+    matmul more). ``None``: one chunk of every position.
+    """
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = target_ids.reshape(-1)
+    size = max(chunk or flat_targets.numel(), 1)
+    # One chunk holds its logits once either way (the head is the forward's last op): no recomputation then.
+    recompute = torch.is_grad_enabled() and flat_hidden.requires_grad and flat_targets.numel() > size
+    logprobs, entropies = [], []
+    for start in range(0, flat_targets.numel(), size):
+        part = (head, flat_hidden[start : start + size], flat_targets[start : start + size], temperature)
+        if recompute:
+            logprob, entropy = torch.utils.checkpoint.checkpoint(_head_chunk, *part, use_reentrant=False)
+        else:
+            logprob, entropy = _head_chunk(*part)
+        logprobs.append(logprob)
+        entropies.append(entropy)
+    if not logprobs:  # no positions at all
+        empty = flat_hidden.new_zeros(
+            target_ids.shape, dtype=torch.promote_types(hidden.dtype, torch.float32)
+        )
+        return empty, empty
+    return torch.cat(logprobs).reshape(target_ids.shape), torch.cat(entropies).reshape(target_ids.shape)
+
+
+def _head_chunk(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = _upcast(head(hidden))
+    if temperature != 1.0:
+        logits = logits / temperature
+    normaliser = torch.logsumexp(logits, dim=-1)
+    logprob = torch.gather(logits, -1, targets[:, None]).squeeze(-1) - normaliser
+    with torch.no_grad():  # H = -sum p log p = logsumexp - sum p * logit
+        entropy = normaliser - torch.softmax(logits, dim=-1).mul_(logits).sum(-1)
+    return logprob, entropy
 
 
 def distribution_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

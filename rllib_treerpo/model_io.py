@@ -136,9 +136,30 @@ def module_state(weights: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 def save_hf_folder(
     base_model: str, weights: Mapping[str, Any], folder: str | Path, dtype: str = "float32"
 ) -> None:
-    """Write ``weights`` (Hugging Face names) on the architecture and tokenizer of ``base_model`` to ``folder``."""
-    model = load_causal_lm(base_model, dtype)
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
+    """Write ``weights`` (Hugging Face names) on the architecture, generation config and tokenizer of
+    ``base_model`` to ``folder``, floating tensors in ``dtype``.
+
+    The architecture is built on the meta device and takes the given tensors as its own (cast once each: tied
+    weights stay one tensor), so no copy of the base model's weights is loaded to be overwritten (for a run's
+    export that copy was the job's peak memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    with _loading(base_model):
+        config = AutoConfig.from_pretrained(base_model)
+    target, cast = DTYPES[dtype], {}
+    state = {}
+    for name, value in weights.items():
+        tensor = torch.as_tensor(value)
+        if tensor.is_floating_point():
+            key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+            tensor = cast[key] if key in cast else cast.setdefault(key, tensor.to(target))
+        state[name] = tensor
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=target)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    with contextlib.suppress(OSError):  # a base model without generation_config.json keeps the derived one
+        model.generation_config = GenerationConfig.from_pretrained(base_model)
     model.save_pretrained(folder)
     load_tokenizer(base_model).save_pretrained(folder)
 

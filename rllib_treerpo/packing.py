@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rllib_treerpo.losses import head_target_stats
 from rllib_treerpo.tree import Tree
 
 LAYOUTS = ("packed", "rows")
@@ -266,10 +267,10 @@ def tree_attention_mask(token_node: torch.Tensor, node_parent: torch.Tensor) -> 
 ATTENTIONS = ("segments", "dense")
 
 
-def packed_logits(
+def packed_hidden(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], attention: str = "segments"
 ) -> torch.Tensor:
-    """(B, M, V) logits at the positions that predict each loss token (the LM head runs there only).
+    """(B, M, H) final hidden states at the positions that predict each loss token (the LM head's inputs).
 
     ``attention="segments"`` (tree_attention.py): each node's tokens against their own path's keys, no masked work;
     ``"dense"``: one 4D tree mask for the model's attention (sdpa takes it as is; eager/flex get it additive).
@@ -296,4 +297,27 @@ def packed_logits(
     else:
         raise ValueError(f"attention={attention!r}; expected one of {ATTENTIONS}")
     index = batch["target_pos"][..., None].expand(-1, -1, hidden.shape[-1])
-    return model.get_output_embeddings()(hidden.gather(1, index))
+    return hidden.gather(1, index)
+
+
+def packed_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], attention: str = "segments"
+) -> torch.Tensor:
+    """(B, M, V) logits at the positions that predict each loss token (the LM head runs there only)."""
+    return model.get_output_embeddings()(packed_hidden(model, batch, attention))
+
+
+def packed_target_stats(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    attention: str = "segments",
+    temperature: float = 1.0,
+    logits_chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, M) tempered log-prob of each loss token and (B, M) entropy (detached) of its next-token distribution,
+    the LM head run at the predicting positions only, ``logits_chunk`` positions at a time
+    (losses.head_target_stats: what the learner's loss needs, without a (B, M, V) logits block)."""
+    hidden = packed_hidden(model, batch, attention)
+    return head_target_stats(
+        model.get_output_embeddings(), hidden, batch["target_ids"], temperature, logits_chunk
+    )

@@ -163,6 +163,13 @@ FIELDS: dict[str, Field] = {
         "whose gradients add up (memory bound; null: one forward per minibatch).",
         optional_positive_int,
     ),
+    "logits_chunk": Field(
+        256,
+        "Most loss tokens whose full-vocabulary logits exist at once in the learner: the LM head and its "
+        "log-softmax run in chunks of this many, each recomputed in the backward (memory bound for large "
+        "vocabularies; null: all of a forward's at once).",
+        optional_positive_int,
+    ),
     # --- model and generation ---
     "model_name_or_path": Field(
         None,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,6 +32,19 @@ class Bucket:
     q_valid: torch.Tensor  # (G, m) bool
     kv_index: torch.Tensor  # (G, p) token index of each key (padding: 0)
     mask: torch.Tensor  # (G, 1, m, p) bool, True = attend
+    _additive: dict = field(default_factory=dict, repr=False)  # dtype -> (G, 1, m, p) 0 / -inf
+
+    def additive(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as sdpa's additive float mask in ``dtype``, built once per plan and shared by every layer.
+
+        Given the bool mask, sdpa converts it to this in every layer and autograd keeps each layer's copy for the
+        backward: (G, m, p) floats per layer, on a CPU (and the tiny model) the largest saved tensor of a pack's
+        forward. One shared tensor is saved once; the values are sdpa's own conversion, so results are unchanged.
+        """
+        if dtype not in self._additive:
+            zero = torch.zeros((), dtype=dtype, device=self.mask.device)
+            self._additive[dtype] = torch.where(self.mask, zero, float("-inf"))
+        return self._additive[dtype]
 
 
 @dataclass
@@ -87,11 +100,45 @@ def _bucket(members: list, device: torch.device) -> Bucket:
     return Bucket(batch, as_t(q_index), as_t(q_valid), as_t(kv_index), as_t(mask)[:, None])
 
 
+def _gather_keys(source: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, L, Hkv, D) keys or values -> (G, H, p, D): each node's path, repeated for grouped-query heads."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    return repeat_kv(source[rows, index].transpose(1, 2), groups)
+
+
+@contextlib.contextmanager
+def _saved_as_gathers(gathers: list) -> Iterator[None]:
+    """Autograd keeps each gathered key/value tensor as its recipe and gathers it again for the backward.
+
+    A bucket's keys are its nodes' whole paths, so a packed subtree's ancestors are copied once per descendant
+    (8 children of one node: 8 copies of its path); sdpa would keep those copies, per layer, until the
+    backward. Kept as (source, rows, index) they cost the layer's own keys and values once; the gather is cheap
+    and gives the same tensor bit for bit.
+    """
+
+    def key(t: torch.Tensor) -> tuple:
+        return t.data_ptr(), t.shape, t.stride(), t.dtype
+
+    # by address, not the tensors themselves: autograd may keep the hooks, and with them what they hold, alive
+    recipes = {key(gathered): recipe for gathered, recipe in gathers}
+    del gathers
+
+    def pack(t: torch.Tensor):
+        return recipes.get(key(t), t)
+
+    def unpack(saved):
+        return _gather_keys(*saved) if isinstance(saved, tuple) else saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
 def segment_attention(
     module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs
 ):
     """transformers attention function: (B, H, L, D) query, (B, Hkv, L, D) key/value -> (B, L, H, D)."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if not isinstance(attention_mask, SegmentPlan):
         return sdpa_attention_forward(
@@ -103,11 +150,17 @@ def segment_attention(
     for bucket in attention_mask.buckets:
         rows = bucket.batch[:, None]
         qg = q[rows, bucket.q_index].transpose(1, 2)  # (G, H, m, D)
-        kg = repeat_kv(k[rows, bucket.kv_index].transpose(1, 2), groups)  # (G, H, p, D)
-        vg = repeat_kv(v[rows, bucket.kv_index].transpose(1, 2), groups)
-        og = torch.nn.functional.scaled_dot_product_attention(
-            qg, kg, vg, attn_mask=bucket.mask, scale=scaling, dropout_p=dropout if module.training else 0.0
-        )
+        recipes = [(x, rows, bucket.kv_index, groups) for x in (k, v)]
+        kg, vg = (_gather_keys(*r) for r in recipes)  # (G, H, p, D)
+        with _saved_as_gathers(list(zip((kg, vg), recipes, strict=True))):
+            og = torch.nn.functional.scaled_dot_product_attention(
+                qg,
+                kg,
+                vg,
+                attn_mask=bucket.additive(qg.dtype),
+                scale=scaling,
+                dropout_p=dropout if module.training else 0.0,
+            )
         if out is None:
             out = og.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
         valid = bucket.q_valid

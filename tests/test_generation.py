@@ -300,6 +300,33 @@ def test_load_weights_invalidates_cache(tok):
     assert out.logprobs == pytest.approx(fresh_logprobs(other, cont + out.token_ids, len(cont)), abs=1e-4)
 
 
+def test_dropped_weights_free_their_memory_until_load_weights_brings_them_back_cast(tok):
+    """The sampler beside the learner frees its copy during the update; the sync refills it from float32 masters
+    (cast as copied). A tied weight stays one tensor; generating or exporting in between is an error."""
+    model = build_tiny_model(
+        len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=3
+    )
+    masters = {k: v.clone() for k, v in model.state_dict().items()}
+    backend = make_backend("hf", model.to(torch.bfloat16).eval(), tok)
+    greedy = SamplingParams(max_new_tokens=6, temperature=0)
+    before = backend.generate([ids(tok, "7+8=")], 1, greedy)[0][0]
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied
+    assert backend.drop_weights()
+    assert sum(p.numel() for p in model.parameters()) == 0
+    with pytest.raises(RuntimeError, match="dropped"):
+        backend.generate([ids(tok, "7+8=")], 1, greedy)
+    with pytest.raises(RuntimeError, match="dropped"):
+        backend.weights()
+    with pytest.raises(ValueError, match="lm_head.weight|embed_tokens"):
+        backend.load_weights({k: v for k, v in masters.items() if "embed_tokens" not in k}, strict=False)
+    backend.load_weights(masters)  # float32 into the bf16 model
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert all(model.state_dict()[k].dtype == torch.bfloat16 for k in masters)
+    assert all(torch.equal(model.state_dict()[k], v.to(torch.bfloat16)) for k, v in masters.items())
+    after = backend.generate([ids(tok, "7+8=")], 1, greedy)[0][0]
+    assert after.token_ids == before.token_ids and after.logprobs == before.logprobs
+
+
 def test_bf16_runs(tok):
     model = tiny_lm(tok).to(torch.bfloat16)
     backend = make_backend("hf", model, tok)

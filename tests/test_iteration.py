@@ -79,6 +79,7 @@ def test_rllib_learner_and_replica_give_the_same_parameters(
     """Also with mixed precision (float32 masters, bf16 autocast, checkpointed layers): the replica computes the
     same way from a copy of the module's model."""
     from envs import ArithmeticEnv
+    from rllib_treerpo.precision import adamw
 
     config = TreeRPOConfig.from_yaml(
         None,
@@ -110,7 +111,7 @@ def test_rllib_learner_and_replica_give_the_same_parameters(
     for batch in minibatches(packs, config, pad_id=0, seed=seed):  # what TreeRPO.training_step does
         rows = len(batch["input_ids"])
         learner.update(batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(batch)}, env_steps=rows))
-    optimizer = torch.optim.AdamW(replica.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = adamw(replica.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     stats = policy_update(replica, optimizer, packs, config, seed=seed, ref_model=reference)
 
     assert len(stats) == num_minibatches
@@ -140,10 +141,10 @@ def test_compute_loss_reports_the_sampler_mismatch_and_applies_tis():
         "advantages": adv,
         "old_logprobs": sampler,
     }
-    _, stats = compute_loss(logits, batch, LossSettings())
+    _, stats = compute_loss(learner, batch, LossSettings())
     mismatch = float(((learner - sampler).abs() * mask).sum() / mask.sum())
     assert stats["logprob_mismatch"] == pytest.approx(mismatch) and "tis_weight_mean" not in stats
-    loss, stats = compute_loss(logits, batch, LossSettings(tis_cap=1.5))
+    loss, stats = compute_loss(learner.clone().requires_grad_(), batch, LossSettings(tis_cap=1.5))
     w = torch.exp(learner - sampler).clamp(max=1.5)
     assert loss.item() == pytest.approx(float(-(w * adv * mask).sum() / mask.sum()))  # on policy: rho = 1
     assert stats["ratio_mean"] == pytest.approx(1.0) and stats["clip_frac"] == 0.0

@@ -147,3 +147,34 @@ def test_is_weights_scale_each_tokens_policy_gradient():
     loss.backward()
     assert loss.item() == pytest.approx(-(2.0 + 0.5) / 2)  # rho = 1: -w A per token, token mean
     assert logp.grad[0].tolist() == pytest.approx([-1.0, -0.25])
+
+
+def test_head_target_stats_in_chunks_equal_the_whole_logits_and_never_hold_more_than_a_chunk():
+    """Chunked LM head (the learner's memory bound for large vocabularies): the same log-probs, entropies and
+    gradients as log-softmax over the whole (B, M, V) logits, with no head call over more than a chunk."""
+    from rllib_treerpo.losses import distribution_entropy, head_target_stats, target_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(6, 11, bias=False).double()
+    hidden = torch.randn(3, 5, 6, dtype=torch.float64, generator=g)
+    targets = torch.randint(0, 11, (3, 5), generator=g)
+    results = {}
+    for chunk in (None, 4):
+        rows_seen = []
+        hook = head.register_forward_hook(lambda m, i, o, seen=rows_seen: seen.append(o.shape[0]))
+        h = hidden.clone().requires_grad_()
+        head.zero_grad()
+        logprobs, entropy = head_target_stats(head, h, targets, temperature=0.7, chunk=chunk)
+        (logprobs * torch.arange(15.0, dtype=torch.float64).reshape(3, 5)).sum().backward()
+        hook.remove()
+        results[chunk] = (logprobs.detach(), entropy, h.grad, head.weight.grad.clone(), rows_seen)
+    whole, chunked = results[None], results[4]
+    assert max(chunked[4]) == 4 and len(chunked[4]) == 8  # 4 chunks, each computed again in the backward
+    assert whole[4] == [15]
+    for a, b in zip(whole[:4], chunked[:4], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    with torch.no_grad():
+        logits = head(hidden)
+    torch.testing.assert_close(chunked[0], target_logprobs(logits, targets, 0.7), atol=1e-12, rtol=0)
+    torch.testing.assert_close(chunked[1], distribution_entropy(logits, 0.7), atol=1e-12, rtol=0)
+    assert not chunked[1].requires_grad

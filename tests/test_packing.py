@@ -8,7 +8,14 @@ import torch
 
 from rllib_treerpo.advantages import tree_advantages
 from rllib_treerpo.iteration import LossSettings, compute_loss, minibatches
-from rllib_treerpo.packing import collate, loss_weights, pack_trees, packed_logits, tree_attention_mask
+from rllib_treerpo.packing import (
+    collate,
+    loss_weights,
+    pack_trees,
+    packed_logits,
+    packed_target_stats,
+    tree_attention_mask,
+)
 from rllib_treerpo.tree import Tree
 
 
@@ -131,18 +138,20 @@ def test_packed_equals_per_row_log_probs_and_gradients_fp64(loss_agg, attention,
         batch = {k: torch.as_tensor(v) for k, v in collate(packs, loss_weights(packs, loss_agg), 0).items()}
         batch["loss_weight"] = batch["loss_weight"].double()
         model.zero_grad()
-        logits = packed_logits(model, batch, attention if layout == "packed" else "dense")
+        # chunks of 5 positions: the logits are recomputed chunk by chunk in the backward
+        logp, entropy = packed_target_stats(
+            model, batch, attention if layout == "packed" else "dense", 0.8, logits_chunk=5
+        )
         with torch.no_grad():
-            ref_logits = packed_logits(ref, batch, attention)
-        loss, stats = compute_loss(logits, batch, settings, ref_logits)
+            ref_logp, _ = packed_target_stats(ref, batch, attention, 0.8)
+        loss, stats = compute_loss(logp, batch, settings, ref_logp, entropy=entropy)
         loss.backward()
-        logp = torch.log_softmax(logits.double() / 0.8, -1).gather(-1, batch["target_ids"][..., None])[..., 0]
         per_token = {
             (
                 p.tree,
                 int(p.target_node[k]),
                 k - int(np.flatnonzero(p.target_node == p.target_node[k])[0]),
-            ): float(logp[r, k])
+            ): float(logp.detach()[r, k])
             for r, p in enumerate(packs)
             for k in range(p.loss_tokens)
         }

@@ -134,6 +134,7 @@ def test_bf16_run_checkpoints_resumes_bit_exactly_and_exports(
     from envs.arithmetic import ArithmeticEnv
     from rllib_treerpo.model_io import MODULE_PATH, hf_weights, read_module_state, save_hf_folder
     from rllib_treerpo.rllib.algorithm import TreeRPOConfig
+    from rllib_treerpo.rllib.learner import TreeRPOTorchLearner
     from rllib_treerpo.rllib.rl_module import learner_policy_weights
 
     values = {
@@ -154,10 +155,19 @@ def test_bf16_run_checkpoints_resumes_bit_exactly_and_exports(
     monkeypatch.setattr(
         ArithmeticEnv, "_score", lambda self, response, answer: float(sum(map(ord, response)) % 2)
     )
+    sampler_params_at_updates = []  # the sampler beside the learner frees its copy for the update
+    update = TreeRPOTorchLearner._uncompiled_update
+
+    def spy(self, batch, **kwargs):
+        sampler_params_at_updates.append(sum(p.numel() for p in first.env_runner.backend.model.parameters()))
+        return update(self, batch, **kwargs)
+
+    monkeypatch.setattr(TreeRPOTorchLearner, "_uncompiled_update", spy)
     first = TreeRPOConfig.from_yaml(None, values).build_algo()
     first.train()
     first.save_to_path(str(tmp_path / "ckpt"))
     first.train()
+    assert len(sampler_params_at_updates) == 4 and set(sampler_params_at_updates) == {0}
     expected = learner_policy_weights(first)
     sampler = first.env_runner.backend.weights()
     first.stop()
@@ -199,3 +209,26 @@ def test_gpu_check_runs_on_cpu(capsys):
     assert rows["loss_tokens"] == packed["loss_tokens"] == checkpointed["loss_tokens"] == 48
     assert rows["tokens"] > packed["tokens"] == checkpointed["tokens"]
     assert all(x["tokens_per_s"] > 0 for x in result["learner"])
+
+
+@pytest.mark.ray
+def test_an_iteration_without_an_update_still_gives_the_sampler_its_weights_back(tiny_lm_dir, ray_session):
+    """Every group filtered (tau 1): no learner update, yet the dropped sampler copy is refilled by the sync and
+    the next iteration samples."""
+    from rllib_treerpo.rllib.algorithm import TreeRPOConfig
+    from rllib_treerpo.rllib.rl_module import learner_policy_weights
+
+    values = {
+        "model_name_or_path": tiny_lm_dir,
+        "branching": [2],
+        "step_tokens": 4,
+        "prompts_per_iteration": 2,
+    }
+    algo = TreeRPOConfig.from_yaml(None, {**values, "tau": 1.0}).build_algo()
+    try:
+        for _ in range(2):
+            assert algo.train()["loss/optimizer_steps"] == 0.0
+        sampler, masters = algo.env_runner.backend.weights(), learner_policy_weights(algo)
+    finally:
+        algo.stop()
+    assert all(torch.equal(sampler[k], v) for k, v in masters.items())

@@ -126,6 +126,13 @@ class GenerationBackend(ABC):
         """Take new policy weights under Hugging Face names (pushed from the learner); invalidates every kept
         KV cache. The only way weights reach a backend."""
 
+    def drop_weights(self) -> bool:
+        """Free the memory of the weights until the next ``load_weights`` (which must bring every one back);
+        returns whether anything was freed. For a sampler that shares its process with the learner: its copy
+        is not needed while the learner updates (gradients and logits take the room), and the weight sync after
+        the update refills it. Default: nothing freed."""
+        return False
+
     def weights(self) -> dict[str, Any]:
         """The weights the backend samples with, under Hugging Face names (to hand to a restarted env runner)."""
         raise NotImplementedError(f"the {self.name} backend cannot export its weights")

@@ -86,6 +86,9 @@ class HFBackend(GenerationBackend):
         self.max_batch = max_batch
         self._store: dict[Key, CacheEntry] = {}
         self._key_lengths: list[int] = []
+        self._dropped: dict[str, torch.Size] | None = (
+            None  # state tensor -> shape, while the weights are dropped
+        )
 
     # ----------------------------------------------------------------- interface
     @property
@@ -117,12 +120,39 @@ class HFBackend(GenerationBackend):
         return cls(model if device is None else model.to(device), tokenizer, **kwargs)
 
     def weights(self) -> dict[str, torch.Tensor]:
+        self._check_weights()
         return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+    def drop_weights(self) -> bool:
+        """Each state tensor replaced by an empty one (its shape kept aside; a tied weight is one tensor);
+        load_weights allocates them again and copies into them (casting to the sampler's dtype as it copies)."""
+        if self._dropped is None:
+            self.clear_cache()
+            self._dropped = {}
+            for name, tensor in self.model.state_dict(keep_vars=True).items():
+                if tensor.numel():  # a tied weight's second name: already emptied through its first
+                    self._dropped[name] = tensor.shape
+                    tensor.data = tensor.new_empty(0)
+        return True
 
     def load_weights(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         tensors = {k: torch.as_tensor(v) for k, v in state_dict.items()}
+        if self._dropped is not None:
+            missing = sorted(self._dropped.keys() - tensors.keys())
+            if missing:
+                raise ValueError(
+                    f"hf backend: the weights were dropped; load_weights must bring back {missing}"
+                )
+            current = self.model.state_dict(keep_vars=True)
+            for name, shape in self._dropped.items():
+                current[name].data = current[name].new_empty(shape)
+            self._dropped = None
         self.model.load_state_dict(tensors, strict=strict)
         self.clear_cache()  # cached K/V were computed by the old weights
+
+    def _check_weights(self) -> None:
+        if self._dropped is not None:
+            raise RuntimeError("hf backend: the weights were dropped (drop_weights); load_weights first")
 
     @torch.inference_mode()
     def generate(
@@ -130,6 +160,7 @@ class HFBackend(GenerationBackend):
     ) -> list[list[Sample]]:
         """Sample every context; at most ``max_batch`` sample rows decode together (the call is split into chunks
         of whole contexts transparently, each continuing from the previous call's kept caches)."""
+        self._check_weights()
         start = time.perf_counter()
         counts = self._expand_num_samples(num_samples, len(contexts))
         keys = [tuple(int(t) for t in c) for c in contexts]

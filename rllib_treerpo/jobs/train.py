@@ -15,6 +15,7 @@ Output folder (jobs/run_folder.py):
 
 from __future__ import annotations
 
+import gc
 import json
 import numbers
 import time
@@ -28,6 +29,7 @@ import yaml
 from rllib_treerpo.jobs.config import JobConfig, flat_config
 from rllib_treerpo.jobs.monitor import HeldOut, Monitor
 from rllib_treerpo.jobs.run_folder import RunFolder
+from rllib_treerpo.precision import trim_heap
 from rllib_treerpo.rllib.algorithm import TreeRPOConfig
 
 
@@ -192,8 +194,11 @@ def train(
         monitor = Monitor(folder.path, job, held_out)
         algo = _start(pieces, folder, resume, monitor)
         _iterate(algo, pieces, job, folder, monitor)
-        _finish(algo, config, job, pieces, folder, summary, held_out)
-        algo = None
+        weights = _export(algo, config, pieces, folder)
+        algo = None  # the learner's optimizer state and the sampler's copy go before the last evaluation
+        gc.collect()
+        trim_heap()
+        _finish(weights, job, pieces, folder, summary, held_out)
     except KeyboardInterrupt:
         raise Interrupted(_interrupted(folder, algo)) from None
     finally:
@@ -267,17 +272,8 @@ def _iterate(algo, pieces: JobParts, job: JobConfig, folder: RunFolder, monitor:
         plot_learning_curve(folder.metrics, folder.path / "learning_curve.png")
 
 
-def _finish(
-    algo,
-    config: TreeRPOConfig,
-    job: JobConfig,
-    pieces: JobParts,
-    folder: RunFolder,
-    summary: dict,
-    held_out: HeldOut | None,
-) -> None:
-    """final_model/ (with its run's settings), the held-out evaluation after training, summary and plot."""
-    from rllib_treerpo.jobs.plots import plot_learning_curve
+def _export(algo, config: TreeRPOConfig, pieces: JobParts, folder: RunFolder) -> dict:
+    """final_model/ (with its run's settings); the algorithm stopped. Returns the policy's weights."""
     from rllib_treerpo.model_io import RUN_CONFIG, save_hf_folder
     from rllib_treerpo.rllib.rl_module import learner_policy_weights
 
@@ -286,6 +282,20 @@ def _finish(
     save_hf_folder(config.model_name_or_path, weights, final, config.dtype)
     (final / RUN_CONFIG).write_text(yaml.safe_dump(pieces.resolved, sort_keys=False))
     algo.stop()
+    return weights
+
+
+def _finish(
+    weights: dict,
+    job: JobConfig,
+    pieces: JobParts,
+    folder: RunFolder,
+    summary: dict,
+    held_out: HeldOut | None,
+) -> None:
+    """The held-out evaluation of the final weights, the summary and the plot."""
+    from rllib_treerpo.jobs.plots import plot_learning_curve
+
     for key, metric in pieces.totals.items():
         summary[key] = folder.total(metric)
     if held_out is not None:

@@ -33,6 +33,7 @@ from ray.util import log_once
 from rllib_treerpo.config_files import coerce_numbers, read_config_file, split_fields
 from rllib_treerpo.iteration import minibatch_seed, minibatches, training_packs
 from rllib_treerpo.model_io import load_tokenizer, pad_token_id
+from rllib_treerpo.rllib.weight_sync import free_sampler_for_update, sync_weights
 from rllib_treerpo.sampler import TreeSpec
 from rllib_treerpo.settings import FIELDS, JOB_FIELDS, RLLIB_FIELD_CHECKS, check_fields, default_value
 
@@ -232,6 +233,8 @@ class TreeRPOConfig(AlgorithmConfig):
             "mixed_precision": self.mixed_precision,
             "gradient_checkpointing": self.gradient_checkpointing,
             "pack_attention": self.pack_attention,
+            "temperature": self.temperature,
+            "logits_chunk": self.logits_chunk,
         }
 
     @override(AlgorithmConfig)
@@ -303,6 +306,7 @@ class TreeRPO(Algorithm):
         sample_seconds = time.perf_counter() - start
 
         self.last_trees = trees  # the job saves a few for `treerpo show`
+        free_sampler_for_update(self.env_runner_group, c)
         packs, tree_metrics = training_packs(trees, c)
         for key, value in tree_metrics.items():
             self.metrics.log_value(key, value, window=1)
@@ -318,9 +322,7 @@ class TreeRPO(Algorithm):
         self.metrics.log_value("loss/optimizer_steps", float(steps), window=1)
 
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
-            self.env_runner_group.sync_weights(
-                from_worker_or_learner_group=self.learner_group, inference_only=True
-            )
+            sync_weights(self.learner_group, self.env_runner_group, c)
 
         self.metrics.log_value("perf/sample_seconds", sample_seconds, window=1)
         self.metrics.log_value("perf/learn_seconds", learn_seconds, window=1)

@@ -32,6 +32,7 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
         self.worker_index = kwargs.get("worker_index") or 0
         self._num_calls = 0
         self._weights_seq_no = 0
+        self._weights_dropped = False
         self.make_env()
         self.make_module()
 
@@ -93,6 +94,12 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
             self.backend.release()
         return trees
 
+    def drop_weights(self) -> bool:
+        """Free the sampler's weights until the next weight sync (when the learner updates in this process:
+        TreeRPO.training_step); whether the backend freed anything."""
+        self._weights_dropped = self.backend.drop_weights()
+        return self._weights_dropped
+
     @staticmethod
     def prompts_share(total: int, worker_index: int, num_runners: int) -> int:
         """Runner i's part of ``total`` prompts (remote runners are 1-based; the local runner alone gets all)."""
@@ -143,13 +150,14 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
 
         if COMPONENT_RL_MODULE in state:
             seq_no = state.get(WEIGHTS_SEQ_NO, 0)
-            if seq_no == 0 or self._weights_seq_no < seq_no:
+            if seq_no == 0 or self._weights_seq_no < seq_no or self._weights_dropped:
                 weights = state[COMPONENT_RL_MODULE]
                 if isinstance(weights, ray.ObjectRef):
                     weights = ray.get(weights)
                 if isinstance(weights, dict) and DEFAULT_MODULE_ID in weights:
                     weights = weights[DEFAULT_MODULE_ID]
                 self.backend.load_weights(hf_weights(weights))  # also drops K/V cached with the old weights
+                self._weights_dropped = False
             if seq_no > 0:
                 self._weights_seq_no = seq_no
         if NUM_ENV_STEPS_SAMPLED_LIFETIME in state:

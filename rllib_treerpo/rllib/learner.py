@@ -22,9 +22,15 @@ from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 
-from rllib_treerpo.iteration import LossSettings, compute_loss, micro_batches
-from rllib_treerpo.packing import packed_logits
-from rllib_treerpo.precision import compute_context, plain_tensor, reference_copy, state_tensors
+from rllib_treerpo.iteration import LossSettings, compute_loss, micro_batches, target_stats
+from rllib_treerpo.precision import (
+    adamw,
+    compute_context,
+    plain_tensor,
+    reference_copy,
+    state_tensors,
+    trim_heap,
+)
 
 
 class TreeRPOTorchLearner(TorchLearner):
@@ -41,7 +47,7 @@ class TreeRPOTorchLearner(TorchLearner):
     def configure_optimizers_for_module(self, module_id, config=None) -> None:
         module = self.module[module_id]
         params = self.get_parameters(module)
-        optimizer = torch.optim.AdamW(params, weight_decay=config.weight_decay)
+        optimizer = adamw(params, weight_decay=config.weight_decay)
         self.register_optimizer(
             module_id=module_id, optimizer=optimizer, params=params, lr_or_lr_schedule=config.lr
         )
@@ -61,9 +67,11 @@ class TreeRPOTorchLearner(TorchLearner):
                         stack.enter_context(self.module[module_id].no_sync())
                     out = self.module.forward_train({module_id: part})
                     losses = self.compute_losses(fwd_out=out, batch={module_id: part})
+                    trim_heap()  # the forward's freed intermediates, before the backward's gradients
                     losses[module_id].backward()
                 totals[module_id] = totals.get(module_id, 0.0) + losses[module_id].detach()
                 fwd_out = out
+        trim_heap()  # the forward's freed activations and casts, before the optimizer state grows (first step)
         gradients = {pid: p.grad for pid, p in self._params.items() if p.grad is not None}
         with contextlib.ExitStack() as stack:
             if self.config.num_learners > 1:
@@ -73,6 +81,7 @@ class TreeRPOTorchLearner(TorchLearner):
         del gradients
         for optimizer in self._optimizer_parameters:
             optimizer.zero_grad(set_to_none=True)
+        trim_heap()  # the freed gradients and logits, before the next update or the weight sync allocates
         return fwd_out, totals, {}
 
     @override(TorchLearner)
@@ -113,14 +122,15 @@ class TreeRPOTorchLearner(TorchLearner):
 
     @override(TorchLearner)
     def compute_loss_for_module(self, *, module_id, config, batch: dict[str, Any], fwd_out) -> torch.Tensor:
-        ref_logits = None
+        ref_logprobs = None
         if module_id in self._ref_models:
             ref = self._ref_models[module_id]
             with torch.no_grad(), compute_context(ref, config.dtype):
-                ref_logits = packed_logits(ref, batch, config.pack_attention)
+                ref_logprobs, _ = target_stats(ref, batch, config)
         scale = max(1, self.config.num_learners)  # DDP averages the learners' gradients; the weights sum them
+        settings = LossSettings.from_config(config)
         loss, stats = compute_loss(
-            fwd_out["logits"], batch, LossSettings.from_config(config), ref_logits, scale
+            fwd_out["logprobs"], batch, settings, ref_logprobs, scale, entropy=fwd_out["entropy"]
         )
         # Later minibatches also see this iteration's own updates: they report the first one's measurement.
         if getattr(self, "_first_update", True):

@@ -16,7 +16,7 @@ from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 from ray.rllib.utils.annotations import override
 
 from rllib_treerpo.model_io import hf_weights
-from rllib_treerpo.packing import packed_logits
+from rllib_treerpo.packing import packed_target_stats
 from rllib_treerpo.precision import (
     cast_floating,
     compute_context,
@@ -28,9 +28,11 @@ from rllib_treerpo.precision import (
 
 class CausalLMModule(TorchRLModule):
     """Wraps ``self.model`` (a transformers causal LM). The training forward takes collated packs (packing.py)
-    and returns {"logits": (B, M, V)} at the positions that predict each loss token (inside the module's forward,
-    so DDP sees it when num_learners > 1). model_config: model_name_or_path, dtype, mixed_precision (default
-    false here: TreeRPOConfig passes its field), gradient_checkpointing, pack_attention."""
+    and returns {"logprobs": (B, M), "entropy": (B, M)} of each loss token at the sampling temperature (the LM
+    head inside the module's forward, so DDP sees it when num_learners > 1; never a (B, M, V) logits block:
+    ``logits_chunk`` positions at a time). model_config: model_name_or_path, dtype, mixed_precision (default
+    false here: TreeRPOConfig passes its field), gradient_checkpointing, pack_attention, temperature,
+    logits_chunk."""
 
     @override(TorchRLModule)
     def setup(self):
@@ -45,9 +47,16 @@ class CausalLMModule(TorchRLModule):
 
     @override(TorchRLModule)
     def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        cfg = self.model_config or {}
         with compute_context(self.model, self.compute_dtype):
-            logits = packed_logits(self.model, batch, self.model_config.get("pack_attention", "segments"))
-        return {"logits": logits}
+            logprobs, entropy = packed_target_stats(
+                self.model,
+                batch,
+                cfg.get("pack_attention", "segments"),
+                cfg.get("temperature", 1.0),
+                cfg.get("logits_chunk"),
+            )
+        return {"logprobs": logprobs, "entropy": entropy}
 
     @override(TorchRLModule)
     def get_state(self, components=None, *, not_components=None, inference_only: bool = False, **kwargs):
