@@ -195,6 +195,11 @@ def test_bf16_run_checkpoints_resumes_bit_exactly_and_exports(
     assert json.loads((tmp_path / "final_model" / "config.json").read_text())["dtype"] == "bfloat16"
     exported = load_causal_lm(str(tmp_path / "final_model"), "bfloat16")
     assert all(torch.equal(exported.state_dict()[k], v.to(torch.bfloat16)) for k, v in weights.items())
+    base = load_causal_lm(tiny_lm_dir)
+    assert exported.generation_config.to_dict() == base.generation_config.to_dict()
+    assert (exported.lm_head.weight is exported.model.embed_tokens.weight) == (
+        base.lm_head.weight is base.model.embed_tokens.weight
+    )
 
 
 def test_gpu_check_runs_on_cpu(capsys):
