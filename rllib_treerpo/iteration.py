@@ -158,8 +158,8 @@ def compute_loss(
 
     ``logprobs`` (B, M) and ``entropy`` (B, M, for the stats) as packing.packed_target_stats returns them at
     ``settings.temperature``; ``batch`` holds the collated packs (advantages, old_logprobs, loss_weight: (B, M));
-    ``ref_logprobs`` (B, M) are the frozen reference model's, needed when ``settings.kl_coef > 0``. The loss is the weighted sum (the weights carry the minibatch's
-    normalisation) times ``scale`` (the number of learners: DDP averages their gradients). Returns the loss and
+    ``ref_logprobs`` (B, M) are the frozen reference model's, needed when ``settings.kl_coef > 0``. The loss is
+    the weighted sum (the weights carry the minibatch's normalisation) times ``scale`` (the number of learners: DDP averages their gradients). Returns the loss and
     float stats: policy_loss, kl, clip_frac, approx_kl, ratio_mean, entropy, total, logprob_mismatch (mean
     |learner - sampler log-prob| over loss tokens: before the iteration's first optimizer step, the sampler/learner
     numerical mismatch, e.g. vLLM vs transformers), and with ``settings.tis_cap`` tis_weight_mean.

@@ -96,8 +96,8 @@ def trim_heap() -> None:
     Tensors under glibc's mmap threshold (32 MB: most of a model's per-layer weights, gradients and optimizer
     moments) live in the heap, whose freed pages otherwise stay resident and are not always reused: measured on
     SmolLM2-135M, a driver's resident memory kept 0.6 GB of freed gradients, logits and weight-sync copies after
-    each update, and the next update's peak grew on top of it. Called after phases that free much (a learner
-    update, a weight sync, an evaluation)."""
+    each update, and the next update's peak grew on top of it. Called after phases that free much (in a learner
+    update before its backward and before its step, after a weight sync, after an evaluation)."""
     global _malloc_trim
     if _malloc_trim is None:
         try:

@@ -86,9 +86,8 @@ class HFBackend(GenerationBackend):
         self.max_batch = max_batch
         self._store: dict[Key, CacheEntry] = {}
         self._key_lengths: list[int] = []
-        self._dropped: dict[str, torch.Size] | None = (
-            None  # state tensor -> shape, while the weights are dropped
-        )
+        # state tensor name -> shape, while the weights are dropped (drop_weights)
+        self._dropped: dict[str, torch.Size] | None = None
 
     # ----------------------------------------------------------------- interface
     @property

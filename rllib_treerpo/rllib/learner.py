@@ -81,7 +81,6 @@ class TreeRPOTorchLearner(TorchLearner):
         del gradients
         for optimizer in self._optimizer_parameters:
             optimizer.zero_grad(set_to_none=True)
-        trim_heap()  # the freed gradients and logits, before the next update or the weight sync allocates
         return fwd_out, totals, {}
 
     @override(TorchLearner)
