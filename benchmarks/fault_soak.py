@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --- one run (child process) ----------------------------------------------------------------------------------
 def one_run(args: argparse.Namespace) -> dict:
     from rllib_treerpo.jobs.ray_session import start_ray
-    from rllib_treerpo.rllib.algorithm import TreeRPOConfig
+    from rllib_treerpo.rllib.config import TreeRPOConfig
 
     rng = random.Random(args.seed * 1000 + args.child)
     start_ray(num_cpus=max(2, os.cpu_count() or 2), log_to_driver=True)

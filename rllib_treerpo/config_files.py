@@ -1,17 +1,19 @@
 """Config files and values as users write them: YAML files, ``--set`` values, numbers in any notation. Pure.
 
-A config file is one flat YAML mapping: algorithm fields (``settings.FIELDS`` plus RLlib's AlgorithmConfig
-attributes), job fields (``settings.JOB_FIELDS``) and sections read by their own commands (``SECTIONS``).
-:func:`split_fields` parts them; every error is one ValueError naming the file, the field or the ``--set``.
+A config file is one flat YAML mapping: algorithm fields (``settings.TreeRPOSettings`` plus RLlib's
+AlgorithmConfig attributes), job fields (``settings.JobSettings``) and sections read by their own commands
+(``SECTIONS``). :func:`load_config` reads a file and ``--set`` values and parts them; every error is one
+ValueError naming the file, the field or the ``--set``.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rllib_treerpo.settings import JOB_FIELDS, Field
+from rllib_treerpo.settings import FIELDS, JOB_FIELDS, RLLIB_FIELD_CHECKS, Field
 
 # Sections of a config file that are not fields: read by their own commands (`treerpo sweep`, the PPO baseline).
 SECTIONS = ("sweep", "ppo")
@@ -72,6 +74,28 @@ def split_fields(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     return algo, job, sections
 
 
+def load_config(
+    path: str | Path | None,
+    overrides: dict[str, Any] | None,
+    set_algorithm_fields: Callable[[dict[str, Any], str], Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The one loader of config files: the file's fields, then ``overrides`` (``--set``), over the caller's defaults.
+
+    The algorithm fields of each source go to ``set_algorithm_fields(values, source)`` (so that an unknown key names
+    its file or ``--set``); returns the job fields (later sources win) and the sections."""
+    job: dict[str, Any] = {}
+    sections: dict[str, Any] = {}
+    for source, values in (
+        (str(path), read_config_file(path) if path is not None else {}),
+        ("--set", numbers_as_written(dict(overrides or {}))),
+    ):
+        algo_values, job_values, section_values = split_fields(values)
+        set_algorithm_fields(algo_values, source)
+        job.update(job_values)
+        sections.update(section_values)
+    return job, sections
+
+
 def coerce_numbers(values: dict[str, Any], fields: dict[str, Field]) -> dict[str, Any]:
     """A number written as a string (YAML 1.1 reads ``1e-4`` as one; a quoted ``"32"``) becomes that number when
     the string fails its field's check and the number passes it; anything else is left for the check to name."""
@@ -95,8 +119,6 @@ def fields_markdown() -> str:
     """docs/fields.md: every field of a config file with its default and meaning, from settings.py (tests check
     that the file is current: ``treerpo fields > docs/fields.md`` rewrites it)."""
     import yaml
-
-    from rllib_treerpo.settings import FIELDS, RLLIB_FIELD_CHECKS
 
     def default(value: Any) -> str:
         return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("\n...")

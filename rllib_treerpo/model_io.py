@@ -69,12 +69,12 @@ def check_model_config(model_name_or_path: str | None) -> None:
 
     local = Path(model_name_or_path).expanduser().is_dir()
     try:
-        config = AutoConfig.from_pretrained(model_name_or_path, local_files_only=not local)
+        hf_config = AutoConfig.from_pretrained(model_name_or_path, local_files_only=not local)
     except (OSError, ValueError, KeyError):
         return
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     layer_types = list(
-        getattr(text_config, "layer_types", None) or getattr(config, "layer_types", None) or []
+        getattr(text_config, "layer_types", None) or getattr(hf_config, "layer_types", None) or []
     )
     if any(t != "full_attention" for t in layer_types):
         kinds = {t: layer_types.count(t) for t in layer_types}

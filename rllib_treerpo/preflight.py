@@ -1,9 +1,11 @@
-"""Checks that can fail, run before anything expensive (warm start, Ray start-up, model load). Ray-free.
+"""The run against this machine, checked before anything expensive (warm start, Ray start-up, model load). Ray-free.
 
 Every entry point (`treerpo train`, `TreeRPOConfig.build_algo()`, `tune.run("TreeRPO")`) calls :func:`preflight`
-with the algorithm's settings and the held-out env's config, so a misfit fails in seconds with one line naming the
-field: the env id and its arguments, the tree deeper than the env's step limit, a model with sliding-window
-layers, and the longest prompt plus the response budget (depth x step_tokens) against the model's window.
+(through ``TreeRPOConfig.preflight``, after the values are checked) with the algorithm's settings and the held-out
+env's config, so a misfit fails in seconds with one line naming the field: the backend's package, a local model
+path that cannot be a model, the env id and its arguments, the tree deeper than the env's step limit, a model with
+sliding-window layers, and the longest prompt plus the response budget (depth x step_tokens) against the model's
+window.
 """
 
 from __future__ import annotations
@@ -13,13 +15,27 @@ from typing import Any
 PROMPTS_CHECKED = 32  # problems per env whose prompt lengths are measured
 
 
-def preflight(config: Any, eval_env_config: dict | None = None, tiny_model: dict | None = None) -> None:
-    """ValueError naming the field when ``config`` (a TreeRPOConfig or anything with its fields) cannot run.
+def preflight(
+    config: Any,
+    eval_env_config: dict | None = None,
+    tiny_model: dict | None = None,
+    *,
+    model_path_is_local: bool = True,
+) -> None:
+    """ValueError naming the field when ``config`` (a TreeRPOConfig or anything with its fields) cannot run here.
 
     ``tiny_model``: the embedded model's architecture when ``model_name_or_path`` is null (its window).
+    ``model_path_is_local``: false on a cluster of several nodes, where a model path may exist on other nodes only.
     """
     from envs import make_reasoning_env
-    from rllib_treerpo.model_io import check_model_config
+    from rllib_treerpo.model_io import check_model_config, check_model_path
+
+    if config.backend == "vllm":  # before a runner starts, let alone loads a model (cheap: no import)
+        from rllib_treerpo.generation.vllm import require_vllm
+
+        require_vllm()
+    if model_path_is_local:
+        check_model_path(config.model_name_or_path)
 
     spec = config.tree_spec()
     envs = {"env_config": make_reasoning_env(config.env, config.env_config)}

@@ -25,16 +25,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TREERPO_CACHE", Path.home() / ".cache" / "rllib_treerpo"))
 
 
-WARMSTART_DEFAULTS = {
-    "steps": 1500,
-    "batch_size": 128,
-    "lr": 2e-3,
-    "error_rate": 0.2,
-    "demos": 20000,
-    "seed": 0,
-}
-
-
 def encode_demonstrations(tokenizer, demos: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
     """(N, T) right-padded ids of prompt + response + EOS and a (N, T) mask of the response and EOS tokens."""
     encoded = []
@@ -118,7 +108,8 @@ def _settings(tiny_model: dict | None, warmstart: dict | None) -> tuple[dict, di
     from rllib_treerpo.settings import JOB_FIELDS
 
     tiny = dict(JOB_FIELDS["tiny_model"].default if tiny_model is None else tiny_model)
-    ws = {**WARMSTART_DEFAULTS, **(JOB_FIELDS["warmstart"].default if warmstart is None else warmstart)}
+    # A warmstart mapping gives any of its keys: the others are the job field's default (seed: 0).
+    ws = {"seed": 0, **JOB_FIELDS["warmstart"].default, **(warmstart or {})}
     return tiny, ws
 
 

@@ -147,10 +147,10 @@ def test_a_local_env_runner_only_when_it_samples():
     for runners, local in ((0, True), (2, False)):
         config = TreeRPOConfig.from_yaml(None, {"num_env_runners": runners})
         assert config.create_local_env_runner is None
-        config.check()  # validate() without the embedded model's warm start
+        config.preflight()  # validate() without the embedded model's warm start
         assert config.create_local_env_runner is local
     explicit = TreeRPOConfig.from_yaml(None, {"num_env_runners": 2, "create_local_env_runner": True})
-    explicit.check()
+    explicit.preflight()
     assert explicit.create_local_env_runner is True
 
 
@@ -186,3 +186,32 @@ def test_fields_doc_is_current():
     doc = Path(__file__).resolve().parent.parent / "docs" / "fields.md"
     assert doc.read_text() == fields_markdown(), "run `treerpo fields > docs/fields.md`"
     assert "| `mixed_precision` |" in doc.read_text() and "| `eval_every` |" in doc.read_text()
+
+
+def test_fields_are_declared_typed_and_training_takes_each_as_a_typed_keyword():
+    """One declaration (settings.py): each field annotated there, a keyword of training() with the same type,
+    and the default a fresh config starts with; RLlib's attributes take TreeRPO's declared defaults too."""
+    import inspect
+
+    from rllib_treerpo.settings import RLLIB_FIELD_CHECKS, RLlibSettings, TreeRPOSettings
+
+    annotations = TreeRPOSettings.__annotations__
+    assert set(annotations) == set(FIELDS)
+    params = inspect.signature(TreeRPOConfig.training).parameters
+    keywords = {n: p for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert {n: p.annotation for n, p in keywords.items()} == annotations
+    config = TreeRPOConfig()
+    for name, field in {**FIELDS, **RLLIB_FIELD_CHECKS}.items():
+        assert getattr(config, name) == field.default, name
+    assert set(RLlibSettings.__annotations__) == set(RLLIB_FIELD_CHECKS)
+
+
+def test_job_config_starts_from_the_declared_defaults():
+    from rllib_treerpo.jobs.config import JobConfig
+    from rllib_treerpo.settings import JOB_FIELDS, JobSettings
+
+    job = JobConfig(iterations=3)
+    assert job.iterations == 3 and set(JobSettings.__annotations__) == set(JOB_FIELDS)
+    assert {k: v for k, v in job.to_flat_dict().items() if k != "iterations"} == {
+        k: f.default for k, f in JOB_FIELDS.items() if k != "iterations"
+    }

@@ -277,7 +277,7 @@ def test_missing_vllm_is_one_line_naming_the_extra(monkeypatch, tok):
     monkeypatch.setitem(__import__("sys").modules, "vllm", None)  # as on a machine without vllm
     for call in (
         lambda: get_backend_class("vllm"),
-        TreeRPOConfig().training(backend="vllm").check_backend_installed,
+        TreeRPOConfig().training(backend="vllm").preflight,
     ):
         with pytest.raises(MissingExtraError) as info:
             call()

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from rllib_treerpo.generation import MissingExtraError
+from rllib_treerpo.model_io import DTYPES
 
 
 def parse_key_values(items: list[str], flag: str) -> dict:
@@ -199,7 +200,7 @@ def _eval_parser(sub) -> None:
     )
     p.add_argument("--system-prompt", help="system message (default: training config)")
     p.add_argument(
-        "--dtype", choices=["float32", "bfloat16"], help="weights dtype (default: training config)"
+        "--dtype", choices=list(DTYPES), help="weights dtype (default: training config)"
     )
     p.add_argument(
         "--batch-problems", type=int, default=50, metavar="N", help="problems per generation batch"

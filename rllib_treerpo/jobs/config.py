@@ -11,11 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rllib_treerpo.config_files import coerce_numbers, numbers_as_written, read_config_file, split_fields
-from rllib_treerpo.rllib.algorithm import TreeRPOConfig
-from rllib_treerpo.settings import JOB_FIELDS, check_fields, default_value
+from rllib_treerpo.checks import check_fields
+from rllib_treerpo.config_files import coerce_numbers, load_config
+from rllib_treerpo.rllib.config import TreeRPOConfig
+from rllib_treerpo.settings import JOB_FIELDS, JobSettings, set_defaults
 
-# The keys tiny_model and warmstart take (rllib_treerpo/tiny.py build_tiny_model, warmstart.WARMSTART_DEFAULTS).
+# The keys tiny_model and warmstart take (rllib_treerpo/tiny.py build_tiny_model, warmstart.embedded_model).
 TINY_MODEL_KEYS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions")
 WARMSTART_KEYS = {
     "steps": int,
@@ -27,16 +28,16 @@ WARMSTART_KEYS = {
 }
 
 
-class JobConfig:
-    """The `treerpo train` job's fields (``JOB_FIELDS``), as attributes."""
+class JobConfig(JobSettings):
+    """The `treerpo train` job's settings (declared in :class:`rllib_treerpo.settings.JobSettings`), checked."""
 
     def __init__(self, **values: Any) -> None:
         unknown = set(values) - set(JOB_FIELDS)
         if unknown:
             raise ValueError(f"unknown job field {sorted(unknown)[0]!r}; job fields: {sorted(JOB_FIELDS)}")
-        values = coerce_numbers(values, JOB_FIELDS)
-        for name, field in JOB_FIELDS.items():
-            setattr(self, name, values[name] if name in values else default_value(field))
+        set_defaults(self, JobSettings)
+        for name, value in coerce_numbers(values, JOB_FIELDS).items():
+            setattr(self, name, value)
         check_fields(self.to_flat_dict(), JOB_FIELDS)
         self._check_embedded_model()
 
@@ -69,20 +70,11 @@ def load_run_config(
     """Defaults, then the file's fields, then ``overrides`` (``--set``): the validated algorithm config, job
     config and the file's sections (``sweep``, ``ppo``). Errors name the file or ``--set`` and the field."""
     config = TreeRPOConfig()
-    job: dict[str, Any] = {}
-    sections: dict[str, Any] = {}
-    for source, values in (
-        (str(path), read_config_file(path) if path is not None else {}),
-        ("--set", numbers_as_written(dict(overrides or {}))),
-    ):
-        algo_values, job_values, section_values = split_fields(values)
-        config.update_from_flat_dict(algo_values, source=source)
-        job.update(job_values)
-        sections.update(section_values)
-    config.validate_fields()
+    job, sections = load_config(
+        path, overrides, lambda values, source: config.update_from_flat_dict(values, source=source)
+    )
     job_config = JobConfig(**job)
-    if job_config.algorithm == "TreeRPO":
-        config.check_treerpo_batching()
+    config.check_values(job_config.algorithm)
     return config, job_config, sections
 
 

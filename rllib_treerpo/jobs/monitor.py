@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rllib_treerpo.jobs.config import JobConfig
-from rllib_treerpo.rllib.algorithm import TreeRPOConfig
+from rllib_treerpo.rllib.config import TreeRPOConfig
 
 EVAL_KEYS = ("pass@1", "greedy_accuracy", "mean_response_tokens")
 

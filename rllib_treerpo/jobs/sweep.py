@@ -55,7 +55,7 @@ import yaml
 
 from rllib_treerpo.jobs.config import JobConfig, flat_config
 from rllib_treerpo.jobs.sweep_spec import SweepSpec, expected_trials, load_sweep, search_space
-from rllib_treerpo.rllib.algorithm import TreeRPOConfig
+from rllib_treerpo.rllib.config import TreeRPOConfig
 
 __all__ = ["run_sweep"]
 
@@ -98,7 +98,7 @@ def run_sweep(
         from rllib_treerpo.jobs.train import resolve_model
 
         resolve_model(config, job)
-    config.validate_fields()
+    config.check_values()
     with open(config_path) as f:
         raw = yaml.safe_load(f) or {}
     raw.update(overrides or {})

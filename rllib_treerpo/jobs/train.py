@@ -30,7 +30,7 @@ from rllib_treerpo.jobs.config import JobConfig, flat_config
 from rllib_treerpo.jobs.monitor import HeldOut, Monitor
 from rllib_treerpo.jobs.run_folder import RunFolder
 from rllib_treerpo.precision import trim_heap
-from rllib_treerpo.rllib.algorithm import TreeRPOConfig
+from rllib_treerpo.rllib.config import TreeRPOConfig
 
 
 class Interrupted(Exception):
@@ -103,15 +103,18 @@ def metrics_row(result: dict) -> dict:
 class JobParts:
     """What differs between the algorithms `treerpo train` runs; the job loop itself is shared.
 
-    build_algo: () -> a built RLlib Algorithm; metrics_row: result dict -> metrics.jsonl row; progress: row ->
-    the algorithm-specific middle of the progress line; resolved: config.yaml's content; totals: summary key ->
-    metrics key summed over iterations; label: summary["algorithm"].
+    preflight: () -> None, every check that can fail before a warm start, a model load or Ray (one line naming
+    the field); build_algo: () -> a built RLlib Algorithm; metrics_row: result dict -> metrics.jsonl row;
+    progress: row -> the algorithm-specific middle of the progress line; resolved: () -> config.yaml's content
+    (once the model is resolved); totals: summary key -> metrics key summed over iterations; label:
+    summary["algorithm"].
     """
 
+    preflight: Callable[[], None]
     build_algo: Callable[[], Any]
     metrics_row: Callable[[dict], dict]
     progress: Callable[[dict], str]
-    resolved: dict
+    resolved: Callable[[], dict]
     totals: dict[str, str] = field(default_factory=dict)
     label: str = "TreeRPO"
 
@@ -144,10 +147,11 @@ def treerpo_parts(config: TreeRPOConfig, job: JobConfig) -> JobParts:
         return line
 
     return JobParts(
+        preflight=lambda: config.preflight(job.eval_env_config, job.tiny_model),
         build_algo=config.build_algo,
         metrics_row=metrics_row,
         progress=progress,
-        resolved=flat_config(config, job),
+        resolved=lambda: flat_config(config, job),
         totals={
             "generated_tokens": "tree/generated_tokens",
             "env_runner_failures": "perf/env_runner_failures",
@@ -171,19 +175,15 @@ def train(
     before the warm start, the model load and Ray; Ctrl-C raises :class:`Interrupted` naming where to resume."""
     folder = RunFolder(output)
     folder.check_resume() if resume else folder.check_new(overwrite)
-    if parts is treerpo_parts:  # RLlib's, TreeRPO's and the run's checks, before any warm start, model or Ray
-        config.check(job.eval_env_config, job.tiny_model)
-    else:
-        from rllib_treerpo.preflight import preflight
-
-        preflight(config, job.eval_env_config, job.tiny_model)
+    pieces = parts(config, job)
+    pieces.preflight()
     job_start = time.perf_counter()
     algo = None
     try:
         resolve_model(config, job)
-        pieces = parts(config, job)
+        resolved = pieces.resolved()
         folder.path.mkdir(parents=True, exist_ok=True)
-        (folder.path / "config.yaml").write_text(yaml.safe_dump(pieces.resolved, sort_keys=False))
+        (folder.path / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         summary = folder.summary() if resume else {}
         summary["algorithm"] = pieces.label
         held_out = HeldOut(config, job, job.eval_problems) if job.eval_problems else None
@@ -194,7 +194,7 @@ def train(
         monitor = Monitor(folder.path, job, held_out)
         algo = _start(pieces, folder, resume, monitor)
         _iterate(algo, pieces, job, folder, monitor)
-        weights = _export(algo, config, pieces, folder)
+        weights = _export(algo, config, resolved, folder)
         algo = None  # the learner's optimizer state and the sampler's copy go before the last evaluation
         gc.collect()
         trim_heap()
@@ -272,7 +272,7 @@ def _iterate(algo, pieces: JobParts, job: JobConfig, folder: RunFolder, monitor:
         plot_learning_curve(folder.metrics, folder.path / "learning_curve.png")
 
 
-def _export(algo, config: TreeRPOConfig, pieces: JobParts, folder: RunFolder) -> dict:
+def _export(algo, config: TreeRPOConfig, resolved: dict, folder: RunFolder) -> dict:
     """final_model/ (with its run's settings); the algorithm stopped. Returns the policy's weights."""
     from rllib_treerpo.model_io import RUN_CONFIG, save_hf_folder
     from rllib_treerpo.rllib.rl_module import learner_policy_weights
@@ -280,7 +280,7 @@ def _export(algo, config: TreeRPOConfig, pieces: JobParts, folder: RunFolder) ->
     final = folder.path / "final_model"
     weights = learner_policy_weights(algo)
     save_hf_folder(config.model_name_or_path, weights, final, config.dtype)
-    (final / RUN_CONFIG).write_text(yaml.safe_dump(pieces.resolved, sort_keys=False))
+    (final / RUN_CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
     algo.stop()
     return weights
 

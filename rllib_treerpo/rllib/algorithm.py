@@ -1,22 +1,15 @@
-"""TreeRPOConfig and TreeRPO: the algorithm on RLlib's new API stack, in one file like RLlib's PPOConfig and PPO.
+"""TreeRPO: the algorithm on RLlib's new API stack, like RLlib's PPO (its config: rllib/config.py).
 
-training_step reads like the loop it is (SPEC.md s.1-s.4): sample trees -> advantages and rows -> learner update ->
-weight sync, each stage timed through the MetricsLogger. The config carries TreeRPO's own fields
-(:data:`rllib_treerpo.settings.FIELDS`, documented there once) beside RLlib's AlgorithmConfig attributes (env,
-env_config, lr, num_env_runners, num_learners, seed, ...); unknown keys and bad values are rejected by name.
+training_step reads like the loop it is (docs/algorithm.md s.1-s.4): sample trees -> advantages and rows -> learner
+update -> weight sync, each stage timed through the MetricsLogger.
 """
 
 from __future__ import annotations
 
-import difflib
 import time
-from pathlib import Path
-from typing import Any
 
 from ray.rllib.algorithms.algorithm import Algorithm
-from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core import DEFAULT_MODULE_ID
-from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.metrics import (
@@ -28,264 +21,13 @@ from ray.rllib.utils.metrics import (
     SYNCH_WORKER_WEIGHTS_TIMER,
     TIMERS,
 )
-from ray.util import log_once
 
-from rllib_treerpo.config_files import coerce_numbers, read_config_file, split_fields
 from rllib_treerpo.iteration import minibatch_seed, minibatches, training_packs
 from rllib_treerpo.model_io import load_tokenizer, pad_token_id
+from rllib_treerpo.rllib.config import TreeRPOConfig
 from rllib_treerpo.rllib.weight_sync import free_sampler_for_update, sync_weights
-from rllib_treerpo.sampler import TreeSpec
-from rllib_treerpo.settings import FIELDS, JOB_FIELDS, RLLIB_FIELD_CHECKS, check_fields, default_value
 
-# RLlib fields a TreeRPO run depends on: written to a run folder's config.yaml beside FIELDS.
-RLLIB_FIELDS = (
-    "env",
-    "env_config",
-    "seed",
-    "lr",
-    "grad_clip",
-    "num_epochs",
-    "minibatch_size",
-    "num_env_runners",
-    "num_learners",
-    "num_gpus_per_learner",
-    "num_gpus_per_env_runner",
-    "create_local_env_runner",
-)
-
-
-class TreeRPOConfig(AlgorithmConfig):
-    """Configuration of the TreeRPO algorithm: :data:`~rllib_treerpo.settings.FIELDS` plus RLlib's AlgorithmConfig."""
-
-    def __init__(self, algo_class=None):
-        from rllib_treerpo.rllib.env_runner import TreeEnvRunner
-
-        super().__init__(algo_class=algo_class or TreeRPO)
-        # TreeRPO exists only on RLlib's new API stack: its one-time notice that the new stack is now the default is
-        # noise in our users' logs, so it is marked as already shown.
-        log_once(f"{self.algo_class.__name__}_on_new_api_stack")
-        for name, field in FIELDS.items():
-            setattr(self, name, default_value(field))
-        # RLlib settings that TreeRPO needs: trees are grown by our env runner, connectors are not used.
-        self.env_runner_cls = TreeEnvRunner
-        # The embedded CPU default (configs/tiny_arith.yaml): 3-step arithmetic (the env's defaults), lr 3e-5.
-        self.env = "treerpo/Arithmetic-v0"
-        self.env_config = {}
-        self.seed = 0
-        self.lr = 3e-5
-        self.grad_clip = 1.0
-        self.grad_clip_by = "global_norm"
-        self.num_epochs = 1
-        self.minibatch_size = None  # RLlib's rows per minibatch: TreeRPO plans by num_minibatches instead
-        self.merge_env_runner_states = False
-        self.broadcast_env_runner_states = False
-        # null: a local env runner only when it is the one that samples (num_env_runners 0). Beside remote runners it
-        # would hold one more copy of the model on the driver and load every weight sync; restarted runners take
-        # their state from the learners instead (Algorithm.restore_env_runners).
-        self.create_local_env_runner = None
-        # An exception in an env runner: RLlib sleeps this long before the runner exits (and is restarted), while the
-        # iteration waits for it; RLlib's 60 s stalls the iteration. A killed runner is restarted at once anyway.
-        self.delay_between_env_runner_restarts_s = 1.0
-
-    @override(AlgorithmConfig)
-    def training(self, **kwargs) -> TreeRPOConfig:
-        """Sets TreeRPO fields (see FIELDS) and any of AlgorithmConfig.training's arguments."""
-        for name in list(kwargs):
-            if name in FIELDS:
-                value = kwargs.pop(name)
-                if value is not NotProvided:
-                    setattr(self, name, value)
-        super().training(**kwargs)
-        return self
-
-    @override(AlgorithmConfig)
-    def validate(self) -> None:
-        """:meth:`check` then, when ``model_name_or_path`` is null, the embedded default model (built and
-        warm-started once, cached): so ``TreeRPOConfig().build_algo()`` and ``tune.run("TreeRPO", config={...})``
-        run with no model given."""
-        self.check()
-        if self.model_name_or_path is None:
-            from rllib_treerpo.warmstart import embedded_model
-
-            self.model_name_or_path = embedded_model(self.env, self.env_config)
-
-    def check(self, eval_env_config: dict | None = None, tiny_model: dict | None = None) -> None:
-        """Everything that can fail before expensive work (a warm start, a model load, Ray): TreeRPO's and RLlib's
-        fields (ours first: one line naming the field), RLlib's checks, the backend's package, the model path and
-        the run checks of preflight.py (env, window, depth)."""
-        from rllib_treerpo.preflight import preflight
-
-        if self.create_local_env_runner is None:
-            self.create_local_env_runner = self.num_env_runners == 0
-        self.validate_fields()
-        super().validate()
-        self.check_treerpo_batching()
-        self.check_backend_installed()  # before the algorithm starts a runner, let alone loads a model
-        self.check_model_path()
-        preflight(
-            self,
-            eval_env_config,
-            default_value(JOB_FIELDS["tiny_model"]) if tiny_model is None else tiny_model,
-        )
-
-    def check_model_path(self) -> None:
-        """A local model path that cannot be a model is one line here, on the driver (Tune validates a trial's
-        config in TreeRPO.default_resource_request before it starts the trial's actor), not an actor traceback.
-        On a cluster of several nodes the path may exist on other nodes only: not checked."""
-        import ray
-
-        from rllib_treerpo.model_io import check_model_path
-
-        if not (ray.is_initialized() and len([n for n in ray.nodes() if n.get("Alive")]) > 1):
-            check_model_path(self.model_name_or_path)
-
-    def validate_fields(self) -> None:
-        """TreeRPO's own checks; raises ValueError naming the first bad field.
-
-        Only what a config file can get wrong: whether this machine can run the backend is
-        :meth:`check_backend_installed` (a vllm config must load and validate where vllm is not installed)."""
-        check_fields({name: getattr(self, name) for name in RLLIB_FIELD_CHECKS}, RLLIB_FIELD_CHECKS)
-        check_fields({name: getattr(self, name) for name in FIELDS}, FIELDS)
-
-        if self.create_local_env_runner is False and self.num_env_runners == 0 and not self.in_evaluation:
-            raise ValueError(
-                "config field 'create_local_env_runner' = False: with num_env_runners 0 the local env runner is the "
-                "only one that grows trees (null: a local runner only when num_env_runners is 0)"
-            )
-        if self.tis_cap is not None and (self.num_minibatches != 1 or self.num_epochs != 1):
-            raise ValueError(
-                f"config field 'tis_cap' = {self.tis_cap!r}: needs one optimizer step per iteration "
-                "(num_minibatches: 1, num_epochs: 1): the learner's log-probs of the sampling policy are only "
-                "known before the iteration's first step"
-            )
-        if self.backend == "vllm":
-            self._validate_vllm_fields()
-
-    def check_treerpo_batching(self) -> None:
-        """TreeRPO plans its minibatches by loss tokens (num_minibatches); RLlib's row count does not apply."""
-        if self.minibatch_size is not None:
-            raise ValueError(
-                f"config field 'minibatch_size' = {self.minibatch_size!r}: TreeRPO does not use RLlib's rows per "
-                "minibatch (a tree batch's row count depends on its shape); set num_minibatches (optimizer steps "
-                "per epoch) instead"
-            )
-
-    def _validate_vllm_fields(self) -> None:
-        from rllib_treerpo.generation.vllm import sampling_problem
-
-        problem = sampling_problem(self.temperature, self.top_p, self.top_k)
-        if problem:
-            raise ValueError(f"config field 'backend' = 'vllm': {problem}")
-        if self.num_env_runners > 0 and not self.num_gpus_per_env_runner:
-            raise ValueError(
-                "config field 'num_gpus_per_env_runner' = 0: a vllm env runner needs a GPU (e.g. 0.5 to share one "
-                "with a learner, 1 for its own)"
-            )
-        if self.num_env_runners > 0 and self.create_local_env_runner:
-            raise ValueError(
-                "config field 'create_local_env_runner' = True: with remote vllm env runners set it to false, or "
-                "the driver builds an engine of its own on a GPU"
-            )
-
-    def check_backend_installed(self) -> None:
-        """ImportError naming the optional extra when the chosen backend's package is missing (cheap: no import)."""
-        if self.backend == "vllm":
-            from rllib_treerpo.generation.vllm import require_vllm
-
-            require_vllm()
-
-    def backend_kwargs(self) -> dict[str, Any]:
-        """What ``from_pretrained`` of the chosen backend takes from this config, beyond the model and dtype."""
-        if self.backend == "vllm":
-            return {
-                "gpu_memory_utilization": self.gpu_memory_utilization,
-                "max_model_len": self.max_model_len,
-                "enable_sleep_mode": self.enable_sleep_mode,
-                "seed": self.seed or 0,
-            }
-        # Inside a Ray actor given a GPU, "cuda" is that GPU (Ray sets CUDA_VISIBLE_DEVICES).
-        device = {"device": "cuda"} if self.num_gpus_per_env_runner else {}
-        return {"max_batch": self.generation_batch, **device}
-
-    def tree_spec(self, seed: int | None = None) -> TreeSpec:
-        """The sampling settings (SPEC.md s.1) as the sampler's validated :class:`TreeSpec`."""
-        return TreeSpec(
-            tuple(self.branching),
-            self.step_tokens,
-            self.step_delimiter,
-            self.temperature,
-            self.top_p,
-            self.top_k,
-            self.stop_at_eos,
-            seed,
-        )
-
-    @override(AlgorithmConfig)
-    def get_default_rl_module_spec(self) -> RLModuleSpec:
-        from rllib_treerpo.rllib.rl_module import CausalLMModule
-
-        return RLModuleSpec(module_class=CausalLMModule, model_config=self.module_model_config())
-
-    def module_model_config(self) -> dict:
-        return {
-            "model_name_or_path": self.model_name_or_path,
-            "dtype": self.dtype,
-            "mixed_precision": self.mixed_precision,
-            "gradient_checkpointing": self.gradient_checkpointing,
-            "pack_attention": self.pack_attention,
-            "temperature": self.temperature,
-            "logits_chunk": self.logits_chunk,
-        }
-
-    @override(AlgorithmConfig)
-    def get_default_learner_class(self):
-        from rllib_treerpo.rllib.learner import TreeRPOTorchLearner
-
-        return TreeRPOTorchLearner
-
-    # --- flat mappings (YAML files) ------------------------------------------------------------
-    def known_fields(self) -> list[str]:
-        """TreeRPO's fields plus every public RLlib AlgorithmConfig attribute."""
-        return sorted(set(FIELDS) | {k for k in vars(self) if not k.startswith("_")})
-
-    def update_from_flat_dict(self, values: dict[str, Any], *, source: str = "config") -> TreeRPOConfig:
-        """Set fields from a flat mapping; an unknown key is an error naming it (and close matches)."""
-        known = set(self.known_fields())
-        for key, value in coerce_numbers(values, {**FIELDS, **RLLIB_FIELD_CHECKS}).items():
-            if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=3)
-                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-                raise ValueError(f"{source}: unknown config field {key!r}{hint}")
-            setattr(self, key, value)
-        return self
-
-    @classmethod
-    def from_flat_dict(cls, values: dict[str, Any] | None = None, *, source: str = "config") -> TreeRPOConfig:
-        """Defaults, then ``values``; validated (TreeRPO's fields)."""
-        config = cls().update_from_flat_dict(dict(values or {}), source=source)
-        config.validate_fields()
-        return config
-
-    @classmethod
-    def from_yaml(
-        cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None
-    ) -> TreeRPOConfig:
-        """Defaults, then the algorithm fields of a flat config file, then those of ``overrides``; validated.
-
-        Job fields (``settings.JOB_FIELDS``) and sections (``sweep:``, ``ppo:``) are left out: they are the job's
-        (:func:`rllib_treerpo.jobs.config.load_run_config` reads both parts)."""
-        config = cls()
-        for source, values in (
-            (str(path), read_config_file(path) if path is not None else {}),
-            ("--set", dict(overrides or {})),
-        ):
-            config.update_from_flat_dict(split_fields(values)[0], source=source)
-        config.validate_fields()
-        return config
-
-    def to_flat_dict(self) -> dict[str, Any]:
-        """The resolved TreeRPO fields plus the RLlib fields a run depends on (for the output folder)."""
-        return {name: getattr(self, name) for name in (*FIELDS, *RLLIB_FIELDS)}
+__all__ = ["TreeRPO", "TreeRPOConfig"]
 
 
 class TreeRPO(Algorithm):

@@ -26,7 +26,7 @@ import numpy as np
 
 from rllib_treerpo.jobs.config import JobConfig, flat_config
 from rllib_treerpo.jobs.train import JobParts, train
-from rllib_treerpo.rllib.algorithm import TreeRPOConfig
+from rllib_treerpo.rllib.config import TreeRPOConfig
 
 # PPO settings without a TreeRPO field (override with a `ppo:` mapping).
 PPO_DEFAULTS: dict[str, Any] = {
@@ -180,13 +180,17 @@ def ppo_metrics_row(result: dict) -> dict:
 
 def ppo_parts(config: TreeRPOConfig, job: JobConfig, ppo: dict | None = None) -> JobParts:
     """The PPO pieces of the shared `treerpo train` job (:func:`rllib_treerpo.jobs.train.train`)."""
+    from rllib_treerpo.preflight import preflight
+
     ppo = {**PPO_DEFAULTS, **(ppo or {})}
-    resolved = {
-        **flat_config(config, job),
-        "algorithm": "PPO",
-        "train_batch_size": config.train_batch_size,
-        "ppo": ppo,
-    }
+
+    def resolved() -> dict:
+        return {
+            **flat_config(config, job),
+            "algorithm": "PPO",
+            "train_batch_size": config.train_batch_size,
+            "ppo": ppo,
+        }
 
     def progress(row: dict) -> str:
         return (
@@ -195,6 +199,8 @@ def ppo_parts(config: TreeRPOConfig, job: JobConfig, ppo: dict | None = None) ->
         )
 
     return JobParts(
+        # The shared fields' values were checked when the config was loaded; then the run on this machine.
+        preflight=lambda: preflight(config, job.eval_env_config, job.tiny_model),
         build_algo=lambda: build_ppo_config(config, ppo).build_algo(),
         metrics_row=ppo_metrics_row,
         progress=progress,
