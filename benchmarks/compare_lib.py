@@ -84,10 +84,10 @@ def run_config(
 
 def warm_model(difficulty: str, overrides: dict) -> str:
     """The warm-started tiny model of a difficulty (cached; shared by every algorithm and seed)."""
-    from rllib_treerpo.jobs.train import resolve_model
+    from rllib_treerpo.jobs.train import use_embedded_model
 
     config, job, _ = run_config("TreeRPO", difficulty, overrides)
-    resolve_model(config, job)
+    use_embedded_model(config, job)
     return config.model_name_or_path
 
 

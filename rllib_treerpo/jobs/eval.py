@@ -106,10 +106,10 @@ def read_eval_config(path: str | Path) -> dict[str, Any]:
 def default_model() -> tuple[str, dict[str, Any]]:
     """The embedded default model (built and cached as `treerpo train` builds it) and its run's settings."""
     from rllib_treerpo.jobs.config import flat_config, load_run_config
-    from rllib_treerpo.jobs.train import resolve_model
+    from rllib_treerpo.jobs.train import use_embedded_model
 
     config, job, _ = load_run_config(None)
-    resolve_model(config, job)
+    use_embedded_model(config, job)
     return config.model_name_or_path, flat_config(config, job)
 
 

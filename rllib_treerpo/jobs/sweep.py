@@ -95,9 +95,9 @@ def run_sweep(
 
     out.mkdir(parents=True, exist_ok=True)
     if config.model_name_or_path is None:
-        from rllib_treerpo.jobs.train import resolve_model
+        from rllib_treerpo.jobs.train import use_embedded_model
 
-        resolve_model(config, job)
+        use_embedded_model(config, job)
     config.check_values()
     with open(config_path) as f:
         raw = yaml.safe_load(f) or {}

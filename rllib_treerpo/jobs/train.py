@@ -42,7 +42,7 @@ def log(msg: str) -> None:
 
 
 # --- model and evaluation ------------------------------------------------------------------------------
-def resolve_model(config: TreeRPOConfig, job: JobConfig) -> None:
+def use_embedded_model(config: TreeRPOConfig, job: JobConfig) -> None:
     """``model_name_or_path: null`` -> the embedded model (built with the job's tiny_model/warmstart, cached)."""
     from rllib_treerpo.warmstart import embedded_model
 
@@ -180,7 +180,7 @@ def train(
     job_start = time.perf_counter()
     algo = None
     try:
-        resolve_model(config, job)
+        use_embedded_model(config, job)
         resolved = pieces.resolved()
         folder.path.mkdir(parents=True, exist_ok=True)
         (folder.path / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
