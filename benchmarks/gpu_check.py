@@ -6,7 +6,7 @@ The GPU image has torch and transformers but neither Ray nor gymnasium, so this 
       tokens/s, tokens fed, peak device memory;
   (b) the learner's update on those trees (random 0/1 leaf rewards, tau 0: every node trained), each layout from
       the same float32 master weights and a fresh AdamW, the forward autocast to bf16 (mixed precision,
-      rllib_treerpo/precision.py), through iteration.policy_update (what the RLlib learner does): per-row (one
+      rllib_treerpo/precision.py), through update.policy_update (what the RLlib learner does): per-row (one
       row per node), packed (tree packs), packed with gradient checkpointing. Tokens fed, seconds, tokens/s, the
       learner's peak memory above what was allocated before it (its weights, gradients, AdamW state, activations,
       logits) and that in bytes per parameter.
@@ -128,6 +128,7 @@ def sampling(master, args) -> tuple[list, dict]:
 
 def learner_config(args, layout: str):
     from rllib_treerpo.settings import FIELDS, default_value
+    from rllib_treerpo.update import UpdateSettings
 
     values = {name: default_value(field) for name, field in FIELDS.items()}
     values.update(
@@ -139,15 +140,15 @@ def learner_config(args, layout: str):
         num_epochs=1,
         grad_clip=1.0,
     )
-    return SimpleNamespace(**values)
+    return UpdateSettings.from_config(SimpleNamespace(**values))
 
 
 def learning(master, trees: list, name: str, args) -> dict:
     """(b) for one layout: a fresh master copy and AdamW, one warm-up step on one pack, then the measured update."""
     from rllib_treerpo.advantages import tree_advantages
-    from rllib_treerpo.iteration import policy_update
+    from rllib_treerpo.learner_model import enable_gradient_checkpointing
     from rllib_treerpo.packing import pack_trees
-    from rllib_treerpo.precision import enable_gradient_checkpointing
+    from rllib_treerpo.update import policy_update
 
     layout, checkpointing = LAYOUTS[name]
     rng = np.random.default_rng(1)

@@ -46,8 +46,7 @@ def sample(shape: str, prompts: int, path: Path) -> None:
     from envs import ArithmeticEnv
     from rllib_treerpo.advantages import tree_advantages
     from rllib_treerpo.generation import make_backend
-    from rllib_treerpo.iteration import sample_iteration
-    from rllib_treerpo.sampler import TreeSpec
+    from rllib_treerpo.sampler import TreeSpec, sample_iteration
 
     s = SHAPES[shape]
     tok, model = tiny_model(2048)
@@ -100,27 +99,27 @@ def measure(path: Path, layout: str, args) -> dict:
     import numpy as np
     import torch
 
-    from rllib_treerpo.iteration import LossSettings, micro_batches
-    from rllib_treerpo.packing import collate, loss_weights, pack_trees
+    from rllib_treerpo.batches import collate_minibatch, micro_batches
+    from rllib_treerpo.packing import pack_trees
 
     torch.set_num_threads(args.threads)
     trees, advantages = pickle.loads(path.read_bytes())
     _, model = tiny_model(2048)
     ref = tiny_model(2048)[1] if args.kl > 0 else None
     packs = pack_trees(trees, advantages, layout=layout, pack_tokens=args.pack_tokens)
-    batch = {k: torch.as_tensor(v) for k, v in collate(packs, loss_weights(packs, "token_mean"), 0).items()}
+    batch = {k: torch.as_tensor(v) for k, v in collate_minibatch(packs, "token_mean", 0).items()}
     parts = micro_batches(batch, args.forward_tokens)
-    settings = LossSettings(kl_coef=args.kl)
+    settings = _settings(args)
     times, peaks = [], []
     for _ in range(args.repeats):
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
         with PeakRSS() as rss:
-            _forward_backward(model, ref, parts, settings, args.attention)
+            _forward_backward(model, ref, parts, settings)
         times.append(time.perf_counter() - start)
         peaks.append(rss.above_start)
     model.zero_grad(set_to_none=True)
-    tensor_peak = _tensor_peak_mb(lambda: _forward_backward(model, ref, parts, settings, args.attention))
+    tensor_peak = _tensor_peak_mb(lambda: _forward_backward(model, ref, parts, settings))
     # per loss token, sorted by (tree, node, token): comparable across layouts
     order = np.lexsort(
         (
@@ -146,24 +145,40 @@ def measure(path: Path, layout: str, args) -> dict:
     }
 
 
-def _forward_backward(model, ref, parts, settings, attention: str) -> None:
+def _settings(args):
+    """The default config's update settings with the benchmark's kl_coef and attention."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from rllib_treerpo.settings import FIELDS, default_value
+    from rllib_treerpo.update import UpdateSettings
+
+    defaults = UpdateSettings.from_config(
+        SimpleNamespace(
+            **{name: default_value(field) for name, field in FIELDS.items()}, num_epochs=1, grad_clip=None
+        )
+    )
+    return replace(
+        defaults,
+        loss=replace(defaults.loss, kl_coef=args.kl),
+        forward=replace(defaults.forward, attention=args.attention),
+    )
+
+
+def _forward_backward(model, ref, parts, settings) -> None:
     """The learner's work on one minibatch: per micro-batch the packed forward(s), the loss, backward."""
     import torch
 
-    from rllib_treerpo.iteration import compute_loss
-    from rllib_treerpo.packing import packed_target_stats
-    from rllib_treerpo.settings import FIELDS
-
-    def stats(m):
-        return packed_target_stats(m, part, attention, settings.temperature, FIELDS["logits_chunk"].default)
+    from rllib_treerpo.forward import target_stats
+    from rllib_treerpo.losses import compute_loss
 
     for part in parts:
         ref_logprobs = None
         if ref is not None:
             with torch.no_grad():
-                ref_logprobs, _ = stats(ref)
-        logprobs, entropy = stats(model)
-        loss, _ = compute_loss(logprobs, part, settings, ref_logprobs, entropy=entropy)
+                ref_logprobs, _ = target_stats(ref, part, settings.forward)
+        logprobs, entropy = target_stats(model, part, settings.forward)
+        loss, _ = compute_loss(logprobs, part, settings.loss, ref_logprobs, entropy=entropy)
         loss.backward()
 
 
@@ -190,13 +205,13 @@ def _in_pack_order(packs, batch, model):
     import numpy as np
     import torch
 
-    from rllib_treerpo.packing import packed_logits
+    from rllib_treerpo.forward import packed_logits
 
     out = []
     with torch.no_grad():
         for r in range(len(packs)):
             row = {k: v[r : r + 1] for k, v in batch.items()}
-            lp = torch.log_softmax(packed_logits(model, row).float(), -1).gather(
+            lp = torch.log_softmax(packed_logits(model, row, "segments").float(), -1).gather(
                 -1, row["target_ids"][..., None]
             )
             out.append(lp[0, : packs[r].loss_tokens, 0].numpy())

@@ -1,8 +1,8 @@
 """A Ray-free driver of TreeRPO's iteration core, for questions that need many runs (GPU machines have no Ray).
 
-One iteration is exactly what TreeRPO.training_step does, through the same functions (rllib_treerpo/iteration.py):
-``sample_iteration`` (the env runner's seeds), ``build_training_batch``, and ``policy_update`` (the minibatch plan
-the algorithm uses, compute_loss, AdamW with weight_decay, global-norm clipping) on a config of
+One iteration is exactly what TreeRPO.training_step does, through the same functions: ``sample_iteration``
+(sampler.py, the env runner's seeds), ``build_training_batch`` (rows.py), and ``policy_update`` (update.py: the
+minibatch plan the algorithm uses, compute_loss, AdamW with weight_decay, global-norm clipping) on a config of
 benchmarks/compare_lib.py (an algorithm's YAML + a difficulty + --set overrides). tests/test_iteration.py checks
 that an update here and one through RLlib's learner give the same parameters.
 
@@ -38,7 +38,7 @@ class Replica:
         from rllib_treerpo.evaluation import Evaluator
         from rllib_treerpo.generation import make_backend
         from rllib_treerpo.model_io import load_causal_lm, load_tokenizer
-        from rllib_treerpo.precision import adamw
+        from rllib_treerpo.update import UpdateSettings, adamw
 
         model_path = args.model or lib.warm_model(args.difficulty, lib.parse_sets(args.set).get("*", {}))
         c, job, _ = lib.run_config(args.algorithm, args.difficulty, _overrides(args), model_path, args.seed)
@@ -59,29 +59,27 @@ class Replica:
             seed=1234,
         )
         self.spec = c.tree_spec()
+        self.update_settings = UpdateSettings.from_config(c)
 
     def iteration(self, it: int) -> dict[str, float]:
         """Iteration ``it`` as TreeRPO.training_step runs it with num_env_runners=0; returns the tree metrics."""
-        from rllib_treerpo.iteration import (
-            minibatch_seed,
-            policy_update,
-            sample_iteration,
-            sampling_seed,
-            training_packs,
-        )
+        from rllib_treerpo.batches import minibatch_seed
         from rllib_treerpo.model_io import pad_token_id
+        from rllib_treerpo.rows import PackSettings, build_training_batch
+        from rllib_treerpo.sampler import sample_iteration, sampling_seed
+        from rllib_treerpo.update import policy_update
 
         c = self.config
         trees = sample_iteration(
             self.env, self.backend, self.tok, self.spec, c.prompts_per_iteration, sampling_seed(c.seed, 0, it)
         )
-        packs, metrics = training_packs(trees, c)
+        packs, metrics = build_training_batch(trees, PackSettings.from_config(c))
         if packs:
             policy_update(
                 self.model,
                 self.optimizer,
                 packs,
-                c,
+                self.update_settings,
                 pad_id=pad_token_id(self.tok),
                 seed=minibatch_seed(c.seed, it),
                 ref_model=self.ref,

@@ -35,7 +35,8 @@ from rllib_treerpo.evaluation import Evaluator
 from rllib_treerpo.generation import make_backend
 from rllib_treerpo.model_io import check_model_config, load_causal_lm, load_tokenizer
 from rllib_treerpo.prompts import prompt_tokenizer
-from rllib_treerpo.sampler import TreeSpec, grow_trees, tree_stats
+from rllib_treerpo.sampler import TreeSpec, grow_trees
+from rllib_treerpo.tree import tree_metrics
 
 TASK = "basic_arithmetic"
 # "Calculate 5 - 3.": two one-digit terms, + and - only.
@@ -81,9 +82,8 @@ def sampling(backend, tokenizer, args) -> dict[str, dict]:
         start = time.perf_counter()
         trees = grow_trees([r.clone() for r in roots], backend, chat, spec)
         seconds = time.perf_counter() - start
-        stats = tree_stats(trees)
         out[name] = {
-            "leaves": stats["leaves"],
+            "leaves": int(tree_metrics(trees)["tree/leaves"]),
             "decode_tokens": backend.stats.decode_tokens,
             "tokens_fed": backend.stats.tokens_fed,
             "seconds": round(seconds, 2),

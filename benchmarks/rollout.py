@@ -24,8 +24,9 @@ import torch
 from transformers import DynamicCache
 
 from rllib_treerpo.generation import SamplingParams, make_backend
-from rllib_treerpo.sampler import sample_trees, tree_stats
+from rllib_treerpo.sampler import sample_trees
 from rllib_treerpo.tiny import build_char_tokenizer, build_tiny_model
+from rllib_treerpo.tree import tree_metrics
 
 BRANCHING, STEP_TOKENS, PROMPTS = [4, 4, 4], 16, 8
 
@@ -182,7 +183,10 @@ def main() -> None:
     )
     tree_seconds, tree_cpu, (trees, tree_stats_) = runs["tree"]
     flat_seconds, flat_cpu, (_, flat_stats) = runs["flat"]
-    shape = tree_stats(trees)
+    metrics = tree_metrics(trees)  # counts: printed as integers
+    shape = {
+        key: int(metrics[f"tree/{key}"]) for key in ("nodes", "leaves", "prompt_tokens", "generated_tokens")
+    }
 
     hf_tps, bare_tps, new = throughput(model, tok, backend, args)
 

@@ -120,8 +120,9 @@ def tree_advantages(
     return values, advantages
 
 
-def tree_stats(parent, advantages) -> dict[str, float]:
-    """Group counts for metrics: groups (parents with >= 1 child) and the fraction filtered out."""
+def group_counts(parent, advantages) -> dict[str, float]:
+    """Step groups of one tree: groups (parents with >= 1 child), groups kept (with advantages) and the
+    fraction filtered out."""
     parent = np.asarray(parent, dtype=np.int64)
     advantages = np.asarray(advantages, dtype=np.float64)
     parents_with_children = np.unique(parent[1:])

@@ -1,110 +1,92 @@
-"""The TreeRPO objective (SPEC.md s.4). Pure torch: tensors in, loss and stats out.
+"""The TreeRPO objective (docs/algorithm.md s.4), all of it: pure functions, tensors in, loss and stats out.
 
-Shapes: B rows (one per trained tree node), T token positions. Every per-token tensor is (B, T) and aligned to
-``input_ids``: position t holds the value for token t (predicted from logits at t - 1), and ``mask`` is 1 exactly
-at the tokens that carry loss.
+Shapes: B rows (collated training packs), M loss-token slots per row. Every per-token tensor is (B, M) and aligned
+with the batch's ``target_ids``; a slot carries loss exactly where its weight is > 0 (padding weighs 0).
+
+- the aggregation: :func:`loss_weights` gives each loss token the weight whose weighted sum over a minibatch is
+  the minibatch's ``token_mean`` or ``seq_mean_token_mean``; the weights travel with the collated packs, so
+  micro-batches and learners just add their parts (the only aggregation there is: training and tests use it);
+- per token: :func:`clipped_surrogate`, :func:`kl_penalty`, :func:`truncated_is_weights`;
+- :func:`policy_loss`: the weighted surrogate plus KL and its statistics;
+- :func:`compute_loss`: one (micro-)batch's loss as the learner runs it (truncated IS, the learner scaling, the
+  sampler/learner mismatch statistic).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 import torch
-import torch.utils.checkpoint
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean")
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 -> fp32 for softmax arithmetic; fp32 and fp64 stay as they are."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+@dataclass(frozen=True)
+class LossSettings:
+    """The objective's knobs, read from a config once (:meth:`from_config`); the defaults are the config's."""
 
+    clip_eps_low: float
+    clip_eps_high: float
+    kl_coef: float
+    kl_estimator: str
+    tis_cap: float | None
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Log-prob of each token under the model: (B, T, V) logits, (B, T) ids -> (B, T), position 0 gets 0.
-
-    Logits are divided by ``temperature`` so that rho = pi_theta / pi_old compares the same distribution the
-    sampler drew from. Computed as gathered logit minus logsumexp, without materialising a (B, T, V) log-softmax.
-    """
-    logits = _upcast(logits[:, :-1]) / temperature
-    picked = torch.gather(logits, -1, input_ids[:, 1:, None]).squeeze(-1)
-    out = picked - torch.logsumexp(logits, dim=-1)
-    return torch.nn.functional.pad(out, (1, 0), value=0.0)
-
-
-def target_logprobs(logits: torch.Tensor, target_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Log-prob of each target under logits already taken at its predicting position: (B, M, V), (B, M) -> (B, M).
-
-    The same tempered quantity as :func:`token_logprobs` (and the sampler), for the packed forward's logits.
-    """
-    logits = _upcast(logits) / temperature
-    picked = torch.gather(logits, -1, target_ids[..., None]).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
-def head_target_stats(
-    head: torch.nn.Module,
-    hidden: torch.Tensor,
-    target_ids: torch.Tensor,
-    temperature: float = 1.0,
-    chunk: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob (differentiable) and entropy (detached) of each target from the hidden state at its predicting
-    position, through the LM ``head``: (..., H), (...) -> (...), (...). The same tempered quantities as
-    :func:`target_logprobs` and :func:`distribution_entropy` of ``head(hidden)``.
-
-    The full-vocabulary logits (a 150k vocabulary: 0.6 MB per position in fp32, more with the softmax and its
-    gradient) exist for at most ``chunk`` positions at a time, in the forward and in the backward: with gradients
-    on and more than one chunk, each chunk is checkpointed (its logits are recomputed for its backward, one head
-    matmul more). ``None``: one chunk of every position.
-    """
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_targets = target_ids.reshape(-1)
-    size = max(chunk or flat_targets.numel(), 1)
-    # One chunk holds its logits once either way (the head is the forward's last op): no recomputation then.
-    recompute = torch.is_grad_enabled() and flat_hidden.requires_grad and flat_targets.numel() > size
-    logprobs, entropies = [], []
-    for start in range(0, flat_targets.numel(), size):
-        part = (head, flat_hidden[start : start + size], flat_targets[start : start + size], temperature)
-        if recompute:
-            logprob, entropy = torch.utils.checkpoint.checkpoint(_head_chunk, *part, use_reentrant=False)
-        else:
-            logprob, entropy = _head_chunk(*part)
-        logprobs.append(logprob)
-        entropies.append(entropy)
-    if not logprobs:  # no positions at all
-        empty = flat_hidden.new_zeros(
-            target_ids.shape, dtype=torch.promote_types(hidden.dtype, torch.float32)
+    @classmethod
+    def from_config(cls, config: Any) -> LossSettings:
+        return cls(
+            clip_eps_low=config.clip_eps_low,
+            clip_eps_high=config.clip_eps_high,
+            kl_coef=config.kl_coef,
+            kl_estimator=config.kl_estimator,
+            tis_cap=config.tis_cap,
         )
-        return empty, empty
-    return torch.cat(logprobs).reshape(target_ids.shape), torch.cat(entropies).reshape(target_ids.shape)
 
 
-def _head_chunk(
-    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = _upcast(head(hidden))
-    if temperature != 1.0:
-        logits = logits / temperature
-    normaliser = torch.logsumexp(logits, dim=-1)
-    logprob = torch.gather(logits, -1, targets[:, None]).squeeze(-1) - normaliser
-    with torch.no_grad():  # H = -sum p log p = logsumexp - sum p * logit
-        entropy = normaliser - torch.softmax(logits, dim=-1).mul_(logits).sum(-1)
-    return logprob, entropy
+def loss_weights(token_groups: Sequence[np.ndarray], loss_agg: str) -> list[np.ndarray]:
+    """Per loss token, the weight whose weighted sum over all parts is the loss aggregation.
+
+    ``token_groups[p]`` (M_p,) int: the group (tree node, i.e. sequence) of each loss token of part p; a group
+    lies in one part only. ``token_mean``: 1 / (loss tokens of all parts); ``seq_mean_token_mean``: 1 / (groups
+    x the group's tokens), the mean over groups of each group's token mean (original GRPO). Returns (M_p,)
+    float32 per part; no loss token at all gives no weight (a loss of 0).
+    """
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"loss_agg={loss_agg!r}; expected one of {LOSS_AGGS}")
+    if loss_agg == "token_mean":
+        total = sum(len(g) for g in token_groups)
+        return [np.full(len(g), 1.0 / max(total, 1), np.float32) for g in token_groups]
+    groups = sum(len(np.unique(g)) for g in token_groups)
+    out = []
+    for g in token_groups:
+        _, inverse, counts = np.unique(g, return_inverse=True, return_counts=True)
+        out.append((1.0 / (max(groups, 1) * counts[inverse])).astype(np.float32))
+    return out
 
 
-def distribution_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """(..., V) logits -> (...) entropy of the tempered next-token distribution."""
-    logp = torch.log_softmax(_upcast(logits) / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def clipped_surrogate(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate per token: (B, M) each -> (loss, ratio, clipped), all (B, M).
+
+    ``loss = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)`` with ``rho = exp(logprobs - old_logprobs)``;
+    ``clipped`` is True where the clipped term was the smaller one.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
+    return -torch.minimum(unclipped, clipped), ratio, clipped < unclipped
 
 
-def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """(B, T, V) -> (B, T) entropy of the next-token distribution, aligned like :func:`token_logprobs`."""
-    return torch.nn.functional.pad(distribution_entropy(logits[:, :-1], temperature), (1, 0), value=0.0)
-
-
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta (Schulman's k1/k2/k3)."""
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta (Schulman's k1/k2/k3): (B, M)."""
     log_ratio = ref_logprobs - logprobs  # log(pi_ref / pi_theta)
     if estimator == "k1":
         return -log_ratio
@@ -115,24 +97,11 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     raise ValueError(f"kl_estimator={estimator!r}; expected one of {KL_ESTIMATORS}")
 
 
-def aggregate(values: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token_mean") -> torch.Tensor:
-    """Masked mean of (B, T) values: over all tokens (``token_mean``) or per row then over rows
-    (``seq_mean_token_mean``, original GRPO). Rows without loss tokens are ignored; all-empty gives 0."""
-    if loss_agg == "token_mean":
-        return (values * mask).sum() / mask.sum().clamp(min=1.0)
-    if loss_agg == "seq_mean_token_mean":
-        per_row_count = mask.sum(-1)
-        per_row = (values * mask).sum(-1) / per_row_count.clamp(min=1.0)
-        has = (per_row_count > 0).float()
-        return (per_row * has).sum() / has.sum().clamp(min=1.0)
-    raise ValueError(f"loss_agg={loss_agg!r}; expected one of {LOSS_AGGS}")
-
-
 def truncated_is_weights(
     learner_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float
 ) -> torch.Tensor:
     """Truncated importance-sampling weights for a sampler that is not the learner (e.g. vLLM), per token:
-    ``min(pi_learner / pi_sampler, cap) = min(exp(learner - sampler), cap)``, detached. (B, T) -> (B, T).
+    ``min(pi_learner / pi_sampler, cap) = min(exp(learner - sampler), cap)``, detached. (B, M) -> (B, M).
 
     TRL's ``vllm_importance_sampling_correction`` and verl's token-level TIS: the policy-gradient loss of each
     token is multiplied by this weight, ``learner_logprobs`` being the learner's log-probs under the weights the
@@ -145,55 +114,97 @@ def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
-    mask: torch.Tensor,
+    weights: torch.Tensor,
     *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
+    eps_low: float,
+    eps_high: float,
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
-    loss_agg: str = "token_mean",
-    weights: torch.Tensor | None = None,
     is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate plus KL to a reference policy, aggregated over masked tokens.
+    """Clipped surrogate plus KL to a reference policy, summed with the tokens' aggregation weights.
 
-    Per token: ``-w min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + kl_coef * KL``, rho = exp(logp - old),
-    w = ``is_weights`` (detached, e.g. :func:`truncated_is_weights`; 1 when None).
-    All inputs (B, T); ``ref_logprobs`` is required when ``kl_coef > 0``. With ``weights`` (B, T) the
-    aggregation is the weighted sum instead of ``loss_agg`` (weights that already hold the normalisation of a
-    whole minibatch, packing.loss_weights, so that micro-batches and learners can sum their parts).
-    Returns the scalar loss and detached stats: policy_loss, kl, clip_frac (share of tokens where the clipped
-    term was the smaller one), approx_kl (k3 of pi_old vs pi_theta), ratio_mean.
+    Per token: ``-w min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + kl_coef * KL``, w = ``is_weights``
+    (detached, e.g. :func:`truncated_is_weights`; 1 when None). All inputs (B, M); ``weights`` from
+    :func:`loss_weights` (0: no loss); ``ref_logprobs`` is required when ``kl_coef > 0``.
+    Returns the scalar loss and detached stats: policy_loss, kl, clip_frac (share of loss tokens where the
+    clipped term was the smaller one), approx_kl (k3 of pi_old vs pi_theta), ratio_mean.
     """
-    mask = mask.to(logprobs.dtype)
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
-    pg = -torch.minimum(unclipped, clipped)
+    mask = (weights > 0).to(logprobs.dtype)
+    pg, ratio, took_clipped = clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high)
     if is_weights is not None:
         pg = pg * is_weights.detach()
-
-    def agg(values: torch.Tensor) -> torch.Tensor:
-        return aggregate(values, mask, loss_agg) if weights is None else (values * weights).sum()
-
-    pg_loss = agg(pg)
+    pg_loss = (pg * weights).sum()
     if kl_coef > 0:
         if ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs ref_logprobs (log-probs of the reference model)")
-        kl = agg(kl_penalty(logprobs, ref_logprobs, kl_estimator))
+        kl = (kl_penalty(logprobs, ref_logprobs, kl_estimator) * weights).sum()
     else:
         kl = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     loss = pg_loss + kl_coef * kl
 
     with torch.no_grad():
         count = mask.sum().clamp(min=1.0)
+        log_ratio = logprobs - old_logprobs
         stats = {
             "policy_loss": pg_loss.detach(),
             "kl": kl.detach(),
-            "clip_frac": ((clipped < unclipped).to(mask.dtype) * mask).sum() / count,
+            "clip_frac": (took_clipped.to(mask.dtype) * mask).sum() / count,
             "approx_kl": ((torch.exp(-log_ratio) + log_ratio - 1.0) * mask).sum() / count,
             "ratio_mean": (ratio * mask).sum() / count,
         }
     return loss, stats
+
+
+def compute_loss(
+    logprobs: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    settings: LossSettings,
+    ref_logprobs: torch.Tensor | None = None,
+    scale: float = 1.0,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The TreeRPO loss of one (micro-)batch of packs from the policy's log-probs of its loss tokens.
+
+    ``logprobs`` (B, M) and ``entropy`` (B, M, for the stats) as forward.target_stats returns them;
+    ``batch`` holds the collated packs (advantages, old_logprobs, loss_weight: (B, M)); ``ref_logprobs`` (B, M)
+    are the frozen reference model's, needed when ``settings.kl_coef > 0``. The loss is :func:`policy_loss`
+    times ``scale`` (the number of learners: DDP averages their gradients, the weights sum them).
+    Returns the loss and float stats: policy_loss, kl, clip_frac, approx_kl, ratio_mean, entropy, total,
+    logprob_mismatch (mean |learner - sampler log-prob| over loss tokens: before the iteration's first optimizer
+    step, the sampler/learner numerical mismatch, e.g. vLLM vs transformers), and with ``settings.tis_cap``
+    tis_weight_mean.
+
+    With ``tis_cap`` (one optimizer step per iteration, so the current policy IS the one that sampled) the ratio is
+    taken against the learner's own detached log-probs and each token is weighted by
+    ``min(pi_learner / pi_sampler, tis_cap)`` (:func:`truncated_is_weights`), as TRL and verl correct for vLLM.
+    """
+    weights = batch["loss_weight"]
+    mask = (weights > 0).to(torch.float32)
+    old, is_weights = batch["old_logprobs"], None
+    if settings.tis_cap is not None:
+        is_weights = truncated_is_weights(logprobs, old, settings.tis_cap)
+        old = logprobs.detach()
+    loss, stats = policy_loss(
+        logprobs,
+        old,
+        batch["advantages"],
+        weights.to(logprobs.dtype),
+        eps_low=settings.clip_eps_low,
+        eps_high=settings.clip_eps_high,
+        ref_logprobs=ref_logprobs,
+        kl_coef=settings.kl_coef,
+        kl_estimator=settings.kl_estimator,
+        is_weights=is_weights,
+    )
+    loss = loss * scale
+    with torch.no_grad():
+        count = mask.sum().clamp(min=1)
+        mean_entropy = float("nan") if entropy is None else float((entropy * mask).sum() / count)
+        mismatch = ((logprobs - batch["old_logprobs"]).abs() * mask).sum() / count
+    out = {name: float(value) for name, value in stats.items()}
+    out.update(entropy=mean_entropy, total=float(loss.detach()), logprob_mismatch=float(mismatch))
+    if is_weights is not None:
+        out["tis_weight_mean"] = float((is_weights * mask).sum() / count)
+    return loss, out

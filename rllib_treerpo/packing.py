@@ -1,9 +1,9 @@
-"""Trees -> training packs: one forward row per subtree, each shared prefix computed once (SPEC.md s.4).
+"""Trees -> training packs: one forward row per subtree, each shared prefix computed once (docs/algorithm.md s.4).
 
 A pack holds a subtree of one tree after the tokens of its ancestors: the prompt, then every included node's own
 tokens in depth-first order. Each token may attend to exactly the tokens of its node's ancestors and the earlier
-tokens of its own node (:func:`tree_attention_mask`), and its position id continues its parent's path, so every
-token sees what it would see in its own per-node row (context = path to the parent, SPEC.md s.4) and the
+tokens of its own node (forward.tree_attention_mask), and its position id continues its parent's path, so every
+token sees what it would see in its own per-node row (context = path to the parent, docs/algorithm.md s.4) and the
 log-probs and gradients are the same; only the shared prefixes are no longer recomputed once per descendant.
 A node's first token is predicted from the last token on its parent's path; later tokens from the previous one.
 
@@ -13,7 +13,8 @@ children's subtrees are binned after the node's path (and split further where on
 holds at most ``pack_tokens`` tokens unless a single root-to-node path is longer. Nodes without an advantage (the root, filtered
 groups) carry no loss; they are included only as context of trained descendants.
 
-Pure numpy (and torch for the mask and the forward at the bottom).
+Pure numpy: the layout only. The forward over packs (tree attention, the LM head at the loss tokens) is
+forward.py; each loss token's weight (the loss aggregation) is losses.loss_weights.
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from rllib_treerpo.losses import head_target_stats
 from rllib_treerpo.tree import Tree
 
 LAYOUTS = ("packed", "rows")
@@ -174,25 +173,6 @@ def _build(t: int, tree: Tree, adv: np.ndarray, top: int, members: list[int], lo
     )
 
 
-def loss_weights(packs: list[Pack], loss_agg: str) -> list[np.ndarray]:
-    """Per loss token, the weight whose weighted sum over ``packs`` is the loss aggregation of SPEC.md s.4.
-
-    ``token_mean``: 1 / (loss tokens of all packs); ``seq_mean_token_mean``: 1 / (nodes x the node's tokens),
-    i.e. the mean over nodes (rows) of each node's token mean.
-    """
-    total = sum(p.loss_tokens for p in packs)
-    if loss_agg == "token_mean":
-        return [np.full(p.loss_tokens, 1.0 / max(total, 1), np.float32) for p in packs]
-    if loss_agg != "seq_mean_token_mean":
-        raise ValueError(f"loss_agg={loss_agg!r}; expected token_mean or seq_mean_token_mean")
-    nodes = sum(len(np.unique(p.target_node)) for p in packs)
-    out = []
-    for p in packs:
-        _, inverse, counts = np.unique(p.target_node, return_inverse=True, return_counts=True)
-        out.append((1.0 / (max(nodes, 1) * counts[inverse])).astype(np.float32))
-    return out
-
-
 def collate(
     packs: list[Pack], weights: list[np.ndarray], pad_id: int, pad_to: int = 0
 ) -> dict[str, np.ndarray]:
@@ -217,13 +197,12 @@ def collate(
         "loss_weight": np.zeros((b, m), np.float32),
     }
     for r, (p, w) in enumerate(zip(packs, weights, strict=True)):
-        n, k = len(p.input_ids), p.loss_tokens
-        out["input_ids"][r, :n], out["position_ids"][r, :n], out["token_node"][r, :n] = (
-            p.input_ids,
-            p.position_ids,
-            p.token_node,
-        )
+        n = len(p.input_ids)
+        out["input_ids"][r, :n] = p.input_ids
+        out["position_ids"][r, :n] = p.position_ids
+        out["token_node"][r, :n] = p.token_node
         out["node_parent"][r, : len(p.node_parent)] = p.node_parent
+        k = p.loss_tokens
         for key, value in (
             ("target_pos", p.target_pos),
             ("target_ids", p.target_ids),
@@ -233,91 +212,3 @@ def collate(
         ):
             out[key][r, :k] = value
     return out
-
-
-# --- torch: the mask and the forward -------------------------------------------------------------------------
-def tree_attention_mask(token_node: torch.Tensor, node_parent: torch.Tensor) -> torch.Tensor:
-    """(B, L) local node per token (-1: padding), (B, N) local parents -> (B, 1, L, L) bool, True = attend.
-
-    Token i attends to token j iff j <= i and j's node is i's node or one of its ancestors. A padding token
-    attends to itself only (a row with nothing to attend to would give NaN in attention).
-    """
-    b, n = node_parent.shape
-    device = node_parent.device
-    ancestor = (
-        torch.eye(n, dtype=torch.bool, device=device).expand(b, n, n).clone()
-    )  # [b, node, its ancestor]
-    current = torch.arange(n, device=device).expand(b, n)
-    for _ in range(n):  # walk every node up to the prompt, one level per step
-        current = torch.where(current >= 0, node_parent.gather(1, current.clamp(min=0)), current)
-        if (current < 0).all():
-            break
-        ancestor |= torch.nn.functional.one_hot(current.clamp(min=0), n).bool() & (current >= 0)[..., None]
-    rows = torch.arange(b, device=device)[:, None, None]
-    node = token_node.clamp(min=0)
-    mask = ancestor[rows, node[:, :, None], node[:, None, :]]  # (B, L, L)
-    length = token_node.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=token_node.device).tril()
-    valid = token_node >= 0
-    mask = mask & causal & valid[:, None, :] & valid[:, :, None]
-    mask |= torch.eye(length, dtype=torch.bool, device=token_node.device) & ~valid[:, :, None]
-    return mask[:, None]
-
-
-ATTENTIONS = ("segments", "dense")
-
-
-def packed_hidden(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], attention: str = "segments"
-) -> torch.Tensor:
-    """(B, M, H) final hidden states at the positions that predict each loss token (the LM head's inputs).
-
-    ``attention="segments"`` (tree_attention.py): each node's tokens against their own path's keys, no masked work;
-    ``"dense"``: one 4D tree mask for the model's attention (sdpa takes it as is; eager/flex get it additive).
-    Either way the tree structure is always passed: given no mask and position ids that do not increase by one,
-    transformers infers "packed documents" and builds a wrong mask silently (tests/test_packing.py shows it).
-    """
-    from rllib_treerpo.tree_attention import segment_plan, using_segments
-
-    decoder = model.get_decoder()
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    if attention == "segments":
-        with using_segments(model):
-            plan = segment_plan(batch["token_node"], batch["node_parent"])
-            hidden = decoder(**inputs, attention_mask={"full_attention": plan}).last_hidden_state
-    elif attention == "dense":
-        mask = tree_attention_mask(batch["token_node"], batch["node_parent"])
-        if (
-            getattr(model.config, "_attn_implementation", "sdpa") != "sdpa"
-        ):  # eager/flex: the mask is additive
-            mask = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(
-                ~mask, torch.finfo(model.dtype).min
-            )
-        hidden = decoder(**inputs, attention_mask=mask).last_hidden_state
-    else:
-        raise ValueError(f"attention={attention!r}; expected one of {ATTENTIONS}")
-    index = batch["target_pos"][..., None].expand(-1, -1, hidden.shape[-1])
-    return hidden.gather(1, index)
-
-
-def packed_logits(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], attention: str = "segments"
-) -> torch.Tensor:
-    """(B, M, V) logits at the positions that predict each loss token (the LM head runs there only)."""
-    return model.get_output_embeddings()(packed_hidden(model, batch, attention))
-
-
-def packed_target_stats(
-    model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
-    attention: str = "segments",
-    temperature: float = 1.0,
-    logits_chunk: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, M) tempered log-prob of each loss token and (B, M) entropy (detached) of its next-token distribution,
-    the LM head run at the predicting positions only, ``logits_chunk`` positions at a time
-    (losses.head_target_stats: what the learner's loss needs, without a (B, M, V) logits block)."""
-    hidden = packed_hidden(model, batch, attention)
-    return head_target_stats(
-        model.get_output_embeddings(), hidden, batch["target_ids"], temperature, logits_chunk
-    )

@@ -1,4 +1,4 @@
-"""Grow reasoning trees from environments with a generation backend (SPEC.md s.1). No Ray/RLlib imports.
+"""Grow reasoning trees from environments with a generation backend (docs/algorithm.md s.1). No Ray/RLlib imports.
 
 Level by level: every non-terminal node of depth d (the root is depth 0) gets ``branching[d]`` children, and
 the whole frontier of all trees is sampled in ONE ``backend.generate`` call whose contexts are the nodes' full
@@ -27,7 +27,6 @@ GRPO is this function with ``branching=[G]`` and ``step_tokens`` = the whole res
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,12 +37,12 @@ from .detokenize import decode_steps
 from .generation.base import GenerationBackend, Sample, SamplingParams
 from .tree import Tree
 
-__all__ = ["TreeSpec", "draw_prompts", "grow_trees", "sample_trees", "tree_stats"]
+__all__ = ["TreeSpec", "draw_prompts", "grow_trees", "sample_iteration", "sample_trees", "sampling_seed"]
 
 
 @dataclass(frozen=True)
 class TreeSpec:
-    """The knobs of tree sampling (SPEC.md s.1). ``branching[d]`` = children per node at depth d."""
+    """The knobs of tree sampling (docs/algorithm.md s.1). ``branching[d]`` = children per node at depth d."""
 
     branching: tuple[int, ...]
     step_tokens: int
@@ -116,6 +115,18 @@ def draw_prompts(env: Any, num_prompts: int, seed: int) -> list[Any]:
         root.reset(seed=int(rng.integers(2**31)))
         roots.append(root)
     return roots
+
+
+def sampling_seed(seed: int | None, worker_index: int, call: int) -> int:
+    """The seed of an env runner's ``call``-th sample(): distinct per (config seed, runner, call), reproducible."""
+    return int(np.random.SeedSequence([seed or 0, worker_index, call]).generate_state(1)[0])
+
+
+def sample_iteration(
+    env: Any, backend: GenerationBackend, tokenizer: Any, spec: TreeSpec, num_prompts: int, seed: int
+) -> list[Tree]:
+    """``num_prompts`` trees: prompts drawn from ``env`` with ``seed``, grown with ``spec`` (its seed: ``seed``)."""
+    return grow_trees(draw_prompts(env, num_prompts, seed), backend, tokenizer, spec.with_seed(seed))
 
 
 def sample_trees(
@@ -240,21 +251,3 @@ def _expand(
                 path = parent.path + list(sample.token_ids)
                 next_frontier.append(_Open(parent.tree, index, env, path, parent.start, committed))
     return next_frontier
-
-
-def tree_stats(trees: Sequence[Tree]) -> dict[str, float]:
-    """Counts over a batch of trees: nodes (root excluded), leaves, generated tokens, finish reasons, reward."""
-    leaves = [tree.nodes[i] for tree in trees for i in tree.leaves()]
-    reasons = Counter(n.finish_reason for tree in trees for n in tree.nodes[1:])
-    rewards = [n.reward for n in leaves if np.isfinite(n.reward)]
-    out: dict[str, float] = {
-        "trees": len(trees),
-        "nodes": sum(len(tree.nodes) - 1 for tree in trees),
-        "leaves": len(leaves),
-        "generated_tokens": sum(tree.num_step_tokens() for tree in trees),
-        "prompt_tokens": sum(len(tree.prompt_ids) for tree in trees),
-        "mean_leaf_reward": float(np.mean(rewards)) if rewards else float("nan"),
-    }
-    for reason in ("eos", "delimiter", "length", "env"):
-        out[f"finish_{reason}"] = reasons.get(reason, 0)
-    return out

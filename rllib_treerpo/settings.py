@@ -44,7 +44,7 @@ from rllib_treerpo.checks import (
 from rllib_treerpo.generation import BACKENDS
 from rllib_treerpo.losses import KL_ESTIMATORS, LOSS_AGGS
 from rllib_treerpo.model_io import DTYPES
-from rllib_treerpo.packing import ATTENTIONS
+from rllib_treerpo.forward import ATTENTIONS
 
 ALGORITHMS = ("TreeRPO", "PPO")  # what `treerpo train` runs (the job field `algorithm`)
 

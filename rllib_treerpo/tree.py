@@ -1,4 +1,4 @@
-"""The tree data model (SPEC.md s.1). Pure: numpy only.
+"""The tree data model (docs/algorithm.md s.1) and the metrics of a batch of trees. Pure: numpy only.
 
 The sampler fills a :class:`Tree` per prompt; rows.py turns trees plus per-node advantages into training rows.
 Node 0 is the root (the prompt, no tokens of its own); parents are always added before their children, so
@@ -101,3 +101,33 @@ class Tree:
     def num_step_tokens(self) -> int:
         """Tokens generated for this tree (every node's own tokens, each counted once)."""
         return int(sum(len(n.token_ids) for n in self.nodes))
+
+
+def tree_metrics(trees: list[Tree]) -> dict[str, float]:
+    """The shape and reward metrics of a batch of trees (what training logs under tree/, reward/, completions/).
+
+    Nodes exclude the roots; generated tokens count every node's own tokens once; a leaf is correct when its
+    reward is (numerically) full, i.e. the verifier accepted the answer.
+    """
+    rewards = np.array([t.nodes[i].reward for t in trees for i in t.leaves()], dtype=np.float64)
+    depths = [t.nodes[i].depth for t in trees for i in t.leaves()]
+    lengths = [sum(len(t.nodes[n].token_ids) for n in t.path(i)) for t in trees for i in t.leaves()]
+    reasons = [n.finish_reason for t in trees for n in t.nodes[1:]]
+    out = {
+        "tree/trees": float(len(trees)),
+        "tree/nodes": float(sum(len(t.nodes) - 1 for t in trees)),
+        "tree/leaves": float(len(rewards)),
+        "tree/leaf_depth_mean": float(np.mean(depths)) if depths else 0.0,
+        "tree/generated_tokens": float(sum(t.num_step_tokens() for t in trees)),
+        "tree/prompt_tokens": float(sum(len(t.prompt_ids) for t in trees)),
+        "reward/mean": float(rewards.mean()) if len(rewards) else 0.0,
+        "reward/std": float(rewards.std()) if len(rewards) else 0.0,  # 0: no learning signal at all
+        "reward/accuracy": float(np.mean(rewards >= 1.0 - 1e-9)) if len(rewards) else 0.0,
+        "reward/frac_trees_all_wrong": (
+            float(np.mean([np.nanmax(t.leaf_rewards()) <= 0 for t in trees])) if trees else 0.0
+        ),
+        "completions/mean_length": float(np.mean(lengths)) if lengths else 0.0,
+    }
+    for reason in FINISH_REASONS[1:]:
+        out[f"tree/finish_{reason}"] = float(reasons.count(reason))
+    return out

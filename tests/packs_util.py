@@ -6,8 +6,9 @@ import numpy as np
 import torch
 
 from rllib_treerpo.advantages import tree_advantages
-from rllib_treerpo.losses import token_logprobs
-from rllib_treerpo.packing import collate, loss_weights, pack_trees
+from rllib_treerpo.batches import collate_minibatch
+from rllib_treerpo.forward import token_logprobs
+from rllib_treerpo.packing import pack_trees
 from rllib_treerpo.tree import Tree
 
 
@@ -45,7 +46,7 @@ def hand_packs(seed: int = 0, layout: str = "packed", trees: int = 2):
 
 def hand_batch(seed: int = 0, layout: str = "packed", loss_agg: str = "token_mean") -> dict[str, np.ndarray]:
     _, _, packs = hand_packs(seed, layout)
-    return collate(packs, loss_weights(packs, loss_agg), pad_id=0)
+    return collate_minibatch(packs, loss_agg, pad_id=0)
 
 
 def per_node_logprobs(model, tree: Tree, node: int, temperature: float = 1.0) -> torch.Tensor:

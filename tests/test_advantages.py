@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from rllib_treerpo.advantages import node_values, tree_advantages, tree_stats
+from rllib_treerpo.advantages import group_counts, node_values, tree_advantages
 
 NAN = float("nan")
 S = 1 / math.sqrt(2)  # 0.7071...
@@ -169,9 +169,9 @@ def test_matches_reference_loop(advantage_std, value_estimate, tau):
         np.testing.assert_allclose(adv, ref_adv, rtol=1e-9, atol=1e-12)
 
 
-def test_tree_stats_counts_filtered_groups():
+def test_group_counts_count_filtered_groups():
     _, adv = tree_advantages(A_PARENT, A_REWARD)
-    stats = tree_stats(A_PARENT, adv)
+    stats = group_counts(A_PARENT, adv)
     assert stats == {"groups": 3.0, "groups_kept": 2.0, "frac_groups_filtered": pytest.approx(1 / 3)}
 
 

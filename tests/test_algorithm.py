@@ -7,8 +7,8 @@ from packs_util import hand_batch, hand_packs, per_node_logprobs
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
-from rllib_treerpo.losses import token_logprobs
-from rllib_treerpo.packing import collate, loss_weights
+from rllib_treerpo.batches import collate_minibatch
+from rllib_treerpo.forward import token_logprobs
 from rllib_treerpo.rllib.algorithm import TreeRPOConfig
 
 SMALL = {
@@ -52,7 +52,7 @@ def test_learner_step_equals_the_objective_and_changes_parameters(tiny_lm_dir):
                     a = float(adv[node])
                     terms.append(-torch.minimum(ratio * a, ratio.clamp(0.9, 1.3) * a))
     expected = torch.cat(terms).mean()
-    batch = collate(packs, loss_weights(packs, "token_mean"), pad_id=0)
+    batch = collate_minibatch(packs, "token_mean", pad_id=0)
     result = learner.update(
         batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(batch)}, env_steps=len(packs))
     )
@@ -78,7 +78,7 @@ def test_update_moves_probability_towards_positive_advantages(tiny_lm_dir):
     learner = build_learner(small_config(tiny_lm_dir, lr=1e-3))
     model = learner.module[DEFAULT_MODULE_ID].model
     forest, advantages, packs = hand_packs(seed=1)
-    batch = collate(packs, loss_weights(packs, "token_mean"), pad_id=0)
+    batch = collate_minibatch(packs, "token_mean", pad_id=0)
     trained = [(t, n) for t, adv in enumerate(advantages) for n in range(1, len(adv)) if np.isfinite(adv[n])]
 
     def node_logprob():
@@ -244,7 +244,7 @@ def test_bf16_module_state_round_trips_without_numpy(tiny_lm_dir):
         module_class=CausalLMModule,
         observation_space=env.observation_space,
         action_space=env.action_space,
-        model_config={"model_name_or_path": tiny_lm_dir, "dtype": "bfloat16"},
+        model_config={"model_name_or_path": tiny_lm_dir, "dtype": "bfloat16", "mixed_precision": False},
     )
     a, b = spec.build(), spec.build()
     state = a.get_state()

@@ -203,8 +203,8 @@ def test_resumed_run_with_two_runners_equals_the_uninterrupted_one(tiny_lm_dir, 
 
 
 def test_shares_cover_the_iteration_with_seeds_independent_of_the_runner():
-    from rllib_treerpo.iteration import sampling_seed
     from rllib_treerpo.rllib.shares import share_sizes
+    from rllib_treerpo.sampler import sampling_seed
 
     assert share_sizes(7, 3) == {1: 3, 2: 2, 3: 2} and share_sizes(7, 0) == {0: 7}
     assert share_sizes(2, 3) == {1: 1, 2: 1}  # a runner without prompts gets no call

@@ -1,14 +1,26 @@
-"""GRPO is TreeRPO with a depth-1 tree (SPEC.md s.3): same code path, GRPO's advantages exactly."""
+"""GRPO is TreeRPO with a depth-1 tree (docs/algorithm.md s.3): same code path, GRPO's advantages exactly."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from rllib_treerpo.rows import build_training_batch
+from rllib_treerpo.rows import PackSettings, build_training_batch
 from rllib_treerpo.tree import Tree
 
-G, EPS = 8, 1e-6
+G = 8
+EPS = 1e-6
+
+
+def pack_settings(tau: float, layout: str = "packed") -> PackSettings:
+    return PackSettings(
+        tau=tau,
+        advantage_std="group",
+        value_estimate="child_mean",
+        advantage_eps=EPS,
+        layout=layout,
+        pack_tokens=8192,
+    )
 
 
 def grpo_advantages(rewards: np.ndarray, eps: float = EPS) -> np.ndarray:
@@ -45,8 +57,7 @@ def test_depth1_batch_has_exactly_grpo_advantages(kind, layout):
     groups.append(np.ones(G))  # all right: GRPO's advantages are all 0
     groups.append(np.zeros(G))  # all wrong: likewise
     trees = [depth1_tree(rng, r) for r in groups]
-    common = {"advantage_std": "group", "value_estimate": "child_mean", "eps": EPS, "layout": layout}
-    packs, metrics = build_training_batch(trees, tau=0.0, **common)
+    packs, metrics = build_training_batch(trees, pack_settings(0.0, layout))
     nodes = by_node(packs)
     for (t, node), entry in nodes.items():
         expected = grpo_advantages(groups[t])[node - 1]
@@ -64,7 +75,7 @@ def test_depth1_batch_has_exactly_grpo_advantages(kind, layout):
     assert metrics["tree/groups"] == len(groups) and metrics["tree/frac_groups_filtered"] == 0.0
 
     # tau > 0 drops exactly the constant groups (where GRPO's advantage is 0 anyway); the rest is unchanged
-    kept, metrics = build_training_batch(trees, tau=0.1, **common)
+    kept, metrics = build_training_batch(trees, pack_settings(0.1, layout))
     varied = [t for t, r in enumerate(groups) if np.std(r, ddof=1) >= 0.1]
     assert sorted({p.tree for p in kept}) == varied
     assert metrics["tree/frac_groups_filtered"] == pytest.approx(1 - len(varied) / len(groups))
@@ -94,9 +105,7 @@ def test_sampled_depth1_trees_are_grpo_groups(tiny_lm_dir):
         assert len(tree.nodes) == G + 1 and all(n.terminal for n in tree.nodes[1:])
         for leaf in tree.leaves():  # a random model scores 0 everywhere: give the group varied rewards
             tree.nodes[leaf].reward = float(rng.integers(0, 2))
-    packs, _ = build_training_batch(
-        trees, tau=0.0, advantage_std="group", value_estimate="child_mean", eps=EPS
-    )
+    packs, _ = build_training_batch(trees, pack_settings(0.0))
     for (t, node), entry in by_node(packs).items():
         rewards = np.array([trees[t].nodes[i].reward for i in trees[t].leaves()])
         np.testing.assert_allclose(entry["advantages"], grpo_advantages(rewards)[node - 1], rtol=1e-6)

@@ -1,8 +1,9 @@
-"""The Ray-free iteration core: minibatch plans, and one update through RLlib's learner equal to the replica's."""
+"""The Ray-free update (batches.py, update.py, losses.compute_loss): minibatch plans, and one update through RLlib's learner equal to the replica's."""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,9 +12,12 @@ import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
-from rllib_treerpo.iteration import minibatch_plan, minibatches, policy_update, sample_iteration
+from rllib_treerpo.batches import BatchSettings, minibatch_plan, minibatches
+from rllib_treerpo.losses import LossSettings, compute_loss
 from rllib_treerpo.rllib.algorithm import TreeRPOConfig
-from rllib_treerpo.rows import build_training_batch
+from rllib_treerpo.rows import PackSettings, build_training_batch
+from rllib_treerpo.sampler import sample_iteration
+from rllib_treerpo.update import UpdateSettings, adamw, policy_update
 
 
 def fake_packs(tokens: list[int]):
@@ -59,9 +63,8 @@ def sampled_packs(model_dir: str, seed: int = 0):
         for i, leaf in enumerate(t.leaves()):
             t.nodes[leaf].reward = float((i + seed) % 2)
     # one pack per node: several minibatches of several packs
-    packs, _ = build_training_batch(
-        trees, tau=0.0, advantage_std="group", value_estimate="child_mean", layout="rows"
-    )
+    settings = PackSettings.from_config(TreeRPOConfig().training(tau=0.0, packing=False))
+    packs, _ = build_training_batch(trees, settings)
     assert len(packs) >= 6
     return packs
 
@@ -79,7 +82,6 @@ def test_rllib_learner_and_replica_give_the_same_parameters(
     """Also with mixed precision (float32 masters, bf16 autocast, checkpointed layers): the replica computes the
     same way from a copy of the module's model."""
     from envs import ArithmeticEnv
-    from rllib_treerpo.precision import adamw
 
     config = TreeRPOConfig.from_yaml(
         None,
@@ -108,11 +110,15 @@ def test_rllib_learner_and_replica_give_the_same_parameters(
     packs = sampled_packs(tiny_lm_dir)
     seed = 11
 
-    for batch in minibatches(packs, config, pad_id=0, seed=seed):  # what TreeRPO.training_step does
+    for batch in minibatches(
+        packs, BatchSettings.from_config(config), pad_id=0, seed=seed
+    ):  # what TreeRPO.training_step does
         rows = len(batch["input_ids"])
         learner.update(batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(batch)}, env_steps=rows))
     optimizer = adamw(replica.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    stats = policy_update(replica, optimizer, packs, config, seed=seed, ref_model=reference)
+    stats = policy_update(
+        replica, optimizer, packs, UpdateSettings.from_config(config), seed=seed, ref_model=reference
+    )
 
     assert len(stats) == num_minibatches
     if kl_coef:
@@ -125,8 +131,7 @@ def test_rllib_learner_and_replica_give_the_same_parameters(
 
 
 def test_compute_loss_reports_the_sampler_mismatch_and_applies_tis():
-    from rllib_treerpo.iteration import LossSettings, compute_loss
-    from rllib_treerpo.losses import target_logprobs
+    from rllib_treerpo.forward import target_logprobs
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 7, dtype=torch.float64, generator=g)  # at the predicting positions
@@ -141,10 +146,11 @@ def test_compute_loss_reports_the_sampler_mismatch_and_applies_tis():
         "advantages": adv,
         "old_logprobs": sampler,
     }
-    _, stats = compute_loss(learner, batch, LossSettings())
+    settings = LossSettings.from_config(TreeRPOConfig())
+    _, stats = compute_loss(learner, batch, settings)
     mismatch = float(((learner - sampler).abs() * mask).sum() / mask.sum())
     assert stats["logprob_mismatch"] == pytest.approx(mismatch) and "tis_weight_mean" not in stats
-    loss, stats = compute_loss(learner.clone().requires_grad_(), batch, LossSettings(tis_cap=1.5))
+    loss, stats = compute_loss(learner.clone().requires_grad_(), batch, replace(settings, tis_cap=1.5))
     w = torch.exp(learner - sampler).clamp(max=1.5)
     assert loss.item() == pytest.approx(float(-(w * adv * mask).sum() / mask.sum()))  # on policy: rho = 1
     assert stats["ratio_mean"] == pytest.approx(1.0) and stats["clip_frac"] == 0.0

@@ -1,22 +1,34 @@
-"""losses.py against hand computations (SPEC.md s.4)."""
+"""losses.py (and forward.py's log-prob helpers) against hand computations (docs/algorithm.md s.4)."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from rllib_treerpo.losses import (
-    aggregate,
-    kl_penalty,
-    policy_loss,
-    token_entropy,
-    token_logprobs,
-    truncated_is_weights,
-)
+from rllib_treerpo.forward import token_entropy, token_logprobs
+from rllib_treerpo.losses import kl_penalty, loss_weights, truncated_is_weights
+from rllib_treerpo.losses import policy_loss as weighted_policy_loss
 
 
 def t(*rows):
     return torch.tensor(rows, dtype=torch.float64)
+
+
+def weights(mask: torch.Tensor, loss_agg: str = "token_mean") -> torch.Tensor:
+    """(B, T) loss weights of a 0/1 mask, each row one sequence: losses.loss_weights, laid out like the mask."""
+    mask = mask.reshape(-1, mask.shape[-1]) > 0
+    groups = [np.full(int(row.sum()), r) for r, row in enumerate(mask)]
+    out = torch.zeros(mask.shape, dtype=torch.float64)
+    for r, w in enumerate(loss_weights(groups, loss_agg)):
+        out[r, mask[r]] = torch.as_tensor(w, dtype=torch.float64)
+    return out
+
+
+def policy_loss(logp, old, adv, mask, loss_agg="token_mean", eps_low=0.2, eps_high=0.2, **kwargs):
+    """losses.policy_loss with the mask's weights for ``loss_agg`` (and the config's default clipping)."""
+    w = weights(mask, loss_agg).reshape(logp.shape)
+    return weighted_policy_loss(logp, old, adv, w, eps_low=eps_low, eps_high=eps_high, **kwargs)
 
 
 def test_clipping_both_sides():
@@ -65,12 +77,12 @@ def test_mask_and_aggregations():
     assert seq.item() == pytest.approx(-((1 + 3) / 2 + 5) / 2)
 
 
-def test_aggregate_ignores_empty_rows_and_handles_empty_batch():
+def test_loss_weights_ignore_empty_rows_and_handle_an_empty_batch():
     v = t([2.0, 4.0], [7.0, 7.0])
-    assert aggregate(v, t([1, 1], [0, 0]), "seq_mean_token_mean").item() == pytest.approx(3.0)
-    assert aggregate(v, torch.zeros(2, 2, dtype=torch.float64), "token_mean").item() == 0.0
+    assert (v * weights(t([1, 1], [0, 0]), "seq_mean_token_mean")).sum().item() == pytest.approx(3.0)
+    assert (v * weights(torch.zeros(2, 2, dtype=torch.float64), "token_mean")).sum().item() == 0.0
     with pytest.raises(ValueError, match="loss_agg"):
-        aggregate(v, v, "sum")
+        weights(v, "sum")
 
 
 @pytest.mark.parametrize(
@@ -152,7 +164,7 @@ def test_is_weights_scale_each_tokens_policy_gradient():
 def test_head_target_stats_in_chunks_equal_the_whole_logits_and_never_hold_more_than_a_chunk():
     """Chunked LM head (the learner's memory bound for large vocabularies): the same log-probs, entropies and
     gradients as log-softmax over the whole (B, M, V) logits, with no head call over more than a chunk."""
-    from rllib_treerpo.losses import distribution_entropy, head_target_stats, target_logprobs
+    from rllib_treerpo.forward import distribution_entropy, head_target_stats, target_logprobs
 
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(6, 11, bias=False).double()

@@ -1,4 +1,4 @@
-"""Tree-packed training (packing.py): masks and positions, equal log-probs and gradients, the mask trap, DDP."""
+"""Tree-packed training (packing.py, forward.py): masks and positions, equal log-probs and gradients, the mask trap, DDP."""
 
 from __future__ import annotations
 
@@ -7,15 +7,10 @@ import pytest
 import torch
 
 from rllib_treerpo.advantages import tree_advantages
-from rllib_treerpo.iteration import LossSettings, compute_loss, minibatches
-from rllib_treerpo.packing import (
-    collate,
-    loss_weights,
-    pack_trees,
-    packed_logits,
-    packed_target_stats,
-    tree_attention_mask,
-)
+from rllib_treerpo.batches import BatchSettings, collate_minibatch, minibatches
+from rllib_treerpo.forward import ForwardSettings, packed_logits, target_stats, tree_attention_mask
+from rllib_treerpo.losses import LossSettings, compute_loss
+from rllib_treerpo.packing import pack_trees
 from rllib_treerpo.tree import Tree
 
 
@@ -69,7 +64,7 @@ def test_mask_positions_and_predictors_against_a_brute_force_ancestor_check(seed
         if np.isfinite(adv[i]) and len(trees[t].nodes[i].token_ids)
     }
     assert sorted((p.tree, int(n)) for p in packs for n in np.unique(p.target_node)) == sorted(trained)
-    batch = {k: torch.as_tensor(v) for k, v in collate(packs, loss_weights(packs, "token_mean"), 0).items()}
+    batch = {k: torch.as_tensor(v) for k, v in collate_minibatch(packs, "token_mean", 0).items()}
     mask = tree_attention_mask(batch["token_node"], batch["node_parent"])[:, 0].numpy()
     for r, p in enumerate(packs):
         tree = trees[p.tree]
@@ -131,19 +126,20 @@ def test_packed_equals_per_row_log_probs_and_gradients_fp64(loss_agg, attention,
     trees = [random_tree(rng) for _ in range(4)]
     advantages = [advantages_with_filtered_groups(t, rng) for t in trees]
     model, ref = tiny_gqa(0), tiny_gqa(1)
-    settings = LossSettings(temperature=0.8, clip_eps_low=0.05, clip_eps_high=0.05, kl_coef=0.3)
+    settings = LossSettings(
+        clip_eps_low=0.05, clip_eps_high=0.05, kl_coef=0.3, kl_estimator="k3", tis_cap=None
+    )
     results = {}
     for layout in ("rows", "packed"):
         packs = pack_trees(trees, advantages, layout=layout)
-        batch = {k: torch.as_tensor(v) for k, v in collate(packs, loss_weights(packs, loss_agg), 0).items()}
+        batch = {k: torch.as_tensor(v) for k, v in collate_minibatch(packs, loss_agg, 0).items()}
         batch["loss_weight"] = batch["loss_weight"].double()
         model.zero_grad()
         # chunks of 5 positions: the logits are recomputed chunk by chunk in the backward
-        logp, entropy = packed_target_stats(
-            model, batch, attention if layout == "packed" else "dense", 0.8, logits_chunk=5
-        )
+        forward = ForwardSettings(attention if layout == "packed" else "dense", 0.8, 5, "float32")
+        logp, entropy = target_stats(model, batch, forward)
         with torch.no_grad():
-            ref_logp, _ = packed_target_stats(ref, batch, attention, 0.8)
+            ref_logp, _ = target_stats(ref, batch, ForwardSettings(attention, 0.8, None, "float32"))
         loss, stats = compute_loss(logp, batch, settings, ref_logp, entropy=entropy)
         loss.backward()
         per_token = {
@@ -173,10 +169,10 @@ def test_the_trap_without_the_explicit_mask_log_probs_are_wrong():
     trees = [random_tree(rng, depth=2) for _ in range(3)]
     advantages = [tree_advantages(t.parent_array(), t.leaf_rewards(), tau=0.0)[1] for t in trees]
     packs = [p for p in pack_trees(trees, advantages) if len(np.unique(p.target_node)) > 2]
-    batch = {k: torch.as_tensor(v) for k, v in collate(packs, loss_weights(packs, "token_mean"), 0).items()}
+    batch = {k: torch.as_tensor(v) for k, v in collate_minibatch(packs, "token_mean", 0).items()}
     model = tiny_gqa(0, torch.float32)
     with torch.no_grad():
-        right = packed_logits(model, batch)
+        right = packed_logits(model, batch, "segments")
         hidden = model.get_decoder()(
             input_ids=batch["input_ids"], position_ids=batch["position_ids"]
         ).last_hidden_state
@@ -213,7 +209,9 @@ def test_two_learners_take_the_same_step_as_one(tiny_lm_dir, ray_session):
         config = TreeRPOConfig.from_yaml(None, values)
         group = config.build_learner_group(env=None, spaces=spaces)
         try:
-            for batch in minibatches(packs, config, pad_id=0, seed=0, num_learners=max(1, learners)):
+            for batch in minibatches(
+                packs, BatchSettings.from_config(config), pad_id=0, seed=0, num_learners=max(1, learners)
+            ):
                 assert len(batch["input_ids"]) % max(1, learners) == 0
                 group.update(
                     batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(batch)}, env_steps=len(packs))

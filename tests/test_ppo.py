@@ -49,7 +49,7 @@ def test_step_distribution_logp_is_the_masked_sum_of_token_logprobs(tiny_lm_dir,
     from transformers import AutoModelForCausalLM
 
     from rllib_treerpo.baselines.ppo.module import PPOCausalLMModule
-    from rllib_treerpo.losses import token_logprobs
+    from rllib_treerpo.forward import token_logprobs
 
     module = RLModuleSpec(
         module_class=PPOCausalLMModule,

@@ -1,4 +1,4 @@
-"""Memory and precision (precision.py, issue 14): gradient checkpointing and token-bounded micro-batches give the
+"""Memory and precision (precision.py, learner_model.py, tensor_state.py): gradient checkpointing and token-bounded micro-batches give the
 same update; mixed precision moves the parameters like float32 does; bf16 runs checkpoint, resume bit-exactly and
 export; states pickle without copies."""
 
@@ -14,16 +14,17 @@ import pytest
 import torch
 from packs_util import hand_packs
 
-from rllib_treerpo.iteration import policy_update
+from rllib_treerpo.learner_model import enable_gradient_checkpointing
 from rllib_treerpo.model_io import load_causal_lm
-from rllib_treerpo.precision import enable_gradient_checkpointing, state_tensors
 from rllib_treerpo.settings import FIELDS, default_value
+from rllib_treerpo.tensor_state import state_tensors
+from rllib_treerpo.update import UpdateSettings, policy_update
 
 
 def replica_config(**overrides):
     values = {name: default_value(field) for name, field in FIELDS.items()}
     values.update(grad_clip=1.0, num_epochs=1, num_minibatches=2, **overrides)
-    return SimpleNamespace(**values)
+    return UpdateSettings.from_config(SimpleNamespace(**values))
 
 
 @pytest.mark.parametrize("attention", ["segments", "dense"])

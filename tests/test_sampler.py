@@ -11,8 +11,9 @@ import torch
 from test_generation import fresh_logprobs, tiny_lm, token_id
 
 from rllib_treerpo.generation import make_backend
-from rllib_treerpo.sampler import TreeSpec, sample_trees, tree_stats
+from rllib_treerpo.sampler import TreeSpec, sample_trees
 from rllib_treerpo.tiny import build_char_tokenizer
+from rllib_treerpo.tree import tree_metrics
 
 
 class FakeEnv:
@@ -273,7 +274,7 @@ def test_tree_longer_than_window(tok):
         sample_trees(es, make_backend("hf", tiny_lm(tok), tok), tok, branching=[2, 2], step_tokens=16)
 
 
-def test_tree_stats(tok):
+def test_tree_metrics(tok):
     trees = sample_trees(
         envs(),
         make_backend("hf", tiny_lm(tok), tok),
@@ -283,9 +284,9 @@ def test_tree_stats(tok):
         stop_at_eos=False,
         seed=0,
     )
-    stats = tree_stats(trees)
-    assert stats["nodes"] == 18 and stats["leaves"] == 12 and stats["generated_tokens"] == 54
-    assert stats["finish_length"] == 18 and 0.0 <= stats["mean_leaf_reward"] <= 1.0
+    stats = tree_metrics(trees)
+    assert stats["tree/nodes"] == 18 and stats["tree/leaves"] == 12 and stats["tree/generated_tokens"] == 54
+    assert stats["tree/finish_length"] == 18 and 0.0 <= stats["reward/mean"] <= 1.0
 
 
 def test_with_arithmetic_env(tok):

@@ -55,7 +55,7 @@ class HeldOut:
 
     def __call__(self, weights: dict | None = None, problems: int | None = None) -> tuple[dict, list[dict]]:
         """Summary and per-problem rows of the given weights (None: the model as loaded) on ``problems``."""
-        from rllib_treerpo.precision import trim_heap
+        from rllib_treerpo.memory import trim_heap
 
         evaluator = self._kept or self._build()
         evaluator.problems = self.problems if problems is None else min(problems, self.problems)

@@ -29,7 +29,7 @@ import yaml
 from rllib_treerpo.jobs.config import JobConfig, flat_config
 from rllib_treerpo.jobs.monitor import HeldOut, Monitor
 from rllib_treerpo.jobs.run_folder import RunFolder
-from rllib_treerpo.precision import trim_heap
+from rllib_treerpo.memory import trim_heap
 from rllib_treerpo.rllib.config import TreeRPOConfig
 
 

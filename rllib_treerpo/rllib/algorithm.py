@@ -22,10 +22,11 @@ from ray.rllib.utils.metrics import (
     TIMERS,
 )
 
-from rllib_treerpo.iteration import minibatch_seed, minibatches, training_packs
+from rllib_treerpo.batches import BatchSettings, minibatch_seed, minibatches
 from rllib_treerpo.model_io import load_tokenizer, pad_token_id
 from rllib_treerpo.rllib.config import TreeRPOConfig
 from rllib_treerpo.rllib.weight_sync import free_sampler_for_update, sync_weights
+from rllib_treerpo.rows import PackSettings, build_training_batch
 
 __all__ = ["TreeRPO", "TreeRPOConfig"]
 
@@ -49,7 +50,7 @@ class TreeRPO(Algorithm):
 
         self.last_trees = trees  # the job saves a few for `treerpo show`
         free_sampler_for_update(self.env_runner_group, c)
-        packs, tree_metrics = training_packs(trees, c)
+        packs, tree_metrics = build_training_batch(trees, PackSettings.from_config(c))
         for key, value in tree_metrics.items():
             self.metrics.log_value(key, value, window=1)
         # Tune's and RLlib's usual headline metric: the mean leaf reward of this iteration.
@@ -80,14 +81,14 @@ class TreeRPO(Algorithm):
         self.metrics.log_value("perf/prompts_lifetime", tree_metrics["tree/trees"], reduce="lifetime_sum")
 
     def _update(self, packs: list) -> tuple[int, int]:
-        """One learner update per planned minibatch (iteration.minibatches: num_minibatches per epoch, every loss
+        """One learner update per planned minibatch (batches.minibatches: num_minibatches per epoch, every loss
         token once per epoch, shards of equal size per learner); returns the optimizer steps and tokens fed."""
         c = self.config
         if not packs:  # every group may have been filtered out (e.g. all leaves equal)
             return 0, 0
         plan = minibatches(
             packs,
-            c,
+            BatchSettings.from_config(c),
             self._pad_id(),
             seed=minibatch_seed(c.seed, self.iteration),
             num_learners=max(1, c.num_learners),

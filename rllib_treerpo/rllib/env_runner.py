@@ -1,15 +1,14 @@
-"""TreeEnvRunner: the only place that grows trees (ARCHITECTURE.md).
+"""TreeEnvRunner: the only place that grows trees.
 
 It owns a reasoning env (cloned per prompt and per branch) and a generation backend that loads the policy itself
 (``GenerationBackend.from_pretrained``); new weights from the learners reach the backend only through
 ``GenerationBackend.load_weights``, so any backend (hf, vllm) plugs in. ``sample(num_prompts)`` returns a list of
-:class:`rllib_treerpo.tree.Tree` grown by the Ray-free :func:`rllib_treerpo.iteration.sample_iteration`. As Ray
+:class:`rllib_treerpo.tree.Tree` grown by the Ray-free :func:`rllib_treerpo.sampler.sample_iteration`. As Ray
 actors (num_env_runners >= 1) several runners sample in parallel; with num_env_runners = 0 the local runner samples.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Collection
 
 from ray.rllib.core import COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
@@ -30,6 +29,8 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
     def __init__(self, *, config, **kwargs):
         super().__init__(config=config, **kwargs)
         self.worker_index = kwargs.get("worker_index") or 0
+        self.env = None
+        self.backend = None
         self._num_calls = 0
         self._weights_seq_no = 0
         self._weights_dropped = False
@@ -72,7 +73,7 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
 
         TreeRPO.training_step passes each share's ``seed`` (rllib/shares.py: it depends on the iteration and the
         share, not on the runner); without one, the seed follows this runner's index and its count of calls."""
-        from rllib_treerpo.iteration import sample_iteration, sampling_seed
+        from rllib_treerpo.sampler import sample_iteration, sampling_seed
 
         c = self.config
         if num_prompts is None:
@@ -81,10 +82,8 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
             seed = sampling_seed(c.seed, self.worker_index, self._num_calls)
         self._num_calls += 1
         self.backend.reset_stats()
-        start = time.perf_counter()
         trees = sample_iteration(self.env, self.backend, self.prompt_tokenizer, self.spec, num_prompts, seed)
         stats = self.backend.stats
-        self.metrics.log_value("perf/sample_seconds", time.perf_counter() - start, reduce="sum")
         self.metrics.log_value("perf/decode_tokens", stats.decode_tokens, reduce="sum")
         self.metrics.log_value("perf/model_tokens", stats.tokens_fed, reduce="sum")
         nodes = sum(len(t.nodes) - 1 for t in trees)
@@ -114,13 +113,13 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
 
     @override(EnvRunner)
     def assert_healthy(self):
-        assert self.env is not None and hasattr(self, "backend")
+        assert self.env is not None and self.backend is not None
 
     @override(EnvRunner)
     def stop(self) -> None:
-        if getattr(self, "env", None) is not None:
+        if self.env is not None:
             self.env.close()
-        if getattr(self, "backend", None) is not None:
+        if self.backend is not None:
             self.backend.release()
 
     # --- Checkpointable: weights, weight version and the sampling counter ------------------

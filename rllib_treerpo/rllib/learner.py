@@ -1,6 +1,6 @@
-"""TreeRPOTorchLearner: a thin adapter from RLlib's Learner to the Ray-free loss (iteration.compute_loss, SPEC.md s.4).
+"""TreeRPOTorchLearner: a thin adapter from RLlib's Learner to the Ray-free loss (losses.compute_loss).
 
-The batch is one minibatch of collated training packs (iteration.minibatches: input_ids, position_ids, token_node,
+The objective is docs/algorithm.md s.4. The batch is one minibatch of collated training packs (batches.minibatches: input_ids, position_ids, token_node,
 node_parent, target_pos, target_ids, advantages, old_logprobs, loss_weight), handed to
 ``LearnerGroup.update(batch=...)`` by TreeRPO.training_step, which plans the minibatches itself. One update = one
 optimizer step: the minibatch is split into micro-batches of at most ``forward_tokens`` tokens whose gradients
@@ -22,32 +22,38 @@ from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 
-from rllib_treerpo.iteration import LossSettings, compute_loss, micro_batches, target_stats
-from rllib_treerpo.precision import (
-    adamw,
-    compute_context,
-    plain_tensor,
-    reference_copy,
-    state_tensors,
-    trim_heap,
-)
+from rllib_treerpo.batches import micro_batches
+from rllib_treerpo.forward import target_stats
+from rllib_treerpo.learner_model import reference_copy
+from rllib_treerpo.losses import compute_loss
+from rllib_treerpo.memory import trim_heap
+from rllib_treerpo.tensor_state import plain_tensor, state_tensors
+from rllib_treerpo.update import UpdateSettings, adamw
 
 
 class TreeRPOTorchLearner(TorchLearner):
     @override(TorchLearner)
     def build(self) -> None:
         super().build()
+        self._settings = {
+            module_id: UpdateSettings.from_config(self.config.get_config_for_module(module_id))
+            for module_id in self.module.keys()
+        }
         # Frozen copy of the initial policy for the KL term; not built at all when kl_coef = 0.
         self._ref_models: dict[str, torch.nn.Module] = {}
-        for module_id in self.module.keys():
-            if self.config.get_config_for_module(module_id).kl_coef > 0:
+        for module_id, settings in self._settings.items():
+            if settings.loss.kl_coef > 0:
                 self._ref_models[module_id] = reference_copy(self.module[module_id].unwrapped().model)
+        # The iteration whose first minibatch this learner saw last (see before_gradient_based_update).
+        self._last_lifetime = None
+        self._first_update = True
+        self._mismatch = float("nan")
 
     @override(TorchLearner)
     def configure_optimizers_for_module(self, module_id, config=None) -> None:
         module = self.module[module_id]
         params = self.get_parameters(module)
-        optimizer = adamw(params, weight_decay=config.weight_decay)
+        optimizer = adamw(params, lr=config.lr, weight_decay=config.weight_decay)
         self.register_optimizer(
             module_id=module_id, optimizer=optimizer, params=params, lr_or_lr_schedule=config.lr
         )
@@ -59,7 +65,7 @@ class TreeRPOTorchLearner(TorchLearner):
             optimizer.zero_grad(set_to_none=True)
         fwd_out, totals = {}, {}
         for module_id, module_batch in batch.items():
-            parts = micro_batches(module_batch, self.config.get_config_for_module(module_id).forward_tokens)
+            parts = micro_batches(module_batch, self._settings[module_id].batches.forward_tokens)
             for k, part in enumerate(parts):
                 last = k == len(parts) - 1
                 with contextlib.ExitStack() as stack:
@@ -116,23 +122,22 @@ class TreeRPOTorchLearner(TorchLearner):
         # TreeRPO.training_step passes one lifetime count with every minibatch of an iteration: a new count is a new
         # iteration, whose first minibatch still sees the weights that sampled (what logprob_mismatch measures).
         lifetime = timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME)
-        self._first_update = lifetime is None or lifetime != getattr(self, "_last_lifetime", None)
+        self._first_update = lifetime is None or lifetime != self._last_lifetime
         self._last_lifetime = lifetime
 
     @override(TorchLearner)
     def compute_loss_for_module(self, *, module_id, config, batch: dict[str, Any], fwd_out) -> torch.Tensor:
+        settings = self._settings[module_id]
         ref_logprobs = None
         if module_id in self._ref_models:
-            ref = self._ref_models[module_id]
-            with torch.no_grad(), compute_context(ref, config.dtype):
-                ref_logprobs, _ = target_stats(ref, batch, config)
+            with torch.no_grad():
+                ref_logprobs, _ = target_stats(self._ref_models[module_id], batch, settings.forward)
         scale = max(1, self.config.num_learners)  # DDP averages the learners' gradients; the weights sum them
-        settings = LossSettings.from_config(config)
         loss, stats = compute_loss(
-            fwd_out["logprobs"], batch, settings, ref_logprobs, scale, entropy=fwd_out["entropy"]
+            fwd_out["logprobs"], batch, settings.loss, ref_logprobs, scale, entropy=fwd_out["entropy"]
         )
         # Later minibatches also see this iteration's own updates: they report the first one's measurement.
-        if getattr(self, "_first_update", True):
+        if self._first_update:
             self._mismatch = stats["logprob_mismatch"]
         stats["logprob_mismatch"] = self._mismatch
         for name, value in stats.items():

@@ -4,7 +4,7 @@ The Hugging Face model is loaded with ``from_pretrained(model_name_or_path)``: a
 that `treerpo train` builds) or any hub name the user's machine can reach. Its parameters are the learner's master
 copy (precision.py: float32 under mixed precision, the forward autocast to ``dtype``); optionally its layers are
 gradient-checkpointed. State goes in and out as torch tensors, never numpy (RLlib's default get_state converts to
-numpy, which fails on bf16 and doubles fp16), as views that pickle without a copy (precision.StateTensor); the
+numpy, which fails on bf16 and doubles fp16), as views that pickle without a copy (tensor_state.StateTensor); the
 inference-only state (the weight sync to the env runners) is cast to ``dtype``, the sampler's.
 """
 
@@ -15,47 +15,58 @@ from typing import Any
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 from ray.rllib.utils.annotations import override
 
+from rllib_treerpo.forward import ForwardSettings, target_stats
+from rllib_treerpo.learner_model import load_trainable
 from rllib_treerpo.model_io import hf_weights
-from rllib_treerpo.packing import packed_target_stats
-from rllib_treerpo.precision import (
-    cast_floating,
-    compute_context,
-    load_trainable,
-    plain_tensor,
-    state_tensors,
+from rllib_treerpo.precision import cast_floating
+from rllib_treerpo.settings import FIELDS, default_value
+from rllib_treerpo.tensor_state import plain_tensor, state_tensors
+
+# The model_config keys of the module: TreeRPO's fields of the same names (their defaults where not given).
+MODEL_CONFIG_KEYS = (
+    "model_name_or_path",
+    "dtype",
+    "mixed_precision",
+    "gradient_checkpointing",
+    "pack_attention",
+    "temperature",
+    "logits_chunk",
 )
 
 
 class CausalLMModule(TorchRLModule):
     """Wraps ``self.model`` (a transformers causal LM). The training forward takes collated packs (packing.py)
-    and returns {"logprobs": (B, M), "entropy": (B, M)} of each loss token at the sampling temperature (the LM
-    head inside the module's forward, so DDP sees it when num_learners > 1; never a (B, M, V) logits block:
-    ``logits_chunk`` positions at a time). model_config: model_name_or_path, dtype, mixed_precision (default
-    false here: TreeRPOConfig passes its field), gradient_checkpointing, pack_attention, temperature,
-    logits_chunk."""
+    and returns {"logprobs": (B, M), "entropy": (B, M)} of each loss token at the sampling temperature
+    (forward.target_stats: the LM head inside the module's forward, so DDP sees it when num_learners > 1).
+    model_config: :data:`MODEL_CONFIG_KEYS` (TreeRPOConfig passes its fields); a key not given takes the
+    field's default, or the subclass's :attr:`DEFAULTS`."""
+
+    DEFAULTS: dict[str, Any] = {}
 
     @override(TorchRLModule)
     def setup(self):
-        cfg = self.model_config or {}
-        self.compute_dtype = cfg.get("dtype", "float32")
+        cfg = {
+            **{key: default_value(FIELDS[key]) for key in MODEL_CONFIG_KEYS},
+            **self.DEFAULTS,
+            **(self.model_config or {}),
+        }
+        self.forward_settings = ForwardSettings(
+            attention=cfg["pack_attention"],
+            temperature=cfg["temperature"],
+            logits_chunk=cfg["logits_chunk"],
+            dtype=cfg["dtype"],
+        )
+        self.compute_dtype = cfg["dtype"]
         self.model = load_trainable(
-            cfg.get("model_name_or_path"),
-            self.compute_dtype,
-            mixed_precision=cfg.get("mixed_precision", False),
-            gradient_checkpointing=cfg.get("gradient_checkpointing", False),
+            cfg["model_name_or_path"],
+            cfg["dtype"],
+            mixed_precision=cfg["mixed_precision"],
+            gradient_checkpointing=cfg["gradient_checkpointing"],
         )
 
     @override(TorchRLModule)
     def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        cfg = self.model_config or {}
-        with compute_context(self.model, self.compute_dtype):
-            logprobs, entropy = packed_target_stats(
-                self.model,
-                batch,
-                cfg.get("pack_attention", "segments"),
-                cfg.get("temperature", 1.0),
-                cfg.get("logits_chunk"),
-            )
+        logprobs, entropy = target_stats(self.model, batch, self.forward_settings)
         return {"logprobs": logprobs, "entropy": entropy}
 
     @override(TorchRLModule)

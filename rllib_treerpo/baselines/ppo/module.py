@@ -131,6 +131,7 @@ class PPOCausalLMModule(CausalLMModule, ValueFunctionAPI):
 
     DEFAULTS: dict[str, Any] = {
         "dtype": "float32",
+        "mixed_precision": False,  # PPO trains the weights in dtype themselves
         "step_delimiter": None,
         "temperature": 1.0,
         "top_p": 1.0,
