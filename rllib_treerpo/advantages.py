@@ -1,8 +1,8 @@
-"""Leaf rewards -> node values -> step-group advantages (SPEC.md s.2, s.3). Pure numpy.
+"""Leaf rewards -> node values -> step-group advantages (docs/algorithm.md s.2, s.3). Pure numpy.
 
-A tree is given as a parent array: ``parent[i]`` is node i's parent, -1 for the root (node 0), and parents come
-before children. The children of one parent form a step-level group; a group whose value std (ddof=1) is below
-``tau`` is dropped, and so is a group of one node. With a depth-1 tree and tau=0 this is exactly GRPO.
+A tree is given as a parent array: ``parent[i]`` is node i's parent, -1 for the root (node 0), and parents
+come before children. The children of one parent form a step-level group; a group whose value std (ddof=1) is
+below ``tau`` is dropped, and so is a group of one node. With a depth-1 tree and tau=0 this is exactly GRPO.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _check_parent(parent: np.ndarray) -> None:
 
 
 def node_values(parent, leaf_reward, *, value_estimate: str = "child_mean") -> np.ndarray:
-    """(n,) float64 values: the leaf reward at leaves; bottom-up estimates above them (SPEC.md s.2).
+    """(n,) float64 values: the leaf reward at leaves; bottom-up estimates above them (docs/algorithm.md s.2).
 
     ``child_mean``: V(v) = mean of V over v's children. ``leaf_mean``: mean reward of all leaves below v.
     """
@@ -74,13 +74,13 @@ def tree_advantages(
     value_estimate: str = "child_mean",
     eps: float = 1e-6,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Node values and step-group advantages of one tree (SPEC.md s.3, public contract s.6).
+    """Node values and step-group advantages of one tree (docs/algorithm.md s.3, the public contract, s.6).
 
     Args:
       parent: (n,) int, ``parent[i] < i``, ``parent[0] == -1``.
       leaf_reward: (n,) float, read only at leaves (nodes with no children).
-      advantage_std: ``group`` divides by each group's std, ``tree`` by the std of all centred values of the kept
-        groups of the tree, ``none`` does not divide.
+      advantage_std: ``group`` divides by each group's std, ``tree`` by the std of all centred values of
+        the kept groups of the tree, ``none`` does not divide.
       tau: a group whose value std (ddof=1) is below tau is dropped; single-node groups always are.
     Returns:
       values (n,) float64 for every node; advantages (n,) float64, NaN at the root and in dropped groups.
@@ -97,7 +97,8 @@ def tree_advantages(
     group_std = np.zeros(n)
 
     # Group = children of one parent. Group stats via bincount over the parent id (nodes 1..n-1).
-    p, v = parent[1:], values[1:]
+    p = parent[1:]
+    v = values[1:]
     count = np.bincount(p, minlength=n)
     mean = np.bincount(p, weights=v, minlength=n) / np.maximum(count, 1)
     sq = np.bincount(p, weights=(v - mean[p]) ** 2, minlength=n)

@@ -1,9 +1,10 @@
 """An iteration's training packs -> minibatches (optimizer steps) -> micro-batches (forwards).
 
-:func:`minibatches` splits the packs into ``num_minibatches`` optimizer steps per epoch of about equal loss tokens
-(every loss token exactly once per epoch, docs/algorithm.md s.4), whatever the tree shape, each collated with
-loss weights that hold the whole minibatch's normalisation (losses.loss_weights), so micro-batches and learners
-just add their parts; :func:`micro_batches` splits a minibatch into forwards of at most ``forward_tokens`` tokens.
+:func:`minibatches` splits the packs into ``num_minibatches`` optimizer steps per epoch of about equal loss
+tokens (every loss token exactly once per epoch, docs/algorithm.md s.4), whatever the tree shape, each
+collated with loss weights that hold the whole minibatch's normalisation (losses.loss_weights), so
+micro-batches and learners just add their parts; :func:`micro_batches` splits a minibatch into forwards of at
+most ``forward_tokens`` tokens.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def minibatch_seed(seed: int | None, iteration: int) -> int:
 def minibatch_plan(
     packs: list[Pack], num_minibatches: int, *, num_epochs: int = 1, shuffle: bool = True, seed: int = 0
 ) -> list[list[int]]:
-    """Pack indices of each minibatch: every pack once per epoch, in ``num_minibatches`` parts of about equal loss
-    tokens (fewer when there are fewer packs). Shuffled per epoch with a generator seeded by ``seed``."""
+    """Pack indices of each minibatch: every pack once per epoch, in ``num_minibatches`` parts of about equal
+    loss tokens (fewer when there are fewer packs). Shuffled per epoch with a generator seeded by ``seed``."""
     rng = np.random.default_rng(seed)
     parts = max(1, min(num_minibatches, len(packs)))
     plan = []
@@ -70,9 +71,9 @@ def collate_minibatch(
 def minibatches(
     packs: list[Pack], settings: BatchSettings, pad_id: int, *, seed: int, num_learners: int = 1
 ) -> list[dict[str, np.ndarray]]:
-    """The collated minibatches of one update: ``num_minibatches`` per ``num_epochs``, each padded to a multiple
-    of ``num_learners`` rows (empty rows weigh 0), so every learner gets a shard of every minibatch and takes
-    the same number of optimizer steps (uneven shards hang DDP)."""
+    """The collated minibatches of one update: ``num_minibatches`` per ``num_epochs``, each padded to a
+    multiple of ``num_learners`` rows (empty rows weigh 0), so every learner gets a shard of every minibatch
+    and takes the same number of optimizer steps (uneven shards hang DDP)."""
     out = []
     plan = minibatch_plan(packs, settings.num_minibatches, num_epochs=settings.num_epochs, seed=seed)
     for index in plan:
@@ -83,11 +84,13 @@ def minibatches(
 
 
 def micro_batches(batch: dict[str, Any], forward_tokens: int | None) -> list[dict[str, Any]]:
-    """Split a collated minibatch (arrays or tensors) into forwards of at most ``forward_tokens`` padded tokens
-    (rows x longest row; one row can exceed it), each trimmed to its own longest row, node count and targets."""
+    """Split a collated minibatch (arrays or tensors) into forwards of at most ``forward_tokens`` padded
+    tokens (rows x longest row; one row can exceed it), each trimmed to its own longest row, node count
+    and loss-token count."""
     length = (batch["token_node"] >= 0).sum(1).tolist()
     order = sorted(range(len(length)), key=lambda r: length[r])
-    groups, current = [], []
+    groups = []
+    current = []
     for r in order:
         if current and forward_tokens and (len(current) + 1) * length[r] > forward_tokens:
             groups.append(current)

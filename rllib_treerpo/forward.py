@@ -1,14 +1,14 @@
 """The policy's forward over training packs: from collated packs to each loss token's log-prob and entropy.
 
-One pass: the decoder over the packed tokens with the tree structure (segment attention, tree_attention.py, or a
-dense tree mask), the final hidden states gathered at the positions that predict the loss tokens, then the LM
-head there only, ``logits_chunk`` positions at a time (:func:`head_target_stats`: no (B, M, V) logits block).
-:func:`target_stats` is that pass under the config's precision (precision.compute_context): what the RLlib
-module, the reference model and the Ray-free update (update.py) all call.
+One pass: the decoder over the packed tokens with the tree structure (segment attention, tree_attention.py, or
+a dense tree mask), the final hidden states gathered at the positions that predict the loss tokens, then the
+LM head there only, ``logits_chunk`` positions at a time (:func:`head_target_stats`: no (B, M, V) logits
+block). :func:`target_stats` is that pass under the config's precision (precision.compute_context): what the
+RLlib module, the reference model and the Ray-free update (update.py) all call.
 
 Log-probs are tempered (logits / temperature) so that rho = pi_theta / pi_old compares the distribution the
-sampler drew from. :func:`token_logprobs` and :func:`token_entropy` are the same quantities from whole-sequence
-logits (the per-row reference the tests and the PPO baseline compare with).
+sampler drew from. :func:`token_logprobs` and :func:`token_entropy` are the same quantities from
+whole-sequence logits (the per-row reference the tests and the PPO baseline compare with).
 """
 
 from __future__ import annotations
@@ -142,7 +142,8 @@ def head_target_stats(
     size = max(chunk or flat_targets.numel(), 1)
     # One chunk holds its logits once either way (the head is the forward's last op): no recomputation then.
     recompute = torch.is_grad_enabled() and flat_hidden.requires_grad and flat_targets.numel() > size
-    logprobs, entropies = [], []
+    logprobs = []
+    entropies = []
     for start in range(0, flat_targets.numel(), size):
         part = (head, flat_hidden[start : start + size], flat_targets[start : start + size], temperature)
         if recompute:

@@ -1,9 +1,9 @@
-"""The learner's copy of the policy: loaded in its master dtype, optionally gradient-checkpointed, and a frozen
-reference copy for the KL term. Ray-free.
+"""The learner's copy of the policy: loaded in its master dtype, optionally gradient-checkpointed, and a
+frozen reference copy for the KL term. Ray-free.
 
-Gradient checkpointing (:func:`enable_gradient_checkpointing`): each decoder layer's activations are recomputed in
-the backward; the recomputation runs with the attention implementation that the forward used (the tree packs'
-segment attention is switched on only around the forward, tree_attention.using_segments).
+Gradient checkpointing (:func:`enable_gradient_checkpointing`): each decoder layer's activations are
+recomputed in the backward; the recomputation runs with the attention implementation that the forward used
+(the tree packs' segment attention is switched on only around the forward, tree_attention.using_segments).
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ def _recompute_like_forward(config: Any) -> tuple[contextlib.AbstractContextMana
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each decoder layer in the backward instead of keeping its activations (train mode only).
 
-    Non-reentrant torch checkpointing (it keeps autocast and the RNG state); the context is bound to the model's
-    config through a partial, so a deepcopy of the model (a reference model, a replica) recomputes with its own.
+    Non-reentrant torch checkpointing (it keeps autocast and the RNG state); the context is bound to the
+    model's config through a partial, so a deepcopy of the model (a reference model, a replica) recomputes
+    with its own.
     """
     kwargs = {"use_reentrant": False, "context_fn": functools.partial(_recompute_like_forward, model.config)}
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -1,15 +1,16 @@
 """The TreeRPO objective (docs/algorithm.md s.4), all of it: pure functions, tensors in, loss and stats out.
 
-Shapes: B rows (collated training packs), M loss-token slots per row. Every per-token tensor is (B, M) and aligned
-with the batch's ``target_ids``; a slot carries loss exactly where its weight is > 0 (padding weighs 0).
+Shapes: B rows (collated training packs), M loss-token slots per row. Every per-token tensor is (B, M)
+and aligned with the batch's ``target_ids``; a slot carries loss exactly where its weight is > 0 (padding
+weighs 0).
 
-- the aggregation: :func:`loss_weights` gives each loss token the weight whose weighted sum over a minibatch is
-  the minibatch's ``token_mean`` or ``seq_mean_token_mean``; the weights travel with the collated packs, so
+- the aggregation: :func:`loss_weights` gives each loss token the weight whose weighted sum over a minibatch
+  is the minibatch's ``token_mean`` or ``seq_mean_token_mean``; the weights travel with the collated packs, so
   micro-batches and learners just add their parts (the only aggregation there is: training and tests use it);
 - per token: :func:`clipped_surrogate`, :func:`kl_penalty`, :func:`truncated_is_weights`;
 - :func:`policy_loss`: the weighted surrogate plus KL and its statistics;
-- :func:`compute_loss`: one (micro-)batch's loss as the learner runs it (truncated IS, the learner scaling, the
-  sampler/learner mismatch statistic).
+- :func:`compute_loss`: one (micro-)batch's loss as the learner runs it (truncated IS, the learner scaling,
+  the sampler/learner mismatch statistic).
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ def loss_weights(token_groups: Sequence[np.ndarray], loss_agg: str) -> list[np.n
     """Per loss token, the weight whose weighted sum over all parts is the loss aggregation.
 
     ``token_groups[p]`` (M_p,) int: the group (tree node, i.e. sequence) of each loss token of part p; a group
-    lies in one part only. ``token_mean``: 1 / (loss tokens of all parts); ``seq_mean_token_mean``: 1 / (groups
-    x the group's tokens), the mean over groups of each group's token mean (original GRPO). Returns (M_p,)
-    float32 per part; no loss token at all gives no weight (a loss of 0).
+    lies in one part only. ``token_mean``: 1 / (loss tokens of all parts); ``seq_mean_token_mean``: 1 /
+    (groups x the group's tokens), the mean over groups of each group's token mean (original GRPO). Returns
+    (M_p,) float32 per part; no loss token at all gives no weight (a loss of 0).
     """
     if loss_agg not in LOSS_AGGS:
         raise ValueError(f"loss_agg={loss_agg!r}; expected one of {LOSS_AGGS}")
@@ -76,8 +77,8 @@ def clipped_surrogate(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate per token: (B, M) each -> (loss, ratio, clipped), all (B, M).
 
-    ``loss = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)`` with ``rho = exp(logprobs - old_logprobs)``;
-    ``clipped`` is True where the clipped term was the smaller one.
+    ``loss = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)`` with
+    ``rho = exp(logprobs - old_logprobs)``; ``clipped`` is True where the clipped term was the smaller one.
     """
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = ratio * advantages
@@ -104,8 +105,8 @@ def truncated_is_weights(
     ``min(pi_learner / pi_sampler, cap) = min(exp(learner - sampler), cap)``, detached. (B, M) -> (B, M).
 
     TRL's ``vllm_importance_sampling_correction`` and verl's token-level TIS: the policy-gradient loss of each
-    token is multiplied by this weight, ``learner_logprobs`` being the learner's log-probs under the weights the
-    sampler sampled with (pi_old). Truncation bounds the variance where the sampler under-rates a token.
+    token is multiplied by this weight, ``learner_logprobs`` being the learner's log-probs under the weights
+    the sampler sampled with (pi_old). Truncation bounds the variance where the sampler under-rates a token.
     """
     return torch.exp(learner_logprobs.detach() - sampler_logprobs).clamp(max=cap)
 
@@ -168,21 +169,23 @@ def compute_loss(
     """The TreeRPO loss of one (micro-)batch of packs from the policy's log-probs of its loss tokens.
 
     ``logprobs`` (B, M) and ``entropy`` (B, M, for the stats) as forward.target_stats returns them;
-    ``batch`` holds the collated packs (advantages, old_logprobs, loss_weight: (B, M)); ``ref_logprobs`` (B, M)
-    are the frozen reference model's, needed when ``settings.kl_coef > 0``. The loss is :func:`policy_loss`
+    ``batch`` holds the collated packs (advantages, old_logprobs, loss_weight: (B, M)); ``ref_logprobs`` (B,
+    M) are the frozen reference model's, needed when ``settings.kl_coef > 0``. The loss is :func:`policy_loss`
     times ``scale`` (the number of learners: DDP averages their gradients, the weights sum them).
     Returns the loss and float stats: policy_loss, kl, clip_frac, approx_kl, ratio_mean, entropy, total,
-    logprob_mismatch (mean |learner - sampler log-prob| over loss tokens: before the iteration's first optimizer
-    step, the sampler/learner numerical mismatch, e.g. vLLM vs transformers), and with ``settings.tis_cap``
-    tis_weight_mean.
+    logprob_mismatch (mean |learner - sampler log-prob| over loss tokens: before the iteration's first
+    optimizer step, the sampler/learner numerical mismatch, e.g. vLLM vs transformers), and with
+    ``settings.tis_cap`` tis_weight_mean.
 
-    With ``tis_cap`` (one optimizer step per iteration, so the current policy IS the one that sampled) the ratio is
-    taken against the learner's own detached log-probs and each token is weighted by
-    ``min(pi_learner / pi_sampler, tis_cap)`` (:func:`truncated_is_weights`), as TRL and verl correct for vLLM.
+    With ``tis_cap`` (one optimizer step per iteration, so the current policy IS the one that sampled) the
+    ratio is taken against the learner's own detached log-probs and each token is weighted by
+    ``min(pi_learner / pi_sampler, tis_cap)`` (:func:`truncated_is_weights`): how TRL and verl correct
+    for vLLM.
     """
     weights = batch["loss_weight"]
     mask = (weights > 0).to(torch.float32)
-    old, is_weights = batch["old_logprobs"], None
+    old = batch["old_logprobs"]
+    is_weights = None
     if settings.tis_cap is not None:
         is_weights = truncated_is_weights(logprobs, old, settings.tis_cap)
         old = logprobs.detach()

@@ -1,17 +1,18 @@
-"""Trees -> training packs: one forward row per subtree, each shared prefix computed once (docs/algorithm.md s.4).
+"""Trees -> training packs: one forward row per subtree, each shared prefix computed once.
 
-A pack holds a subtree of one tree after the tokens of its ancestors: the prompt, then every included node's own
-tokens in depth-first order. Each token may attend to exactly the tokens of its node's ancestors and the earlier
-tokens of its own node (forward.tree_attention_mask), and its position id continues its parent's path, so every
-token sees what it would see in its own per-node row (context = path to the parent, docs/algorithm.md s.4) and the
-log-probs and gradients are the same; only the shared prefixes are no longer recomputed once per descendant.
-A node's first token is predicted from the last token on its parent's path; later tokens from the previous one.
+A pack holds a subtree of one tree after the tokens of its ancestors: the prompt, then every included node's
+own tokens in depth-first order. Each token may attend to exactly the tokens of its node's ancestors and the
+earlier tokens of its own node (forward.tree_attention_mask), and its position id continues its parent's path,
+so every token sees what it would see in its own per-node row (context = path to the parent,
+docs/algorithm.md s.4) and the log-probs and gradients are the same; only the shared prefixes are no longer
+recomputed once per descendant. A node's first token is predicted from the last token on its parent's path;
+later tokens from the previous one.
 
 ``layout="rows"`` makes one pack per trained node (its path): the per-row layout, through the same forward.
 ``layout="packed"`` makes a pack of a whole tree if it holds at most ``pack_tokens`` tokens; else a node's
-children's subtrees are binned after the node's path (and split further where one alone does not fit), so a pack
-holds at most ``pack_tokens`` tokens unless a single root-to-node path is longer. Nodes without an advantage (the root, filtered
-groups) carry no loss; they are included only as context of trained descendants.
+children's subtrees are binned after the node's path (and split further where one alone does not fit), so a
+pack holds at most ``pack_tokens`` tokens unless a single root-to-node path is longer. Nodes without an
+advantage (the root, filtered groups) carry no loss; they are included only as context of trained descendants.
 
 Pure numpy: the layout only. The forward over packs (tree attention, the LM head at the loss tokens) is
 forward.py; each loss token's weight (the loss aggregation) is losses.loss_weights.
@@ -87,7 +88,8 @@ def _needed(tree: Tree, trained: np.ndarray) -> np.ndarray:
 
 def _subtree(tree: Tree, needed: np.ndarray, top: int) -> list[int]:
     """Needed nodes of ``top``'s subtree in depth-first order (``top`` first)."""
-    out, stack = [], [top]
+    out = []
+    stack = [top]
     while stack:
         i = stack.pop()
         out.append(i)
@@ -104,8 +106,9 @@ def _split(
 ) -> list[tuple[int, list, set]]:
     """(top node, members, loss nodes) units that each fit ``budget`` tokens with ``top``'s path in front.
 
-    ``top``'s whole subtree if it fits; else its children's subtrees binned after ``top``'s path and tokens (top
-    is trained in the first unit), and a child whose subtree alone does not fit there is split the same way.
+    ``top``'s whole subtree if it fits; else its children's subtrees binned after ``top``'s path and tokens
+    (top is trained in the first unit), and a child whose subtree alone does not fit there is split the same
+    way.
     """
     path = len(tree.prompt_ids) + _tokens(tree, tree.path(top)[:-1])
     members = _subtree(tree, needed, top)
@@ -113,7 +116,8 @@ def _split(
     if path + _tokens(tree, members) <= budget or not children:
         return [(top, members, {i for i in members if trained[i]})]
     own = path + _tokens(tree, [top])
-    units, bins = [], [[]]
+    units = []
+    bins = [[]]
     for c in children:
         sub = _subtree(tree, needed, c)
         if own + _tokens(tree, sub) > budget:  # too big even alone after top: split it further
@@ -132,20 +136,23 @@ def _split(
 
 
 def _build(t: int, tree: Tree, adv: np.ndarray, top: int, members: list[int], loss_nodes: set) -> Pack:
-    """Lay out ``top``'s ancestors (context) then ``members`` (DFS order) as one pack; ``loss_nodes`` carry loss."""
+    """One pack: ``top``'s ancestors (context), then ``members`` in DFS order; ``loss_nodes`` carry loss."""
     order = [0] + tree.path(top)[:-1] + [i for i in members if i != 0]
     local = {node: k for k, node in enumerate(order)}
-    ids, pos, token_node = [np.asarray(tree.prompt_ids)], [np.arange(len(tree.prompt_ids))], []
-    token_node.append(np.zeros(len(tree.prompt_ids), np.int64))
+    ids = [np.asarray(tree.prompt_ids)]
+    pos = [np.arange(len(tree.prompt_ids))]
+    token_node = [np.zeros(len(tree.prompt_ids), np.int64)]
     start = {0: 0}  # index of each node's first token in the pack
     end_pos = {0: len(tree.prompt_ids)}  # position after each node's path
     last = {0: len(tree.prompt_ids) - 1}  # index of the last token on each node's path
     cursor = len(tree.prompt_ids)
     targets = []
     for node in order[1:]:
-        n, p = tree.nodes[node], tree.nodes[node].parent
+        n = tree.nodes[node]
+        p = n.parent
         k = len(n.token_ids)
-        start[node], end_pos[node] = cursor, end_pos[p] + k
+        start[node] = cursor
+        end_pos[node] = end_pos[p] + k
         last[node] = cursor + k - 1 if k else last[p]
         ids.append(n.token_ids)
         pos.append(np.arange(end_pos[p], end_pos[p] + k))

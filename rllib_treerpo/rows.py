@@ -1,4 +1,4 @@
-"""Trees -> advantages -> training packs (docs/algorithm.md s.3, s.4), with the iteration's tree metrics. Pure numpy.
+"""Trees -> advantages -> training packs (docs/algorithm.md s.3, s.4), with the tree metrics. Pure numpy.
 
 The one place where a batch of sampled trees becomes learner input; the algorithm and the benchmarks call it.
 """
@@ -39,7 +39,9 @@ class PackSettings:
 def build_training_batch(trees: list[Tree], settings: PackSettings) -> tuple[list[Pack], dict[str, float]]:
     """Advantages for every tree (docs/algorithm.md s.3) laid out as training packs (s.4, packing.py), and the
     metrics: tree.tree_metrics plus the step groups and the packs."""
-    advantages, groups, kept = [], 0.0, 0.0
+    advantages = []
+    groups = 0.0
+    kept = 0.0
     for tree in trees:
         parent = tree.parent_array()
         _, adv = tree_advantages(

@@ -1,18 +1,19 @@
-"""Grow reasoning trees from environments with a generation backend (docs/algorithm.md s.1). No Ray/RLlib imports.
+"""Grow reasoning trees from environments with a generation backend (docs/algorithm.md s.1). No Ray.
 
 Level by level: every non-terminal node of depth d (the root is depth 0) gets ``branching[d]`` children, and
 the whole frontier of all trees is sampled in ONE ``backend.generate`` call whose contexts are the nodes' full
 token paths. A backend with prefix caching (``hf``) therefore feeds each node's tokens once.
 
-Each child steps its own clone of its parent's env with its step text: the whole response decoded, minus what its
-parent already committed, a trailing unfinished character held back until a later step completes it
+Each child steps its own clone of its parent's env with its step text: the whole response decoded, minus what
+its parent already committed, a trailing unfinished character held back until a later step completes it
 (detokenize.py), so a character cut between two steps reaches the env whole. Special tokens are kept, so the
 EOS text reaches the env. On every clone ``stop_text`` = the tokenizer's EOS text (None when
-``stop_at_eos=False``: EOS then ends nothing); the env's own ``max_steps`` is left as the env was built (an env
-that ends earlier than depth D makes earlier leaves). A child is a terminal leaf when the backend stopped it at
-EOS, when its env ended (end marker, stop text, step or character limit), or at depth D = len(branching). A leaf
-whose env did not end by itself (EOS id whose text is not the stop text, or depth D) is ended through the env's
-own API, ``ReasoningEnv.finish()``, which scores it without adding text; leaves carry the env's reward.
+``stop_at_eos=False``: EOS then ends nothing); the env's own ``max_steps`` is left as the env was built (an
+env that ends earlier than depth D makes earlier leaves). A child is a terminal leaf when the backend stopped
+it at EOS, when its env ended (end marker, stop text, step or character limit), or at depth D =
+len(branching). A leaf whose env did not end by itself (EOS id whose text is not the stop text, or depth D) is
+ended through the env's own API, ``ReasoningEnv.finish()``, which scores it without adding text; leaves carry
+the env's reward.
 
 Deterministic for a given ``seed``: level d samples with a seed derived from (seed, d). After the last level
 the backend's kept K/V are dropped (leaves are never continued).
@@ -95,8 +96,9 @@ class TreeSpec:
 
 @dataclass
 class _Open:
-    """A node still to be expanded: tree and node index, its env (state after its own step), its path ids (prompt
-    and response), where the response starts, and the response text committed so far (detokenize.py)."""
+    """A node still to be expanded: tree and node index, its env (state after its own step), its path ids
+    (prompt and response), where the response starts, and the response text committed so far
+    (detokenize.py)."""
 
     tree: int
     node: int
@@ -107,7 +109,7 @@ class _Open:
 
 
 def draw_prompts(env: Any, num_prompts: int, seed: int) -> list[Any]:
-    """``num_prompts`` clones of ``env``, each reset on a problem drawn with a seed from ``seed`` (reproducible)."""
+    """``num_prompts`` clones of ``env``, each reset on a problem drawn reproducibly from ``seed``."""
     rng = np.random.default_rng(seed)
     roots = []
     for _ in range(num_prompts):
@@ -118,14 +120,15 @@ def draw_prompts(env: Any, num_prompts: int, seed: int) -> list[Any]:
 
 
 def sampling_seed(seed: int | None, worker_index: int, call: int) -> int:
-    """The seed of an env runner's ``call``-th sample(): distinct per (config seed, runner, call), reproducible."""
+    """The seed of an env runner's ``call``-th sample(), reproducible and distinct per (seed, runner,
+    call)."""
     return int(np.random.SeedSequence([seed or 0, worker_index, call]).generate_state(1)[0])
 
 
 def sample_iteration(
     env: Any, backend: GenerationBackend, tokenizer: Any, spec: TreeSpec, num_prompts: int, seed: int
 ) -> list[Tree]:
-    """``num_prompts`` trees: prompts drawn from ``env`` with ``seed``, grown with ``spec`` (its seed: ``seed``)."""
+    """``num_prompts`` trees: prompts drawn from ``env`` with ``seed``, grown with ``spec`` seeded by it."""
     return grow_trees(draw_prompts(env, num_prompts, seed), backend, tokenizer, spec.with_seed(seed))
 
 
@@ -159,7 +162,7 @@ def grow_trees(envs: Sequence[Any], backend: GenerationBackend, tokenizer: Any, 
             break
         results = backend.generate([f.path for f in frontier], n_children, spec.params(level))
         frontier = _expand(trees, frontier, results, tokenizer, stop_text, level + 1 == spec.depth)
-    # Every remaining sample is a leaf and will never be continued: free its K/V (the learner wants the memory).
+    # Every remaining sample is a leaf and will never be continued: free its K/V for the learner.
     backend.clear_cache()
     return trees
 
@@ -171,9 +174,8 @@ def _roots(
     trees: list[Tree] = []
     frontier: list[_Open] = []
     for t, env in enumerate(envs):
-        env = getattr(
-            env, "unwrapped", env
-        )  # gymnasium wrappers do not forward clone() or the text properties
+        # gymnasium wrappers do not forward clone() or the text properties
+        env = getattr(env, "unwrapped", env)
         max_steps = getattr(env, "max_steps", None)
         if max_steps is not None and max_steps < spec.depth:
             raise ValueError(

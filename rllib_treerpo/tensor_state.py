@@ -1,10 +1,10 @@
 """States (weights, AdamW state) that pickle without a copy. Ray-free.
 
-torch pickles a tensor by serialising its storage into a new bytes object, which the pickler keeps until the whole
-dump is done, so a checkpoint of weights plus AdamW state (12-16 bytes per parameter) would need twice its size.
-The tensors of a state are handed out as :class:`StateTensor` views that pickle as a numpy view of their bytes
-(protocol 5 writes it as is; Ray's serializer ships it out of band) and come back as plain tensors of their dtype
-(bf16 included: it has no numpy dtype).
+torch pickles a tensor by serialising its storage into a new bytes object, which the pickler keeps until the
+whole dump is done, so a checkpoint of weights plus AdamW state (12-16 bytes per parameter) would need twice
+its size. The tensors of a state are handed out as :class:`StateTensor` views that pickle as a numpy view of
+their bytes (protocol 5 writes it as is; Ray's serializer ships it out of band) and come back as plain tensors
+of their dtype (bf16 included: it has no numpy dtype).
 """
 
 from __future__ import annotations

@@ -43,9 +43,14 @@ class Tree:
     def __post_init__(self) -> None:
         self.prompt_ids = np.asarray(self.prompt_ids, dtype=np.int64)
         if not self.nodes:
-            empty_i, empty_f = np.zeros(0, np.int64), np.zeros(0, np.float32)
             self.nodes.append(
-                Node(parent=-1, depth=0, token_ids=empty_i, logprobs=empty_f, finish_reason="root")
+                Node(
+                    parent=-1,
+                    depth=0,
+                    token_ids=np.zeros(0, np.int64),
+                    logprobs=np.zeros(0, np.float32),
+                    finish_reason="root",
+                )
             )
 
     def add_node(
@@ -104,7 +109,7 @@ class Tree:
 
 
 def tree_metrics(trees: list[Tree]) -> dict[str, float]:
-    """The shape and reward metrics of a batch of trees (what training logs under tree/, reward/, completions/).
+    """The shape and reward metrics of a batch of trees: training logs them (tree/, reward/, completions/).
 
     Nodes exclude the roots; generated tokens count every node's own tokens once; a leaf is correct when its
     reward is (numerically) full, i.e. the verifier accepted the answer.

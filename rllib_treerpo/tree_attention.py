@@ -1,14 +1,16 @@
 """Attention over tree packs without the masked work: per node, its tokens against its path's keys only.
 
-A pack's tree mask (packing.tree_attention_mask) is mostly False: a token sees its ancestors and its own earlier
-tokens, never its siblings' subtrees. A dense L x L masked attention computes every pair anyway, which on a CPU
-(no FlexAttention backward there) costs more than the per-row layout saves. Here each node's tokens attend to the
-gathered keys of their own root-to-node path, nodes of equal depth batched together: the attention work is what
-the per-row layout does for the trained tokens, the projections and MLPs run once per unique token.
+A pack's tree mask (packing.tree_attention_mask) is mostly False: a token sees its ancestors and its own
+earlier tokens, never its siblings' subtrees. A dense L x L masked attention computes every pair anyway, which
+on a CPU (no FlexAttention backward there) costs more than the per-row layout saves. Here each node's tokens
+attend to the gathered keys of their own root-to-node path, nodes of equal depth batched together: the
+attention work is what the per-row layout does for the trained tokens, the projections and MLPs run once per
+unique token.
 
-It plugs into transformers as an attention function (registered as ``"treerpo_segments"``): the decoder is called
-with ``attention_mask={"full_attention": SegmentPlan}`` (a dict is passed to the layers untouched) while the
-model's attention implementation is switched to this function; any other mask falls through to sdpa unchanged.
+It plugs into transformers as an attention function (registered as ``"treerpo_segments"``): the decoder is
+called with ``attention_mask={"full_attention": SegmentPlan}`` (a dict is passed to the layers untouched)
+while the model's attention implementation is switched to this function; any other mask falls through to sdpa
+unchanged.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ class Bucket:
     def additive(self, dtype: torch.dtype) -> torch.Tensor:
         """The mask as sdpa's additive float mask in ``dtype``, built once per plan and shared by every layer.
 
-        Given the bool mask, sdpa converts it to this in every layer and autograd keeps each layer's copy for the
-        backward: (G, m, p) floats per layer, on a CPU (and the tiny model) the largest saved tensor of a pack's
-        forward. One shared tensor is saved once; the values are sdpa's own conversion, so results are unchanged.
+        Given the bool mask, sdpa converts it to this in every layer and autograd keeps each layer's copy for
+        the backward: (G, m, p) floats per layer, on a CPU (and the tiny model) the largest saved tensor of a
+        pack's forward. One shared tensor is saved once; the values are sdpa's own conversion, so results are
+        unchanged.
         """
         if dtype not in self._additive:
             zero = torch.zeros((), dtype=dtype, device=self.mask.device)
@@ -55,7 +58,8 @@ class SegmentPlan:
 
 def segment_plan(token_node: torch.Tensor, node_parent: torch.Tensor) -> SegmentPlan:
     """The buckets of a collated batch: (B, L) local node per token (-1: padding), (B, N) local parents."""
-    tn, parents = token_node.cpu().numpy(), node_parent.cpu().numpy()
+    tn = token_node.cpu().numpy()
+    parents = node_parent.cpu().numpy()
     groups: dict[int, list] = {}  # depth -> [(row, own token indices, ancestor token indices)]
     for b in range(tn.shape[0]):
         valid = tn[b] >= 0
@@ -73,9 +77,8 @@ def segment_plan(token_node: torch.Tensor, node_parent: torch.Tensor) -> Segment
     device = token_node.device
     buckets = [_bucket(members, device) for _, members in sorted(groups.items())]
     rows, cols = np.nonzero(tn < 0)
-    if len(
-        rows
-    ):  # padding attends to itself: every row (an empty one too) uses the attention weights, as DDP needs
+    # padding attends to itself: every row (an empty one too) uses the attention weights, as DDP needs
+    if len(rows):
         own = torch.from_numpy(cols).to(device)[:, None]
         ones = torch.ones(len(rows), 1, 1, 1, dtype=torch.bool, device=device)
         buckets.append(Bucket(torch.from_numpy(rows).to(device), own, own >= 0, own, ones))
@@ -86,11 +89,15 @@ def _bucket(members: list, device: torch.device) -> Bucket:
     g = len(members)
     m = max(len(own) for _, own, _ in members)
     p = max(len(before) + len(own) for _, own, before in members)
-    q_index, q_valid = np.zeros((g, m), np.int64), np.zeros((g, m), bool)
-    kv_index, mask = np.zeros((g, p), np.int64), np.zeros((g, m, p), bool)
+    q_index = np.zeros((g, m), np.int64)
+    q_valid = np.zeros((g, m), bool)
+    kv_index = np.zeros((g, p), np.int64)
+    mask = np.zeros((g, m, p), bool)
     for i, (_, own, before) in enumerate(members):
-        a, k = len(before), len(own)
-        q_index[i, :k], q_valid[i, :k] = own, True
+        a = len(before)
+        k = len(own)
+        q_index[i, :k] = own
+        q_valid[i, :k] = True
         kv_index[i, : a + k] = np.concatenate([before, own])
         mask[i, :k, :a] = True  # every ancestor token
         mask[i, :k, a : a + k] = np.tril(np.ones((k, k), bool))  # own earlier tokens
@@ -113,8 +120,8 @@ def _saved_as_gathers(gathers: list) -> Iterator[None]:
 
     A bucket's keys are its nodes' whole paths, so a packed subtree's ancestors are copied once per descendant
     (8 children of one node: 8 copies of its path); sdpa would keep those copies, per layer, until the
-    backward. Kept as (source, rows, index) they cost the layer's own keys and values once; the gather is cheap
-    and gives the same tensor bit for bit.
+    backward. Kept as (source, rows, index) they cost the layer's own keys and values once; the gather is
+    cheap and gives the same tensor bit for bit.
     """
 
     def key(t: torch.Tensor) -> tuple:

@@ -1,9 +1,9 @@
-"""The learner update without Ray: what benchmarks and replicas call, step for step what the RLlib learner does.
+"""The learner update without Ray, step for step what the RLlib learner does (benchmarks and replicas).
 
 Per minibatch (batches.minibatches): per micro-batch the packed forward under the config's precision
 (forward.target_stats), the loss (losses.compute_loss) and its backward; then global-norm clipping, the AdamW
-step, and the gradients freed. rllib/learner.py runs the same steps through RLlib's Learner; the tests check that
-both give the same parameters from the same packs.
+step, and the gradients freed. rllib/learner.py runs the same steps through RLlib's Learner; the tests check
+that both give the same parameters from the same packs.
 """
 
 from __future__ import annotations

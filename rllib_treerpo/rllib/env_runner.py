@@ -1,10 +1,11 @@
 """TreeEnvRunner: the only place that grows trees.
 
-It owns a reasoning env (cloned per prompt and per branch) and a generation backend that loads the policy itself
-(``GenerationBackend.from_pretrained``); new weights from the learners reach the backend only through
-``GenerationBackend.load_weights``, so any backend (hf, vllm) plugs in. ``sample(num_prompts)`` returns a list of
-:class:`rllib_treerpo.tree.Tree` grown by the Ray-free :func:`rllib_treerpo.sampler.sample_iteration`. As Ray
-actors (num_env_runners >= 1) several runners sample in parallel; with num_env_runners = 0 the local runner samples.
+It owns a reasoning env (cloned per prompt and per branch) and a generation backend that loads the policy
+itself (``GenerationBackend.from_pretrained``); new weights from the learners reach the backend only through
+``GenerationBackend.load_weights``, so any backend (hf, vllm) plugs in. ``sample(num_prompts)`` returns a list
+of :class:`rllib_treerpo.tree.Tree` grown by the Ray-free :func:`rllib_treerpo.sampler.sample_iteration`. As
+Ray actors (num_env_runners >= 1) several runners sample in parallel; with num_env_runners = 0 the local
+runner samples.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
         c = self.config
         self.module = None  # RLlib's module API is not used: trees are grown by the backend
         self.tokenizer = load_tokenizer(c.model_name_or_path)
-        # Prompts may be wrapped in the chat template (instruct models); the backend keeps the plain tokenizer.
+        # Prompts may be wrapped in the chat template (instruct models); the backend keeps the plain
+        # tokenizer.
         self.prompt_tokenizer = prompt_tokenizer(
             self.tokenizer, chat_template=c.chat_template, system_prompt=c.system_prompt
         )
@@ -71,8 +73,9 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
     def sample(self, *, num_prompts: int | None = None, seed: int | None = None, **kwargs):
         """Grow one tree per prompt; ``num_prompts`` defaults to this runner's share of the iteration.
 
-        TreeRPO.training_step passes each share's ``seed`` (rllib/shares.py: it depends on the iteration and the
-        share, not on the runner); without one, the seed follows this runner's index and its count of calls."""
+        TreeRPO.training_step passes each share's ``seed`` (rllib/shares.py: it depends on the iteration and
+        the share, not on the runner); without one, the seed follows this runner's index and its count of
+        calls."""
         from rllib_treerpo.sampler import sample_iteration, sampling_seed
 
         c = self.config
@@ -101,7 +104,7 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
 
     @staticmethod
     def prompts_share(total: int, worker_index: int, num_runners: int) -> int:
-        """Runner i's part of ``total`` prompts (remote runners are 1-based; the local runner alone gets all)."""
+        """Runner i's part of ``total`` prompts (remote runners are 1-based; a lone local runner: all)."""
         if num_runners <= 0 or worker_index == 0:
             return total
         base, extra = divmod(total, num_runners)

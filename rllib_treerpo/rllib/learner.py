@@ -1,11 +1,12 @@
 """TreeRPOTorchLearner: a thin adapter from RLlib's Learner to the Ray-free loss (losses.compute_loss).
 
-The objective is docs/algorithm.md s.4. The batch is one minibatch of collated training packs (batches.minibatches: input_ids, position_ids, token_node,
-node_parent, target_pos, target_ids, advantages, old_logprobs, loss_weight), handed to
-``LearnerGroup.update(batch=...)`` by TreeRPO.training_step, which plans the minibatches itself. One update = one
-optimizer step: the minibatch is split into micro-batches of at most ``forward_tokens`` tokens whose gradients
-add up (the loss weights carry the minibatch's normalisation); the gradients are freed after the step (they are not
-needed while trees are sampled or a checkpoint is written). The learner never generates.
+The objective is docs/algorithm.md s.4. The batch is one minibatch of collated training packs
+(batches.minibatches: input_ids, position_ids, token_node, node_parent, target_pos, target_ids, advantages,
+old_logprobs, loss_weight), handed to ``LearnerGroup.update(batch=...)`` by TreeRPO.training_step, which plans
+the minibatches itself. One update = one optimizer step: the minibatch is split into micro-batches of at most
+``forward_tokens`` tokens whose gradients add up (the loss weights carry the minibatch's normalisation); the
+gradients are freed after the step (they are not needed while trees are sampled or a checkpoint is written).
+The learner never generates.
 
 Precision (precision.py): the module's parameters are the master copy (float32 under mixed precision) and the
 forward is autocast to ``dtype``; the optimizer state is in the parameters' dtype and goes into checkpoints as
@@ -60,10 +61,11 @@ class TreeRPOTorchLearner(TorchLearner):
 
     @override(TorchLearner)
     def _uncompiled_update(self, batch: dict, **kwargs):
-        """One optimizer step over the minibatch, its micro-batches' gradients accumulated (DDP syncs once)."""
+        """One optimizer step over the minibatch, its micro-batches' gradients summed (DDP syncs once)."""
         for optimizer in self._optimizer_parameters:
             optimizer.zero_grad(set_to_none=True)
-        fwd_out, totals = {}, {}
+        fwd_out = {}
+        totals = {}
         for module_id, module_batch in batch.items():
             parts = micro_batches(module_batch, self._settings[module_id].batches.forward_tokens)
             for k, part in enumerate(parts):
@@ -77,7 +79,8 @@ class TreeRPOTorchLearner(TorchLearner):
                     losses[module_id].backward()
                 totals[module_id] = totals.get(module_id, 0.0) + losses[module_id].detach()
                 fwd_out = out
-        trim_heap()  # the forward's freed activations and casts, before the optimizer state grows (first step)
+        # the forward's freed activations and casts, before the optimizer state grows (at the first step)
+        trim_heap()
         gradients = {pid: p.grad for pid, p in self._params.items() if p.grad is not None}
         with contextlib.ExitStack() as stack:
             if self.config.num_learners > 1:
@@ -119,8 +122,9 @@ class TreeRPOTorchLearner(TorchLearner):
     @override(TorchLearner)
     def before_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
         super().before_gradient_based_update(timesteps=timesteps)
-        # TreeRPO.training_step passes one lifetime count with every minibatch of an iteration: a new count is a new
-        # iteration, whose first minibatch still sees the weights that sampled (what logprob_mismatch measures).
+        # TreeRPO.training_step passes one lifetime count with every minibatch of an iteration: a new count is
+        # a new iteration, whose first minibatch still sees the weights that sampled (what logprob_mismatch
+        # measures).
         lifetime = timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME)
         self._first_update = lifetime is None or lifetime != self._last_lifetime
         self._last_lifetime = lifetime

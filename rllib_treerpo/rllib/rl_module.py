@@ -1,11 +1,12 @@
 """A causal language model as an RLlib RLModule: the policy of TreeRPO (and, with a value head, of PPO).
 
 The Hugging Face model is loaded with ``from_pretrained(model_name_or_path)``: a local folder (the tiny model
-that `treerpo train` builds) or any hub name the user's machine can reach. Its parameters are the learner's master
-copy (precision.py: float32 under mixed precision, the forward autocast to ``dtype``); optionally its layers are
-gradient-checkpointed. State goes in and out as torch tensors, never numpy (RLlib's default get_state converts to
-numpy, which fails on bf16 and doubles fp16), as views that pickle without a copy (tensor_state.StateTensor); the
-inference-only state (the weight sync to the env runners) is cast to ``dtype``, the sampler's.
+that `treerpo train` builds) or any hub name the user's machine can reach. Its parameters are the learner's
+master copy (precision.py: float32 under mixed precision, the forward autocast to ``dtype``); optionally its
+layers are gradient-checkpointed. State goes in and out as torch tensors, never numpy (RLlib's default
+get_state converts to numpy, which fails on bf16 and doubles fp16), as views that pickle without a copy
+(tensor_state.StateTensor); the inference-only state (the weight sync to the env runners) is cast to
+``dtype``, the sampler's.
 """
 
 from __future__ import annotations

@@ -1,15 +1,16 @@
-"""An iteration's trees over the env runners, none lost: every iteration trains on ``prompts_per_iteration`` trees.
+"""An iteration's trees over the env runners, none lost: every iteration trains on all its prompts' trees.
 
 The iteration's prompts are split into shares, one per remote env runner (share k = runner k's part,
-``TreeEnvRunner.prompts_share``; share 0 = all of them on the local runner when there are no remote runners). A
-share's seed depends only on (config seed, share index, iteration) (:func:`rllib_treerpo.sampler.sampling_seed`),
-never on which runner grows it or how often that runner has sampled: a share lost with its runner (a crash, a
-``kill -9``, an exception in the env) is grown again on a healthy runner with the same seed and the same weights,
-so a run with a failure gives the trees a run without one gives; so does a resumed run.
+``TreeEnvRunner.prompts_share``; share 0 = all of them on the local runner when there are no remote runners).
+A share's seed depends only on (config seed, share index, iteration)
+(:func:`rllib_treerpo.sampler.sampling_seed`), never on which runner grows it or how often that runner has
+sampled: a share lost with its runner (a crash, a ``kill -9``, an exception in the env) is grown again on a
+healthy runner with the same seed and the same weights, so a run with a failure gives the trees a run without
+one gives; so does a resumed run.
 
 RLlib's part (``restart_failed_env_runners``): Ray restarts the dead actor, RLlib takes it out of service, and
-``Algorithm.restore_env_runners`` (before each training step, or here when no healthy runner is left) pings it back
-and sets its state (weights and their version) from the local env runner or the learners.
+``Algorithm.restore_env_runners`` (before each training step, or here when no healthy runner is left) pings it
+back and sets its state (weights and their version) from the local env runner or the learners.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class SampledShares:
 
 
 def share_sizes(total: int, num_remote: int) -> dict[int, int]:
-    """Share index -> prompts: runner k's part of ``total`` (1-based), or {0: total} without remote runners."""
+    """Share index -> prompts: runner k's part of ``total`` (1-based); {0: total} without remote runners."""
     from rllib_treerpo.rllib.env_runner import TreeEnvRunner
 
     if num_remote <= 0:
@@ -119,8 +120,8 @@ def sample_shares(group, config, iteration: int, restore: Callable[[], list[int]
 
 
 def _wait_for_a_runner(group, config, restore: Callable[[], list[int]], pending: list[int]) -> list[int]:
-    """Every remote runner is down and there is no local one: wait for Ray to restart one (loading a model takes
-    a while), at most ``env_runner_restore_timeout_s``; ``restore`` sets a restarted runner's state."""
+    """Every remote runner is down and there is no local one: wait for Ray to restart one (loading a model
+    takes a while), at most ``env_runner_restore_timeout_s``; ``restore`` sets a restarted runner's state."""
     deadline = time.monotonic() + config.env_runner_restore_timeout_s
     while config.restart_failed_env_runners and time.monotonic() < deadline:
         restore()
