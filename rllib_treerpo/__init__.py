@@ -1,13 +1,14 @@
 """rllib_treerpo: TreeRPO (Tree Relative Policy Optimization) as a Ray RLlib algorithm.
 
-Layers (ARCHITECTURE.md): the pure core in this folder (tree, advantages, losses, sampler, rows, iteration,
-evaluation, prompts, model I/O, generation backends, the embedded tiny model) imports and runs without Ray; the RLlib
-adapters live in ``rllib_treerpo.rllib``, the `treerpo` jobs in ``rllib_treerpo.jobs``, the PPO baseline in
-``rllib_treerpo.baselines.ppo``.
+Layers (docs/architecture.md): the pure core in this folder (tree, advantages, losses, sampler, rows, the
+learner, evaluation, prompts, model I/O, generation backends, the embedded tiny model) imports and runs
+without Ray; the RLlib adapters live in ``rllib_treerpo.rllib``, the `treerpo` jobs in ``rllib_treerpo.jobs``,
+the PPO baseline in ``rllib_treerpo.baselines.ppo``.
 
 Where Ray is installed, importing the package registers the algorithm with Tune as "TreeRPO", so that
-``tune.run("TreeRPO", config=...)`` and ``tune.Tuner("TreeRPO", ...)`` work after ``import rllib_treerpo``; that
-imports ray.rllib (a few seconds). ``from rllib_treerpo import TreeRPO, TreeRPOConfig`` gives the classes.
+``tune.run("TreeRPO", config=...)`` and ``tune.Tuner("TreeRPO", ...)`` work after ``import rllib_treerpo``;
+that imports ray.rllib (a few seconds). ``from rllib_treerpo import TreeRPO, TreeRPOConfig`` gives the
+classes.
 """
 
 import importlib.util

@@ -1,10 +1,11 @@
-"""Held-out evaluation, one evaluator for every caller: pass@1 (mean over K samples), pass@K, greedy accuracy and
-mean response length.
+"""Held-out evaluation, one evaluator for every caller: pass@1 (mean over K samples), pass@K, greedy accuracy
+and mean response length.
 
-Ray-free. It reuses the tree sampler with a depth-1 tree (``branching=[K]``, one step as long as a whole response),
-so evaluation generates exactly as training does, through the same backend. :class:`Evaluator` fixes the env and
-the settings once; each call evaluates the backend's current weights (or the weights it is given, loaded through
-``GenerationBackend.load_weights``). `treerpo train`, `treerpo eval` and the benchmarks all use it.
+Ray-free. It reuses the tree sampler with a depth-1 tree (``branching=[K]``, one step as long as a whole
+response), so evaluation generates exactly as training does, through the same backend. :class:`Evaluator`
+fixes the env and the settings once; each call evaluates the backend's current weights (or the weights it is
+given, loaded through ``GenerationBackend.load_weights``). `treerpo train`, `treerpo eval` and the benchmarks
+all use it.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from rllib_treerpo.sampler import TreeSpec, grow_trees
 class Evaluator:
     """Evaluate on problems 0..problems-1 of ``env`` (``reset(options={"problem_index": i})``).
 
-    ``tokenizer`` formats and tokenizes prompts (a PromptTokenizer for chat templates); ``max_new_tokens`` is the
-    response budget (a training config's ``TreeSpec.response_tokens``).
+    ``tokenizer`` formats and tokenizes prompts (a PromptTokenizer for chat templates); ``max_new_tokens`` is
+    the response budget (a training config's ``TreeSpec.response_tokens``).
     """
 
     env: Any
@@ -71,7 +72,7 @@ class Evaluator:
     def __call__(
         self, weights: Mapping[str, Any] | None = None, progress: Callable[[int, int], None] | None = None
     ) -> tuple[dict[str, float], list[dict]]:
-        """The summary and one row per problem (prompt, answer, sampled responses and rewards, greedy response).
+        """The summary and one row per problem (prompt, answer, sampled responses, rewards, greedy response).
 
         ``weights`` (Hugging Face names), when given, are loaded into the backend first.
         """

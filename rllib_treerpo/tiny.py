@@ -1,9 +1,9 @@
 """Tiny offline models for the embedded default task and for tests.
 
-Nothing here downloads: the tokenizers are built in memory (a character-level vocabulary for the embedded model,
-a byte-level BPE with merges and chat special tokens for tests of real-model behaviour) and the model is a randomly
-initialised Qwen2 built from a transformers config. All save with ``save_pretrained`` so that every later load goes
-through the real ``from_pretrained(path)`` code that a user's hub model also takes.
+Nothing here downloads: the tokenizers are built in memory (a character-level vocabulary for the embedded
+model, a byte-level BPE with merges and chat special tokens for tests of real-model behaviour) and the model
+is a randomly initialised Qwen2 built from a transformers config. All save with ``save_pretrained`` so that
+every later load goes through the real ``from_pretrained(path)`` code that a user's hub model also takes.
 """
 
 from __future__ import annotations
@@ -157,8 +157,8 @@ TEST_ARCHITECTURE = {
 
 
 def save_tiny_model(folder: str | Path, **architecture: Any) -> str:
-    """A random tiny model (``build_tiny_model``'s arguments) with the character tokenizer, saved as a Hugging Face
-    folder; returns the folder. Tests and benchmarks use it as a stand-in for a real model."""
+    """A random tiny model (``build_tiny_model``'s arguments) with the character tokenizer, saved as a Hugging
+    Face folder; returns the folder. Tests and benchmarks use it as a stand-in for a real model."""
     tokenizer = build_char_tokenizer()
     build_tiny_model(len(tokenizer), **architecture).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

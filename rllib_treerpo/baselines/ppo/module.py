@@ -5,8 +5,9 @@ log pi(step | context) = sum of the step's token log-probs under the LM (tempere
 
 - exploration / inference: the step is sampled token by token from the LM through the generation backend
   (``make_backend("hf", ...)``: batched over the vectorised envs, stopping at the step delimiter or EOS, with
-  per-token log-probs); greedy for inference. The module returns ACTIONS (``[n, ids..., pad]``, the env's layout),
-  ACTION_LOGP (the step's summed log-prob) and, as ACTION_DIST_INPUTS, the per-token sampling log-probs (B, L).
+  per-token log-probs); greedy for inference. The module returns ACTIONS (``[n, ids..., pad]``, the env's
+  layout), ACTION_LOGP (the step's summed log-prob) and, as ACTION_DIST_INPUTS, the per-token sampling
+  log-probs (B, L).
 - train: one teacher-forced forward over context + step gives the tempered logits of every step position;
   ACTION_DIST_INPUTS is (B, L, V + 1): those logits plus a last channel that masks the step's padding, read by
   :class:`StepTokensDistribution` (logp = masked sum, entropy = masked sum of per-position entropies along the
@@ -39,7 +40,7 @@ def _masked_logp(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _ModuleSampledDistribution(Distribution):
-    """A whole step is sampled token by token by the module (``forward_exploration``), never from this object."""
+    """A whole step is sampled token by token by the module (``forward_exploration``), never from here."""
 
     @override(Distribution)
     def sample(self, *, sample_shape=None, **kwargs):
@@ -53,7 +54,7 @@ class _ModuleSampledDistribution(Distribution):
 
 
 class StepTokensDistribution(_ModuleSampledDistribution):
-    """Distribution over one step's tokens given its sampled prefix (the train distribution, see module doc)."""
+    """Distribution over one step's tokens given its sampled prefix (the train distribution: module doc)."""
 
     def __init__(self, inputs: torch.Tensor) -> None:
         super().__init__()

@@ -1,20 +1,21 @@
 """Token-id view of a text ReasoningEnv, so stock RLlib algorithms (PPO) can drive the same task.
 
-RLlib's default connectors mangle ``spaces.Text`` (PLATFORM.md), so this env speaks token ids:
+RLlib's default connectors mangle ``spaces.Text`` observations, so this env speaks token ids:
 
-- observation: ``MultiDiscrete([max_obs_tokens + 1] + [vocab] * max_obs_tokens)``; ``obs[0]`` is the number n of
-  real tokens, ``obs[1:1 + n]`` the ids of prompt + steps so far, the rest ``pad_id``;
-- action: one reasoning step, ``MultiDiscrete([step_tokens + 1] + [vocab] * step_tokens)``; ``action[0]`` is the
-  step's length n, ``action[1:1 + n]`` its token ids (the rest is ignored).
+- observation: ``MultiDiscrete([max_obs_tokens + 1] + [vocab] * max_obs_tokens)``; ``obs[0]`` is the number n
+  of real tokens, ``obs[1:1 + n]`` the ids of prompt + steps so far, the rest ``pad_id``;
+- action: one reasoning step, ``MultiDiscrete([step_tokens + 1] + [vocab] * step_tokens)``; ``action[0]`` is
+  the step's length n, ``action[1:1 + n]`` its token ids (the rest is ignored).
 
-The explicit lengths make the layout unambiguous even when a policy samples the pad token itself. The observation
-holds the ids exactly as they were generated (prompt ids, then each step's ids), never a re-tokenisation of the
-text, like the tree sampler's paths. ``step(action)`` decodes the step (special tokens kept, so the EOS text
-reaches the text env and ends the episode) and steps the inner env, whose reward is paid at the end.
-The episode is at most ``max_steps`` steps (the inner env truncates there), so the observation always fits.
+The explicit lengths make the layout unambiguous even when a policy samples the pad token itself. The
+observation holds the ids exactly as they were generated (prompt ids, then each step's ids), never a
+re-tokenisation of the text, like the tree sampler's paths. ``step(action)`` decodes the step (special tokens
+kept, so the EOS text reaches the text env and ends the episode) and steps the inner env, whose reward is paid
+at the end. The episode is at most ``max_steps`` steps (the inner env truncates there), so the observation
+always fits.
 
-``decode(obs_ids)`` round-trips the text env's observation (prompt + response) while no stop text was cut off, and
-``encode_action(step_text)`` is the inverse of what ``step`` decodes.
+``decode(obs_ids)`` round-trips the text env's observation (prompt + response) while no stop text was cut off,
+and ``encode_action(step_text)`` is the inverse of what ``step`` decodes.
 """
 
 from __future__ import annotations
@@ -44,11 +45,12 @@ def _load_tokenizer(tokenizer):
 class TokenizedReasoningEnv(gymnasium.Env):
     """A ReasoningEnv (``env``: gymnasium id or instance) seen through ``tokenizer``'s ids.
 
-    ``TokenizedReasoningEnv({"tokenizer": ..., ...})`` (one mapping of these arguments) also works: that is how
-    RLlib constructs an env class (``config.environment(env=TokenizedReasoningEnv, env_config={...})``).
+    ``TokenizedReasoningEnv({"tokenizer": ..., ...})`` (one mapping of these arguments) also works: that is
+    how RLlib constructs an env class (``config.environment(env=TokenizedReasoningEnv, env_config={...})``).
 
     Args:
-        env: a registered ReasoningEnv id (default ``treerpo/Arithmetic-v0``), a ReasoningEnv subclass or instance.
+        env: a registered ReasoningEnv id (default ``treerpo/Arithmetic-v0``), a ReasoningEnv subclass or
+            instance.
         env_config: constructor arguments of the text env (ignored for an instance).
         tokenizer: a model folder (``AutoTokenizer.from_pretrained``) or a tokenizer object.
         step_tokens: most tokens of one step (the action's width).
