@@ -1,4 +1,4 @@
-"""Reasoning environments for TreeRPO (ARCHITECTURE.md, "Environment contract").
+"""Reasoning environments for TreeRPO (docs/architecture.md, "Environment contract").
 
 Importing this package registers the Gymnasium ids:
 
@@ -53,9 +53,10 @@ for _env_id, (_entry_point, _kwargs) in REGISTERED_IDS.items():
 def make_reasoning_env(env, env_config: dict | None = None, *, field: str = "env_config") -> ReasoningEnv:
     """A ReasoningEnv from a registered id (``"treerpo/Arithmetic-v0"``) or a ReasoningEnv subclass.
 
-    The env is unwrapped (gymnasium wrappers do not forward ``clone()`` or the text properties). A wrong id is a
-    ValueError naming the config field ``env``; an argument the env refuses (unknown, wrong type, out of range),
-    one naming ``field`` (the config field the arguments came from, e.g. ``eval_env_config``) and the argument.
+    The env is unwrapped (gymnasium wrappers do not forward ``clone()`` or the text properties). A wrong id is
+    a ValueError naming the config field ``env``; an argument the env refuses (unknown, wrong type, out of
+    range), one naming ``field`` (the config field the arguments came from, e.g. ``eval_env_config``) and the
+    argument.
     """
     if env_config is not None and not isinstance(env_config, dict):
         raise ValueError(f"config field {field!r} = {env_config!r}: must be a mapping of the env's arguments")

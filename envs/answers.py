@@ -1,7 +1,7 @@
 """The final answer of a response, in the forms real models write it. Pure: the standard library only.
 
-Formats, named in an env's ``answer_format`` (env_config of treerpo/MathProblems-v0 and treerpo/ReasoningGym-v0;
-one name or a list; default ``boxed``, the rule these envs always had):
+Formats, named in an env's ``answer_format`` (env_config of treerpo/MathProblems-v0 and
+treerpo/ReasoningGym-v0; one name or a list; default ``boxed``, the rule these envs always had):
 
 - ``boxed``: the content of a closed ``\\boxed{...}`` (balanced braces);
 - ``answer_tag``: the content of ``<answer>...</answer>`` (tag names in any case);
@@ -11,13 +11,14 @@ one name or a list; default ``boxed``, the rule these envs always had):
   commas dropped). What small instruct models write unprompted (measured: docs/real_models.md), but lenient: a
   response listing numbers is right when its last one is; it has no end marker (the response ends at EOS).
 
-Every answer is stripped of surrounding spaces, and one that is a single ``\\boxed{X}`` becomes X. When a response
-holds several, the one that ENDS LAST is its answer (a model that restates its result means the restatement).
+Every answer is stripped of surrounding spaces, and one that is a single ``\\boxed{X}`` becomes X. When a
+response holds several, the one that ENDS LAST is its answer (a model that restates its result means the
+restatement).
 
-The end of a response (``is_final``, the env's end marker) follows the same formats, on one step's text: a closed
-box, a closed tag, or an "answer is" line that a newline ends (without one, "The answer is 1" may go on "2"); a
-number never ends a response.
-A form split across two steps does not end the episode, but the response is still scored on all its text.
+The end of a response (``is_final``, the env's end marker) follows the same formats, on one step's text: a
+closed box, a closed tag, or an "answer is" line that a newline ends (without one, "The answer is 1" may go on
+"2"); a number never ends a response. A form split across two steps does not end the episode, but the response
+is still scored on all its text.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ DEFAULT_ANSWER_FORMAT = ("boxed",)
 _BOX_OPEN = re.compile(r"\\boxed\s*\{")
 _BRACE = re.compile(r"[{}]")
 _TAG = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
-# "answer is" (not "isn't") or "answer:" (bold markers allowed before the colon); the value is the rest of the line.
+# "answer is" (not "isn't") or "answer:" (bold markers allowed before the colon); the value is the rest of the
+# line.
 _ANSWER_IS = re.compile(r"\banswer(?:\s+is(?![\w'])[ \t]*:?|[ \t]*\**[ \t]*:)", re.IGNORECASE)
 _LINE = re.compile(r"[^\n]*\n?")
 _SENTENCE_END = re.compile(r"\.\s")
@@ -49,7 +51,8 @@ _MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 
 
 def check_answer_format(value: str | Iterable[str] | None) -> tuple[str, ...]:
-    """The formats as a tuple (one name or a list; None is the default); a ValueError naming the field if bad."""
+    """The formats as a tuple (one name or a list; None is the default); a ValueError naming the field if
+    bad."""
     if value is None:
         return DEFAULT_ANSWER_FORMAT
     names = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, list | tuple) else None
@@ -70,7 +73,8 @@ def check_answer_format(value: str | Iterable[str] | None) -> tuple[str, ...]:
 def find_answers(text: str, formats: Iterable[str] = DEFAULT_ANSWER_FORMAT) -> list[tuple[int, str, bool]]:
     """Every answer in ``text``, in the order they end: ``(end offset, answer, complete)``.
 
-    ``complete``: the form has visibly ended (a box, a tag, an "answer is" line with its newline; never a number).
+    ``complete``: the form has visibly ended (a box, a tag, an "answer is" line with its newline; never a
+    number).
     """
     found: list[tuple[int, str, bool]] = []
     formats = tuple(formats)
@@ -98,7 +102,8 @@ def has_final_answer(step_text: str, formats: Iterable[str] = DEFAULT_ANSWER_FOR
 
 
 def _closed_boxes(text: str) -> list[tuple[int, int, str]]:
-    """``(offset of its "{", end offset, content)`` of every closed ``\\boxed{...}``: one pass over the braces."""
+    """``(offset of its "{", end offset, content)`` of every closed ``\\boxed{...}``: one pass over the
+    braces."""
     opens = {m.end() - 1 for m in _BOX_OPEN.finditer(text)}  # offsets of the boxes' "{"
     if not opens:
         return []
@@ -116,7 +121,8 @@ def _closed_boxes(text: str) -> list[tuple[int, int, str]]:
 
 
 def _answer_lines(text: str) -> list[tuple[int, str, bool]]:
-    """The "answer is" answers: per line, the value after its LAST phrase ("Final Answer: The final answer is 7.")."""
+    """The "answer is" answers: per line, the value after its LAST phrase ("Final Answer: The final answer is
+    7.")."""
     out = []
     for line in _LINE.finditer(text):
         heads = list(_ANSWER_IS.finditer(line.group()))

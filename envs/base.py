@@ -1,6 +1,6 @@
 """ReasoningEnv: a text environment where one action is one reasoning step.
 
-The tree sampler (SPEC.md s.1) grows a tree by cloning an env at a node and stepping each clone with
+The tree sampler (docs/algorithm.md s.1) grows a tree by cloning an env at a node and stepping each clone with
 one sampled continuation. So the env is a small, cheap-to-copy state machine over strings:
 
 - ``reset()`` picks a problem and returns its prompt;
@@ -8,7 +8,7 @@ one sampled continuation. So the env is a small, cheap-to-copy state machine ove
 - the episode ends when the step contains ``stop_text`` (the tokenizer's EOS text: terminated),
   when ``is_final(step)`` says the step holds the env's own end marker (terminated), or at
   ``max_steps`` steps / ``max_chars`` characters (truncated);
-- the verifiable reward ``_score(response, answer)`` is paid once, at the end (SPEC.md s.2: a
+- the verifiable reward ``_score(response, answer)`` is paid once, at the end (docs/algorithm.md s.2: a
   truncated leaf is scored like any other).
 
 Subclasses implement ``_sample_problem`` and ``_score`` and may override ``is_final``.
@@ -32,7 +32,7 @@ __all__ = ["ReasoningEnv", "build_charset"]
 def build_charset(texts: Iterable[str] = (), base: str = string.printable) -> str:
     """Return a sorted string of ``base`` plus every character occurring in ``texts``.
 
-    gymnasium's Text space defaults to alphanumerics only (PLATFORM.md), so every env builds its
+    gymnasium's Text space defaults to alphanumerics only, so every env builds its
     charset from what its problems contain. Sorted so that seeded ``Text.sample`` is reproducible.
     """
     chars = set(base)
@@ -42,7 +42,7 @@ def build_charset(texts: Iterable[str] = (), base: str = string.printable) -> st
 
 
 class ReasoningEnv(gymnasium.Env):
-    """Base class of the text reasoning environments (ARCHITECTURE.md, "Environment contract").
+    """Base class of the text reasoning environments (docs/architecture.md, "Environment contract").
 
     Observation: prompt + response so far (the full text). Action: one reasoning step (a string).
     Both spaces are ``Text(min_length=0, max_length=max_chars, charset=...)``; the observation is

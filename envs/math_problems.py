@@ -1,4 +1,4 @@
-"""Math word problems from a dataset, scored by math-verify (SPEC.md s.2).
+"""Math word problems from a dataset, scored by math-verify (docs/algorithm.md s.2).
 
 The dataset is a ``datasets.Dataset`` (or ``DatasetDict``), a local file (.jsonl/.json/.parquet/
 .csv, loaded with ``datasets.load_dataset(<format>, data_files=...)``) or a hub dataset name
@@ -7,10 +7,11 @@ broken dataset fails before training starts rather than as silently-zero rewards
 non-empty, the gold answer must parse with math-verify (otherwise no response could ever earn
 reward), and the prompt must fit ``max_chars``.
 
-By default math-verify reads the whole response (its last ``\\boxed{}``, else its last expression) and a closed
-box ends the response. With ``answer_format`` (envs/answers.py: ``boxed``, ``answer_tag``, ``answer_is``,
-``last_number``) the answer is extracted in one of those forms and verified with math-verify against the gold
-answer; a response without one scores 0, and a step holding a complete answer ends the response.
+By default math-verify reads the whole response (its last ``\\boxed{}``, else its last expression) and a
+closed box ends the response. With ``answer_format`` (envs/answers.py: ``boxed``, ``answer_tag``,
+``answer_is``, ``last_number``) the answer is extracted in one of those forms and verified with math-verify
+against the gold answer; a response without one scores 0, and a step holding a complete answer ends the
+response.
 
 The rows are copied once into a tuple of plain strings that clones share (no dataset copies).
 """
@@ -220,7 +221,8 @@ class MathProblemsEnv(ReasoningEnv):
         return 0.0 if final is None else math_reward(f"\\boxed{{{final}}}", answer)
 
     def is_final(self, step_text: str) -> bool:
-        """The step holds a complete answer (a closed box, by default): the answer is given, the response ends.
+        """The step holds a complete answer (a closed box, by default): the answer is given, the response
+        ends.
 
         An answer split across two steps does not end the episode early, but it is still scored.
         """

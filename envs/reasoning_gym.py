@@ -5,12 +5,13 @@ problems offline with ``reasoning_gym.create_dataset(name, size=, seed=)`` and s
 dataset's own ``score_answer(answer, entry)``. This env wraps one task:
 
 - prompt: ``prompt_template`` with ``{question}`` replaced literally by the task's question. The default
-  template tells the policy the answer format: ``"<question>\\nGive the final answer as \\boxed{ANSWER}.\\n"``.
+  template tells the policy the answer format: ``"<question>\\nGive the final answer as
+  \\boxed{ANSWER}.\\n"``.
 - answer rule: ``answer_format`` (envs/answers.py), by default ``boxed``: the content of the LAST closed
-  ``\\boxed{...}`` of the response (balanced braces, surrounding whitespace stripped) is the final answer; also
-  ``answer_tag`` (``<answer>X</answer>``) and ``answer_is`` ("The answer is X", "Answer: X"), the one ending last
-  wins. No answer: reward 0. A step that holds a complete answer (closes a box) ends the episode. Change
-  ``prompt_template`` too when you change the format: the default one asks for a box.
+  ``\\boxed{...}`` of the response (balanced braces, surrounding whitespace stripped) is the final answer;
+  also ``answer_tag`` (``<answer>X</answer>``) and ``answer_is`` ("The answer is X", "Answer: X"), the one
+  ending last wins. No answer: reward 0. A step that holds a complete answer (closes a box) ends the episode.
+  Change ``prompt_template`` too when you change the format: the default one asks for a box.
 - reward: ``score_answer(final_answer, entry)`` of the task, clamped to [0, 1]; an exception in the scorer
   scores 0. Some tasks give partial credit (reasoning-gym's default scorer pays
   ``len(gold) / len(answer)`` when the gold is a substring of the answer); evaluation counts a problem as
@@ -74,16 +75,13 @@ def extract_answer(response: str, answer_format: str | list[str] | tuple[str, ..
 class ReasoningGymEnv(ReasoningEnv):
     """One reasoning-gym task as a ReasoningEnv (module docstring: prompt, answer rule, reward, splits).
 
-    Args:
-        task: reasoning-gym task name, e.g. ``"basic_arithmetic"``, ``"chain_sum"``, ``"gsm_symbolic"``.
-        split: ``"train"`` or ``"test"``.
-        size: number of train problems (indices ``[test_size, test_size + size)`` of the dataset).
-        test_size: number of test problems (indices ``[0, test_size)``).
-        seed: the reasoning-gym dataset seed; also seeds the random problem stream of ``reset()``.
-        task_config: extra fields of the task's reasoning-gym config, e.g. ``{"min_terms": 2}``.
-        prompt_template: must contain ``{question}`` (replaced literally; LaTeX braces need no escaping).
-        answer_format: where a response's answer is: one name or a list of ``boxed`` (default), ``answer_tag``,
-            ``answer_is`` (envs/answers.py).
+    Args: task: reasoning-gym task name, e.g. ``"basic_arithmetic"``, ``"chain_sum"``, ``"gsm_symbolic"``.
+        split: ``"train"`` or ``"test"``. size: number of train problems (indices ``[test_size, test_size +
+        size)`` of the dataset). test_size: number of test problems (indices ``[0, test_size)``). seed: the
+        reasoning-gym dataset seed; also seeds the random problem stream of ``reset()``. task_config: extra
+        fields of the task's reasoning-gym config, e.g. ``{"min_terms": 2}``. prompt_template: must contain
+        ``{question}`` (replaced literally; LaTeX braces need no escaping). answer_format: where a response's
+        answer is: one name or a list of ``boxed`` (default), ``answer_tag``, ``answer_is`` (envs/answers.py).
         stop_text, max_steps, max_chars, charset, render_mode: see ReasoningEnv.
     """
 

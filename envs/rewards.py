@@ -1,7 +1,7 @@
-"""Verifiable math reward: math-verify, bounded in time, safe in any thread (SPEC.md s.2).
+"""Verifiable math reward: math-verify, bounded in time, safe in any thread (docs/algorithm.md s.2).
 
 Why a helper process. math-verify bounds its own work with ``signal.alarm``, which only works in a
-process's main thread (a ValueError elsewhere, e.g. in threaded or async Ray actors, PLATFORM.md),
+process's main thread (a ValueError elsewhere, e.g. in threaded or async Ray actors),
 and no signal can interrupt a long C-level computation. So verification runs in persistent helper
 processes, each a fresh interpreter (``python -c``: exec'd, never a bare fork of a process whose
 torch/Ray threads may be live; like multiprocessing's "spawn", minus re-importing the caller's
@@ -102,7 +102,7 @@ def gold_latex(answer: str) -> str:
 
 
 def _inner_timeout(timeout_s: float) -> int:
-    """math-verify's own timeouts must be integers (0.5 silently fails, PLATFORM.md)."""
+    """math-verify's own timeouts must be integers (0.5 silently fails)."""
     return max(1, int(timeout_s // 3))
 
 

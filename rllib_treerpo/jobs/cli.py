@@ -1,14 +1,15 @@
 """The `treerpo` command.
 
 - `treerpo train [CONFIG] [--set field=value ...] [--output DIR] [--resume DIR]`
-- `treerpo eval --model PATH_OR_CHECKPOINT [--env ID] [--env-config key=value ...] [--samples K] [--problems N]
-  [--greedy/--no-greedy] [--max-new-tokens N] [--temperature T] [--output DIR]` (jobs/eval.py)
+- `treerpo eval --model PATH_OR_CHECKPOINT [--env ID] [--env-config key=value ...] [--samples K]
+  [--problems N] [--greedy/--no-greedy] [--max-new-tokens N] [--temperature T] [--output DIR]` (jobs/eval.py)
 - `treerpo sweep CONFIG [--set field=value ...] [--output DIR] [--resume]` (jobs/sweep.py)
 - `treerpo show RUN [--iteration N] [--tree K] [--output DIR]` (jobs/trees.py)
-- `treerpo get-model NAME --output DIR`: a small real pretrained model as a Hugging Face folder (jobs/get_model.py)
+- `treerpo get-model NAME --output DIR`: a small real pretrained model as a Hugging Face folder
+  (jobs/get_model.py)
 
-Each command is argument parsing around the jobs; an expected failure (bad path, field or value) is one line on
-stderr and exit status 2.
+Each command is argument parsing around the jobs; an expected failure (bad path, field or value) is one line
+on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from rllib_treerpo.model_io import DTYPES
 
 
 def parse_key_values(items: list[str], flag: str) -> dict:
-    """``key=value`` pairs of ``flag``; values are parsed as YAML (numbers as written, e.g. 1e-4, lists, booleans
-    and null keep their types)."""
+    """``key=value`` pairs of ``flag``; values are parsed as YAML (numbers as written, e.g. 1e-4, lists,
+    booleans and null keep their types)."""
     from rllib_treerpo.config_files import yaml_value
 
     out = {}
@@ -102,7 +103,8 @@ def cmd_sweep(args) -> int:
     )
     if result["interrupted"]:
         print(
-            f"sweep: interrupted; continue with: treerpo sweep {args.config} --output {result['output']} --resume"
+            f"sweep: interrupted; continue with: treerpo sweep {args.config} "
+            f"--output {result['output']} --resume"
         )
         return 130
     return 0
@@ -199,9 +201,7 @@ def _eval_parser(sub) -> None:
         help="wrap prompts with the tokenizer's chat template (default: training config, else off)",
     )
     p.add_argument("--system-prompt", help="system message (default: training config)")
-    p.add_argument(
-        "--dtype", choices=list(DTYPES), help="weights dtype (default: training config)"
-    )
+    p.add_argument("--dtype", choices=list(DTYPES), help="weights dtype (default: training config)")
     p.add_argument(
         "--batch-problems", type=int, default=50, metavar="N", help="problems per generation batch"
     )
@@ -265,12 +265,12 @@ def _fields_parser(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Expected failures end in one line on stderr: a bad path, field or value (exit 2), Ctrl-C (exit 130, with
-    where the run can be resumed from)."""
+    """Expected failures end in one line on stderr: a bad path, field or value (exit 2), Ctrl-C (exit 130,
+    with where the run can be resumed from)."""
     import os
 
-    # "Loading weights" bars at every model load (here and in Ray's workers, which inherit the environment) drown
-    # the progress lines.
+    # "Loading weights" bars at every model load (here and in Ray's workers, which inherit the environment)
+    # drown the progress lines.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as hf_logging
 

@@ -2,8 +2,8 @@
 
 A config file in configs/ is one flat YAML mapping: TreeRPO's algorithm fields and RLlib's AlgorithmConfig
 attributes (-> :class:`TreeRPOConfig`), the job's fields (``JOB_FIELDS``: iterations, checkpoints, held-out
-evaluation, which algorithm, the embedded model's settings -> :class:`JobConfig`) and optional sections read by
-their own commands (``sweep:``, ``ppo:``). :func:`load_run_config` splits it.
+evaluation, which algorithm, the embedded model's settings -> :class:`JobConfig`) and optional sections read
+by their own commands (``sweep:``, ``ppo:``). :func:`load_run_config` splits it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ WARMSTART_KEYS = {
 
 
 class JobConfig(JobSettings):
-    """The `treerpo train` job's settings (declared in :class:`rllib_treerpo.settings.JobSettings`), checked."""
+    """The `treerpo train` job's settings (declared in :class:`rllib_treerpo.settings.JobSettings`),
+    checked."""
 
     def __init__(self, **values: Any) -> None:
         unknown = set(values) - set(JOB_FIELDS)

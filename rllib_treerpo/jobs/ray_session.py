@@ -1,19 +1,18 @@
 """Start Ray for a job so that nothing of its session outlives the job, even after ``kill -9`` of the driver.
 
 Why. ``ray.init()`` starts the GCS, the raylet, the dashboard head, the monitors (children of the driver: they
-notice its death and exit within seconds) and, under the raylet, the dashboard agent and the runtime-env agent.
-When the driver is SIGKILLed the raylet dies, the agents notice within ~6 s (they watch the raylet), then try to
-publish "the raylet died unexpectedly" to the GCS, which is already gone, with a 60 s RPC timeout (ray 2.60
-``_private/process_watcher.py``): each lingers 1-2 minutes holding ~90 MB. Measured here: after ``kill -9`` of a
-driver that called ``ray.init(include_dashboard=False)``, ``ray::DashboardAgent`` and ``ray::RuntimeEnvAgent`` were
-alive 63 s later and gone by 150 s; everything else was gone within 2 s. A Ctrl-C'd or crashing driver that runs
-``ray.shutdown()`` (atexit) does not leave them: the raylet then logs SIGTERM and the agents skip the publish.
+notice its death and exit within seconds) and, under the raylet, the dashboard agent and the runtime-env
+agent. When the driver is SIGKILLed the raylet dies, the agents notice within ~6 s (they watch the raylet),
+then try to publish "the raylet died unexpectedly" to the GCS, which is already gone, with a 60 s RPC timeout
+(ray's ``_private/process_watcher.py``): each lingers a minute or two holding memory, while everything else is
+gone within seconds. A Ctrl-C'd or crashing driver that runs ``ray.shutdown()`` (atexit) does not leave them:
+the raylet then logs SIGTERM and the agents skip the publish.
 
 What :func:`start_ray` adds: a reaper, a small helper process in its own session (a terminal's Ctrl-C does not
 reach it) that holds the read end of a pipe whose write end only the driver holds. While the driver lives the
-reaper records the session's processes (the ones ``ray.init`` started plus every descendant of the raylet, with
-their start times, so a reused pid is never touched). At EOF (the driver exited, however it exited) it gives them
-``GRACE_S`` seconds to exit on their own, then SIGKILLs what is left, and exits.
+reaper records the session's processes (the ones ``ray.init`` started plus every descendant of the raylet,
+with their start times, so a reused pid is never touched). At EOF (the driver exited, however it exited) it
+gives them ``GRACE_S`` seconds to exit on their own, then SIGKILLs what is left, and exits.
 """
 
 from __future__ import annotations
@@ -75,9 +74,9 @@ _reaper: subprocess.Popen | None = None
 
 
 def start_ray(**init_kwargs: Any) -> bool:
-    """``ray.init`` with the job defaults (no dashboard, ERROR logging, at least 2 CPUs; ``init_kwargs`` override
-    them) plus a reaper of the session's processes for when the driver dies without ``ray.shutdown()``.
-    Returns False (and does nothing) when Ray is already initialised in this process."""
+    """``ray.init`` with the job defaults (no dashboard, ERROR logging, at least 2 CPUs; ``init_kwargs``
+    override them) plus a reaper of the session's processes for when the driver dies without
+    ``ray.shutdown()``. Returns False (and does nothing) when Ray is already initialised in this process."""
     import ray
 
     if ray.is_initialized():

@@ -1,10 +1,10 @@
 """A `treerpo train` output folder: what it holds, how it starts, resumes and records, never losing a run.
 
-- A new run refuses a folder that already holds one (one line: --resume it, --overwrite it, or another --output);
-  ``--overwrite`` removes only what a run writes.
+- A new run refuses a folder that already holds one (one line: --resume it, --overwrite it, or another
+  --output); ``--overwrite`` removes only what a run writes.
 - ``--resume`` needs a checkpoint: a folder whose run never finished a checkpointed iteration is refused.
-- Checkpoints: ``checkpoints/iter_NNNNNN``, ``checkpoints/latest`` switched by an atomic rename (a kill during a
-  save resumes from the previous one), the last two kept by iteration number (never by name).
+- Checkpoints: ``checkpoints/iter_NNNNNN``, ``checkpoints/latest`` switched by an atomic rename (a kill during
+  a save resumes from the previous one), the last two kept by iteration number (never by name).
 - metrics.jsonl: one JSON object per line; a non-finite number is written as null (bare NaN is not JSON).
 """
 
@@ -60,7 +60,8 @@ class RunFolder:
         return any((self.path / name).exists() for name in (*RUN_FILES, *RUN_DIRS))
 
     def check_new(self, overwrite: bool) -> None:
-        """Before a new run: refuse a folder holding another one unless ``overwrite`` (then clear the run's files)."""
+        """Before a new run: refuse a folder holding another one unless ``overwrite`` (then clear the run's
+        files)."""
         if not self.holds_a_run():
             return
         if not overwrite:
@@ -107,8 +108,8 @@ class RunFolder:
             shutil.rmtree(old, ignore_errors=True)
 
     def _stale(self, iteration: int) -> list[Path]:
-        """Checkpoints to delete after saving ``iteration``: all but the last two up to it (by iteration number,
-        not by name), and any numbered above it (the future of a run that was started over)."""
+        """Checkpoints to delete after saving ``iteration``: all but the last two up to it (by iteration
+        number, not by name), and any numbered above it (the future of a run that was started over)."""
         numbered = {
             int(p.name.removeprefix("iter_")): p
             for p in self.checkpoints.glob("iter_*")
@@ -128,7 +129,8 @@ class RunFolder:
             f.write(json.dumps(finite(row)) + "\n")
 
     def truncate(self, iteration: int) -> None:
-        """Drop rows past the restored iteration (they belong to the iteration(s) lost in the interruption)."""
+        """Drop rows past the restored iteration (they belong to the iteration(s) lost in the
+        interruption)."""
         if self.metrics.exists():
             keep = [r for r in self.rows() if r["iteration"] <= iteration]
             self.metrics.write_text("".join(json.dumps(r) + "\n" for r in keep))

@@ -275,8 +275,8 @@ def _write_best_config(
         if head in best_config:
             flat[head] = copy.deepcopy(best_config[head])
     header = (
-        f"# Best trial of the sweep in {out} ({spec.metric} = {summary['best_metric']}, mode {spec.mode}, last "
-        f"iteration).\n# Swept: {summary['best_params']}\n"
+        f"# Best trial of the sweep in {out} ({spec.metric} = {summary['best_metric']}, mode {spec.mode}, "
+        f"last iteration).\n# Swept: {summary['best_params']}\n"
     )
     (out / "best_config.yaml").write_text(header + _dump_yaml(flat))
 

@@ -1,7 +1,8 @@
 """The ``sweep:`` section of a config file: validated before Ray starts, and turned into Tune's search space.
 
-See jobs/sweep.py for the file format. Only algorithm fields (TreeRPO's own and RLlib's) can be swept: a job field
-(iterations, evaluation, the embedded model's settings; ``settings.JOB_FIELDS``) is the job's, not a trial's.
+See jobs/sweep.py for the file format. Only algorithm fields (TreeRPO's own and RLlib's) can be swept: a job
+field (iterations, evaluation, the embedded model's settings; ``settings.JOB_FIELDS``) is the job's, not a
+trial's.
 """
 
 from __future__ import annotations

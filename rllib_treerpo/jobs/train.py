@@ -1,16 +1,16 @@
-"""The main job behind `treerpo train`: model -> held-out eval -> iterations (evaluated along the way) -> eval.
+"""The main job behind `treerpo train`: model -> held-out eval -> iterations (evaluated along the way) ->
+eval.
 
-Output folder (jobs/run_folder.py):
-  config.yaml          the resolved config (algorithm and job fields), also what --resume reads
-  metrics.jsonl        one row per iteration (tree/*, reward/*, loss/*, perf/*, completions/*; eval/* when the
-                       policy was evaluated then, iteration 0 = before training)
-  tb/                  the same rows as TensorBoard scalars (`tensorboard --logdir runs`)
-  eval_before.json / eval_after.json / eval_*.jsonl   held-out summaries and per-problem rows
-  learning_curve.png   held-out pass@1 and greedy accuracy along training, train reward, filtered groups, ...
-  trees/iter_N.json    a few sampled trees per iteration with values and advantages (`treerpo show RUN`)
-  checkpoints/iter_NNNNNN, checkpoints/latest   RLlib checkpoints (weights, optimizer, counters)
-  final_model/         the trained policy as a Hugging Face folder (from_pretrained-able), with its run's settings
-  summary.json         before/after accuracy, seconds, generated tokens
+Output folder (jobs/run_folder.py): config.yaml          the resolved config (algorithm and job fields), also
+  what --resume reads metrics.jsonl        one row per iteration (tree/*, reward/*, loss/*, perf/*,
+  completions/*; eval/* when the policy was evaluated then, iteration 0 = before training) tb/
+  the same rows as TensorBoard scalars (`tensorboard --logdir runs`) eval_before.json / eval_after.json /
+  eval_*.jsonl   held-out summaries and per-problem rows learning_curve.png   held-out pass@1 and greedy
+  accuracy along training, train reward, filtered groups, ... trees/iter_N.json    a few sampled trees per
+  iteration with values and advantages (`treerpo show RUN`) checkpoints/iter_NNNNNN, checkpoints/latest
+  RLlib checkpoints (weights, optimizer, counters) final_model/         the trained policy as a Hugging Face
+  folder (from_pretrained-able), with its run's settings summary.json         before/after accuracy, seconds,
+  generated tokens
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def log(msg: str) -> None:
 
 # --- model and evaluation ------------------------------------------------------------------------------
 def use_embedded_model(config: TreeRPOConfig, job: JobConfig) -> None:
-    """``model_name_or_path: null`` -> the embedded model (built with the job's tiny_model/warmstart, cached)."""
+    """``model_name_or_path: null`` -> the embedded model (built with the job's tiny_model/warmstart,
+    cached)."""
     from rllib_treerpo.warmstart import embedded_model
 
     if config.model_name_or_path is None:
@@ -62,7 +63,8 @@ def write_eval(folder: RunFolder, name: str, summary: dict, rows: list[dict], se
         for row in rows:
             f.write(json.dumps(finite(row)) + "\n")
     log(
-        f"eval {name}: pass@1 {summary['pass@1']:.3f}  greedy {summary.get('greedy_accuracy', float('nan')):.3f}"
+        f"eval {name}: pass@1 {summary['pass@1']:.3f}  "
+        f"greedy {summary.get('greedy_accuracy', float('nan')):.3f}"
         f"  mean response tokens {summary['mean_response_tokens']:.1f}  ({summary['seconds']:.0f}s, "
         f"{summary['problems']} held-out problems x {summary['samples']} samples)"
     )
@@ -126,8 +128,10 @@ def _rate(per_second: float) -> str:
 def treerpo_parts(config: TreeRPOConfig, job: JobConfig) -> JobParts:
     def progress(row: dict) -> str:
         line = (
-            f"reward {row.get('reward/mean', 0):.3f}  filtered {row.get('tree/frac_groups_filtered', 0):.2f}  "
-            f"len {row.get('completions/mean_length', 0):.1f}  steps {row.get('loss/optimizer_steps') or 0:.0f}  "
+            f"reward {row.get('reward/mean', 0):.3f}  "
+            f"filtered {row.get('tree/frac_groups_filtered', 0):.2f}  "
+            f"len {row.get('completions/mean_length', 0):.1f}  "
+            f"steps {row.get('loss/optimizer_steps') or 0:.0f}  "
             f"{_rate(row.get('perf/decode_tokens_per_s', 0))} tok/s"
         )
         if not row.get("loss/optimizer_steps"):  # nothing trained: say why, loudly
@@ -142,7 +146,8 @@ def treerpo_parts(config: TreeRPOConfig, job: JobConfig) -> JobParts:
         if row.get("perf/env_runner_failures") or row.get("perf/env_runner_restarts"):
             line += (
                 f"  env runner lost {row.get('perf/env_runner_failures', 0):.0f}, restarted "
-                f"{row.get('perf/env_runner_restarts', 0):.0f}, trees re-grown {row.get('perf/resampled_trees', 0):.0f}"
+                f"{row.get('perf/env_runner_restarts', 0):.0f}, "
+                f"trees re-grown {row.get('perf/resampled_trees', 0):.0f}"
             )
         return line
 
@@ -171,8 +176,9 @@ def train(
     parts: Callable[[TreeRPOConfig, JobConfig], JobParts] = treerpo_parts,
 ) -> dict:
     """Run (or resume) the job; returns summary.json's content. ``parts`` picks the algorithm (default
-    TreeRPO; :func:`rllib_treerpo.baselines.ppo.job.ppo_parts` for RLlib's PPO). Every check that can fail runs
-    before the warm start, the model load and Ray; Ctrl-C raises :class:`Interrupted` naming where to resume."""
+    TreeRPO; :func:`rllib_treerpo.baselines.ppo.job.ppo_parts` for RLlib's PPO). Every check that can fail
+    runs before the warm start, the model load and Ray; Ctrl-C raises :class:`Interrupted` naming where to
+    resume."""
     folder = RunFolder(output)
     folder.check_resume() if resume else folder.check_new(overwrite)
     pieces = parts(config, job)
@@ -215,7 +221,10 @@ def _interrupted(folder: RunFolder, algo) -> str:
     checkpoint = folder.latest_checkpoint()
     at = f" at iteration {algo.iteration}" if algo is not None else ""
     if checkpoint is None:
-        return f"interrupted{at}, before the first checkpoint: start again with --overwrite --output {folder.path}"
+        return (
+            f"interrupted{at}, before the first checkpoint: start again with --overwrite "
+            f"--output {folder.path}"
+        )
     return (
         f"interrupted{at}: continue from {checkpoint.name} with `treerpo train --resume {folder.path}` (the "
         "iterations after it are redone)"
@@ -242,8 +251,8 @@ def _start(pieces: JobParts, folder: RunFolder, resume: bool, monitor: Monitor):
 
 
 def _iterate(algo, pieces: JobParts, job: JobConfig, folder: RunFolder, monitor: Monitor) -> None:
-    """Train to ``job.iterations``: a metrics row (with the held-out evaluation when due), a checkpoint when due,
-    saved trees, a progress line and the plot each."""
+    """Train to ``job.iterations``: a metrics row (with the held-out evaluation when due), a checkpoint when
+    due, saved trees, a progress line and the plot each."""
     from rllib_treerpo.jobs.plots import plot_learning_curve
     from rllib_treerpo.jobs.trees import save_trees
     from rllib_treerpo.rllib.rl_module import learner_policy_weights
@@ -266,8 +275,8 @@ def _iterate(algo, pieces: JobParts, job: JobConfig, folder: RunFolder, monitor:
             folder.save_checkpoint(algo, it)
         eta = (job.iterations - it) * sum(times[-5:]) / len(times[-5:])
         log(
-            f"iter {it:3d}/{job.iterations}  {pieces.progress(row)}{monitor.progress()}  {times[-1]:.1f}s/it  "
-            f"ETA {eta / 60:.1f} min"
+            f"iter {it:3d}/{job.iterations}  {pieces.progress(row)}{monitor.progress()}  "
+            f"{times[-1]:.1f}s/it  ETA {eta / 60:.1f} min"
         )
         plot_learning_curve(folder.metrics, folder.path / "learning_curve.png")
 

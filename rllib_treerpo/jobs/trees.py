@@ -1,8 +1,9 @@
 """Sampled trees on disk (trees/iter_NNNNNN.json) and `treerpo show`: one tree as an HTML page and a PNG.
 
-A user debugging credit assignment looks at a tree before reading numbers: every node's text, its value and its
-advantage (SPEC.md s.2-s.3, recomputed with ``tree_advantages`` and the run's settings), the sibling groups that tau
-filtered (greyed), and the leaves' rewards. The page is self-contained (inline CSS, no network assets).
+A user debugging credit assignment looks at a tree before reading numbers: every node's text, its value and
+its advantage (docs/algorithm.md s.2-s.3, recomputed with ``tree_advantages`` and the run's settings), the
+sibling groups that tau filtered (greyed), and the leaves' rewards. The page is self-contained (inline CSS, no
+network assets).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ COLORS = {"filtered": "#999", "pos": "#2a2", "neg": "#c33", "": "#36c"}
 
 
 def _kind(index: int, advantage: float) -> str:
-    """A node's class: "filtered" (its sibling group was dropped: NaN), "pos", "neg", or "" (the prompt, or 0)."""
+    """A node's class: "filtered" (its sibling group was dropped: NaN), "pos", "neg", or "" (the prompt, or
+    0)."""
     if index == 0:
         return ""
     if not np.isfinite(advantage):
@@ -33,7 +35,8 @@ def _kind(index: int, advantage: float) -> str:
 
 
 def save_trees(folder: Path, iteration: int, trees: list, config: Any) -> Path:
-    """Write ``trees`` (rllib_treerpo.tree.Tree) of an iteration with the advantage settings they were scored with."""
+    """Write ``trees`` (rllib_treerpo.tree.Tree) of an iteration with the advantage settings they were scored
+    with."""
     folder.mkdir(parents=True, exist_ok=True)
     record = {
         "iteration": iteration,
@@ -80,7 +83,8 @@ def scored(record: dict, settings: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load(run: str | Path, iteration: int | None = None) -> dict:
-    """A run's saved trees of ``iteration`` (default: the last saved); one-line errors naming what is missing."""
+    """A run's saved trees of ``iteration`` (default: the last saved); one-line errors naming what is
+    missing."""
     folder = Path(run) / "trees"
     files = sorted(folder.glob("iter_*.json")) if folder.is_dir() else []
     if not files:
@@ -97,6 +101,21 @@ def load(run: str | Path, iteration: int | None = None) -> dict:
             f"{' ... ' + str(have[-1]) if len(have) > 5 else ''}"
         )
     return json.loads(path.read_text())
+
+
+PAGE_STYLE = """body { font-family: sans-serif; margin: 16px; min-width: min-content; }
+p { max-width: 90ch; }
+pre { margin: 2px 0; white-space: pre-wrap; font-size: 13px; }
+.node { border: 1px solid #999; border-radius: 4px; padding: 4px 6px; margin: 4px 0; background: #fff; }
+.kids { display: flex; gap: 6px; align-items: flex-start; }
+.kids > .node { flex: 1 1 0; }
+.leaf { min-width: 11em; }
+.head { font-size: 12px; color: #333; }
+.pos { background: #e6f4e6; }
+.neg { background: #f9e6e6; }
+.filtered { background: #eee; color: #888; }
+.filtered .head { color: #888; }
+"""
 
 
 def render_html(record: dict, index: int, settings: dict, iteration: int) -> str:
@@ -117,20 +136,17 @@ def render_html(record: dict, index: int, settings: dict, iteration: int) -> str
         )
         text = html.escape(record["prompt"] if i == 0 else node["text"]) or "<i>(empty)</i>"
         kids = "".join(box(c) for c in children.get(i, []))
+        label = "prompt" if i == 0 else f"node {i}"
         return (
-            f'<div class="node {kind}{"" if kids else " leaf"}"><div class="head">{"prompt" if i == 0 else f"node {i}"} · {head}</div>'
+            f'<div class="node {kind}{"" if kids else " leaf"}"><div class="head">{label} · {head}</div>'
             f"<pre>{text}</pre>{f'<div class=kids>{kids}</div>' if kids else ''}</div>"
         )
 
     title = f"tree {index} of iteration {iteration} · answer {html.escape(str(record['answer']))}"
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>
-body {{ font-family: sans-serif; margin: 16px; min-width: min-content; }} p {{ max-width: 90ch; }} pre {{ margin: 2px 0; white-space: pre-wrap; font-size: 13px; }}
-.node {{ border: 1px solid #999; border-radius: 4px; padding: 4px 6px; margin: 4px 0; background: #fff; }}
-.kids {{ display: flex; gap: 6px; align-items: flex-start; }} .kids > .node {{ flex: 1 1 0; }} .leaf {{ min-width: 11em; }}
-.head {{ font-size: 12px; color: #333; }} .pos {{ background: #e6f4e6; }} .neg {{ background: #f9e6e6; }}
-.filtered {{ background: #eee; color: #888; }} .filtered .head {{ color: #888; }}
-</style></head><body><h3>{title}</h3><p>settings: {html.escape(json.dumps(settings))} · adv: the node's advantage (its
-step's tokens) · green: positive, red: negative, grey: filtered sibling group</p>{box(0)}</body></html>"""
+{PAGE_STYLE}</style></head><body><h3>{title}</h3><p>settings: {html.escape(json.dumps(settings))} · adv: the
+node's advantage (its step's tokens) · green: positive, red: negative, grey: filtered sibling group</p>
+{box(0)}</body></html>"""
 
 
 def render_png(record: dict, index: int, settings: dict, iteration: int, path: Path) -> None:
@@ -188,7 +204,8 @@ def render_png(record: dict, index: int, settings: dict, iteration: int, path: P
 def show(
     run: str | Path, iteration: int | None = None, tree: int = 0, output: str | Path | None = None
 ) -> Path:
-    """`treerpo show`: write tree ``tree`` of a run's saved iteration as HTML and PNG; returns the HTML path."""
+    """`treerpo show`: write tree ``tree`` of a run's saved iteration as HTML and PNG; returns the HTML
+    path."""
     saved = load(run, iteration)
     if not 0 <= tree < len(saved["trees"]):
         raise ValueError(f"--tree {tree}: iteration {saved['iteration']} saved {len(saved['trees'])} tree(s)")
