@@ -16,7 +16,9 @@ from typing import Any
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-PAD, UNK, EOS = "<pad>", "<unk>", "</s>"
+PAD = "<pad>"
+UNK = "<unk>"
+EOS = "</s>"
 # Every printable ASCII character plus newline and space: covers the arithmetic task and LaTeX answers.
 DEFAULT_CHARSET = "".join(c for c in string.printable if c not in "\t\r\x0b\x0c")
 
@@ -104,7 +106,8 @@ def _bytes_to_unicode() -> dict[int, str]:
         + list(range(ord("\xa1"), ord("\xac") + 1))
         + list(range(ord("\xae"), ord("\xff") + 1))
     )
-    chars, extra = {}, 0
+    chars = {}
+    extra = 0
     for b in range(256):
         if b in printable:
             chars[b] = chr(b)

@@ -1,9 +1,9 @@
 """Generation backends behind one small interface, chosen by name and imported lazily.
 
-``make_backend("hf", model, tokenizer)`` builds the transformers reference backend; ``"vllm"`` is the GPU backend
-(vllm.py, written against vllm 0.32.0; docs/vllm.md). Importing this package imports neither transformers nor vllm:
-a backend module is imported only when its name is chosen, and choosing ``vllm`` where the vllm package is missing
-is one ImportError naming the optional extra, before anything is loaded.
+``make_backend("hf", model, tokenizer)`` builds the transformers reference backend; ``"vllm"`` is the GPU
+backend (vllm.py, written against vllm 0.32.0; docs/vllm.md). Importing this package imports neither
+transformers nor vllm: a backend module is imported only when its name is chosen, and choosing ``vllm`` where
+the vllm package is missing is one ImportError naming the optional extra, before anything is loaded.
 """
 
 from __future__ import annotations
@@ -41,5 +41,5 @@ def get_backend_class(name: str) -> type[GenerationBackend]:
 
 
 def make_backend(name: str, model: Any, tokenizer: Any, **kwargs: Any) -> GenerationBackend:
-    """Build the backend ``name`` around ``model`` (a causal LM, or what the backend loads) and ``tokenizer``."""
+    """The backend ``name`` around ``model`` (a causal LM, or what the backend loads) and ``tokenizer``."""
     return get_backend_class(name)(model, tokenizer, **kwargs)

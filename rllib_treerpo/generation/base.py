@@ -1,4 +1,4 @@
-"""The generation interface every backend implements (ARCHITECTURE.md, ``generation/``).
+"""The generation interface every backend implements (docs/architecture.md, ``generation/``).
 
 A backend turns token-id contexts into sampled continuations with per-token log-probs. The interface is
 plain token ids, like vLLM with automatic prefix caching: the tree sampler hands back, as the contexts of
@@ -118,7 +118,7 @@ class GenerationBackend(ABC):
     def from_pretrained(
         cls, model_name_or_path: str, tokenizer: Any, *, dtype: str = "float32", **kwargs: Any
     ) -> GenerationBackend:
-        """A backend that loads the model itself from a Hugging Face folder or hub name (what env runners build)."""
+        """A backend that loads its model from a Hugging Face folder or hub name (as env runners do)."""
         raise NotImplementedError(f"the {cls.name} backend cannot load a model by itself")
 
     @abstractmethod
@@ -129,12 +129,12 @@ class GenerationBackend(ABC):
     def drop_weights(self) -> bool:
         """Free the memory of the weights until the next ``load_weights`` (which must bring every one back);
         returns whether anything was freed. For a sampler that shares its process with the learner: its copy
-        is not needed while the learner updates (gradients and logits take the room), and the weight sync after
-        the update refills it. Default: nothing freed."""
+        is not needed while the learner updates (gradients and logits take the room), and the weight sync
+        after the update refills it. Default: nothing freed."""
         return False
 
     def weights(self) -> dict[str, Any]:
-        """The weights the backend samples with, under Hugging Face names (to hand to a restarted env runner)."""
+        """The weights the backend samples with, under Hugging Face names (for a restarted env runner)."""
         raise NotImplementedError(f"the {self.name} backend cannot export its weights")
 
     @abstractmethod
@@ -142,8 +142,8 @@ class GenerationBackend(ABC):
         """Drop every kept KV cache (the next call prefills everything)."""
 
     def release(self) -> None:
-        """Free what the backend holds on the device until its next call (caches; vllm with sleep mode: the engine
-        sleeps). A later ``generate`` or ``load_weights`` takes back what it needs."""
+        """Free what the backend holds on the device until its next call (caches; vllm with sleep mode: the
+        engine sleeps). A later ``generate`` or ``load_weights`` takes back what it needs."""
         self.clear_cache()
 
     def reset_stats(self) -> None:
@@ -186,15 +186,16 @@ class StopStringChecker:
     """Incremental stop-string detection for token streams, one stream per sample row.
 
     A row stops at the first token after which its decoded new text contains a stop string. Only the last
-    ``window`` tokens are decoded (longest stop string in bytes + 1): every token decodes to at least one byte,
-    so an occurrence completed by the newest token lies inside the window, and an earlier occurrence would have
-    stopped the row already. One batched decode per step, whatever the text length. (Caveat: a tokenizer whose
-    decode of a token suffix is not a suffix of the full text, e.g. SentencePiece dropping a leading space,
-    can miss a stop string that starts with that space.)
+    ``window`` tokens are decoded (longest stop string in bytes + 1): every token decodes to at least one
+    byte, so an occurrence completed by the newest token lies inside the window, and an earlier occurrence
+    would have stopped the row already. One batched decode per step, whatever the text length. (Caveat: a
+    tokenizer whose decode of a token suffix is not a suffix of the full text, e.g. SentencePiece dropping a
+    leading space, can miss a stop string that starts with that space.)
     """
 
     def __init__(self, tokenizer: Any, stops: Sequence[str], n_rows: int) -> None:
-        self.tokenizer, self.stops = tokenizer, tuple(stops)
+        self.tokenizer = tokenizer
+        self.stops = tuple(stops)
         self.window = max(len(s.encode("utf-8")) for s in self.stops) + 1
         self.tokens: list[list[int]] = [[] for _ in range(n_rows)]
 

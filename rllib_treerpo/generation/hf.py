@@ -30,10 +30,8 @@ import numpy as np
 import torch
 
 from .base import GenerationBackend, Sample, SamplingParams, StopStringChecker
-from .kv_slots import CacheEntry, SlotCache, SlotLayer, merge_entries
+from .kv_slots import CacheEntry, Key, SlotCache, SlotLayer, longest_prefix, merge_entries, set_aside
 from .sampling import sample_tokens
-
-Key = tuple[int, ...]
 
 
 class HFBackend(GenerationBackend):
@@ -47,7 +45,8 @@ class HFBackend(GenerationBackend):
             model's generation_config EOS ids.
         cache_prefixes: keep the last call's sample caches for reuse (False: prefill every context).
         compact_fraction: compact the batch once this fraction of its rows has finished (0: at every finish).
-        max_batch: most sample rows decoded together (None: all of a call's); a larger call is split into chunks.
+        max_batch: most sample rows decoded together (None: all of a call's); a larger call is split into
+            chunks.
     """
 
     name = "hf"
@@ -95,7 +94,8 @@ class HFBackend(GenerationBackend):
         return getattr(self.model.config, "max_position_embeddings", None)
 
     def clear_cache(self) -> None:
-        self._store, self._key_lengths = {}, []
+        self._store = {}
+        self._key_lengths = []
 
     def release(self) -> None:
         self.clear_cache()
@@ -124,7 +124,8 @@ class HFBackend(GenerationBackend):
 
     def drop_weights(self) -> bool:
         """Each state tensor replaced by an empty one (its shape kept aside; a tied weight is one tensor);
-        load_weights allocates them again and copies into them (casting to the sampler's dtype as it copies)."""
+        load_weights allocates them again and copies into them (casting to the sampler's dtype as it
+        copies)."""
         if self._dropped is None:
             self.clear_cache()
             self._dropped = {}
@@ -157,8 +158,8 @@ class HFBackend(GenerationBackend):
     def generate(
         self, contexts: Sequence[Sequence[int]], num_samples: int | Sequence[int], params: SamplingParams
     ) -> list[list[Sample]]:
-        """Sample every context; at most ``max_batch`` sample rows decode together (the call is split into chunks
-        of whole contexts transparently, each continuing from the previous call's kept caches)."""
+        """Sample every context; at most ``max_batch`` sample rows decode together (the call is split into
+        chunks of whole contexts transparently, each continuing from the previous call's kept caches)."""
         self._check_weights()
         start = time.perf_counter()
         counts = self._expand_num_samples(num_samples, len(contexts))
@@ -188,13 +189,16 @@ class HFBackend(GenerationBackend):
     # ----------------------------------------------------------------- internals
     def _chunks(self, counts: list[int]) -> list[list[int]]:
         """Context indices in chunks of at most ``max_batch`` sample rows (a context is never split)."""
-        chunks, current, rows = [], [], 0
+        chunks = []
+        current = []
+        rows = 0
         for i, n in enumerate(counts):
             if not n:
                 continue
             if current and self.max_batch and rows + n > self.max_batch:
                 chunks.append(current)
-                current, rows = [], 0
+                current = []
+                rows = 0
             current.append(i)
             rows += n
         return chunks + ([current] if current else [])
@@ -212,31 +216,18 @@ class HFBackend(GenerationBackend):
         if row_unique != list(range(len(ukeys))):
             rows = torch.tensor(row_unique, device=self.device)
             cache.batch_select_indices(rows)  # expand each context's K/V to its samples (row copies)
-            logits, mask, positions = logits[rows], mask[rows], positions[rows]
+            logits = logits[rows]
+            mask = mask[rows]
+            positions = positions[rows]
         new_tokens, new_logps, reasons, entries = self._decode(logits, cache, mask, positions, params)
-        samples, kept, row = [], [], 0
+        samples = []
+        kept = []
+        row = 0
         for n in counts:
             samples.append([Sample(new_tokens[r], new_logps[r], reasons[r]) for r in range(row, row + n)])
             kept.append(entries[row : row + n])
             row += n
         return samples, kept
-
-    def _lookup(self, key: Key, store: dict, lengths: list[int]) -> CacheEntry | None:
-        """The entry of ``store`` whose key is the longest prefix of ``key`` (usually ``key`` itself).
-
-        Only kept key lengths shorter than ``key`` are tried, longest first: a prompt costs one dict lookup.
-        """
-        if not self.cache_prefixes or not store:
-            return None
-        entry = store.get(key)
-        if entry is not None:
-            return entry
-        for n in lengths:  # descending
-            if n < len(key):
-                entry = store.get(key[:n])
-                if entry is not None:
-                    return entry
-        return None
 
     def _prefill(
         self, ukeys: list[Key], max_new: int, previous: tuple[dict, list]
@@ -247,18 +238,22 @@ class HFBackend(GenerationBackend):
         tails right-aligned in the Smax query window. Returns last-token logits (U, V), the cache, the 2D mask
         (U, Cmax + Smax) bool (True = real token), and the next position id per row (U,).
         """
-        entries = [self._lookup(k, *previous) for k in ukeys]
+        store, lengths = previous
+        entries = [longest_prefix(k, store, lengths) if self.cache_prefixes else None for k in ukeys]
         cached = [len(e.slots) if e is not None else 0 for e in entries]
         self.stats.cache_hits += sum(c > 0 for c in cached)
         self.stats.cache_misses += sum(c == 0 for c in cached)
-        n_u, c_max = len(ukeys), max(cached)
+        n_u = len(ukeys)
+        c_max = max(cached)
         tails = [k[c:] for k, c in zip(ukeys, cached, strict=True)]
         s_max = max(len(t) for t in tails)
         ids = np.full((n_u, s_max), self.pad_token_id, np.int64)
-        pos, mask = np.zeros((n_u, s_max), np.int64), np.zeros((n_u, c_max + s_max), np.bool_)
+        pos = np.zeros((n_u, s_max), np.int64)
+        mask = np.zeros((n_u, c_max + s_max), np.bool_)
         for u, (tail, c) in enumerate(zip(tails, cached, strict=True)):
             s = len(tail)
-            ids[u, s_max - s :], pos[u, s_max - s :] = tail, np.arange(c, c + s)
+            ids[u, s_max - s :] = tail
+            pos[u, s_max - s :] = np.arange(c, c + s)
             mask[u, c_max - c : c_max] = mask[u, c_max + s_max - s :] = True
         full = bool(mask.all())  # no padding: no mask, so SDPA may take its causal fast path
         ids, pos, mask = (torch.from_numpy(a).to(self.device) for a in (ids, pos, mask))
@@ -283,22 +278,6 @@ class HFBackend(GenerationBackend):
         next_pos = torch.tensor([len(k) for k in ukeys], device=self.device)
         return out.logits[:, -1, :], out.past_key_values, mask, next_pos
 
-    @staticmethod
-    def _set_aside(
-        cache: SlotCache,
-        mask: torch.Tensor,
-        batch_rows: torch.Tensor | None,
-        sample_ids: list[int],
-        groups: list,
-    ) -> None:
-        """Keep the K/V of ``batch_rows`` (all rows when None: no copy) for ``sample_ids`` (same order)."""
-        pick = (lambda t: t) if batch_rows is None else (lambda t: t[batch_rows])
-        layers = [(pick(layer.keys), pick(layer.values)) for layer in cache.layers]
-        mask_rows = pick(mask)
-        valid = mask_rows.cpu().numpy()
-        for r, s in enumerate(sample_ids):
-            groups[s] = CacheEntry(layers, r, np.flatnonzero(valid[r]))
-
     def _newly_finished(
         self,
         tokens: torch.Tensor,
@@ -308,11 +287,13 @@ class HFBackend(GenerationBackend):
         params: SamplingParams,
         step: int,
     ) -> tuple[list[int], list[bool], list[bool]]:
-        """Batch positions that finish with this step's ``tokens``, and per position: EOS hit, delimiter hit."""
+        """Batch positions that finish with this step's ``tokens``, and per position: EOS hit, delimiter
+        hit."""
         if params.stop_at_eos:  # one device->host transfer per step for both flags
             done_cpu, eos_hit = torch.stack([done, torch.isin(tokens, self._eos) & ~done]).tolist()
         else:
-            done_cpu, eos_hit = done.tolist(), [False] * len(alive)
+            done_cpu = done.tolist()
+            eos_hit = [False] * len(alive)
         delim_hit = [False] * len(alive)
         if stops is not None:
             live = [b for b, d in enumerate(done_cpu) if not d]
@@ -336,12 +317,16 @@ class HFBackend(GenerationBackend):
 
         Returns per sample row: new token ids, their log-probs, finish reason, and where its K/V is kept.
         """
-        n_rows, max_new, device = logits.shape[0], params.max_new_tokens, self.device
+        n_rows = logits.shape[0]
+        max_new = params.max_new_tokens
+        device = self.device
         generator = torch.Generator(device=device)
         generator.seed() if params.seed is None else generator.manual_seed(int(params.seed))
         tok_buf = torch.zeros((n_rows, max_new), dtype=torch.long, device=device)
         lp_buf = torch.zeros((n_rows, max_new), dtype=torch.float32, device=device)
-        lengths, reasons, entries = [0] * n_rows, [""] * n_rows, [None] * n_rows
+        lengths = [0] * n_rows
+        reasons = [""] * n_rows
+        entries = [None] * n_rows
         alive = list(range(n_rows))  # batch position -> sample row
         alive_t = torch.arange(n_rows, device=device)
         done = torch.zeros(n_rows, dtype=torch.bool, device=device)  # finished rows still in the batch
@@ -352,7 +337,8 @@ class HFBackend(GenerationBackend):
         no_padding = bool(mask.all())  # then the mask is all ones until a finished row stays in the batch
         for step in range(max_new):
             tokens, logps = sample_tokens(logits, params, generator)
-            tok_buf[alive_t, step], lp_buf[alive_t, step] = tokens, logps
+            tok_buf[alive_t, step] = tokens
+            lp_buf[alive_t, step] = logps
             newly, eos_hit, delim_hit = self._newly_finished(tokens, done, alive, stops, params, step)
             for b in newly:
                 lengths[alive[b]] = step + 1
@@ -361,18 +347,19 @@ class HFBackend(GenerationBackend):
                 done[torch.tensor(newly, device=device)] = True
                 n_done += len(newly)
             if n_done == len(alive):
-                self._set_aside(cache, mask, None, alive, entries)
+                set_aside(cache, mask, None, alive, entries)
                 break
             if n_done and n_done >= self.compact_fraction * len(alive):
                 # Set the finished rows' K/V aside, then drop them from the batch.
                 done_cpu = done.tolist()
                 gone = [b for b, d in enumerate(done_cpu) if d]
                 keep = torch.tensor([b for b, d in enumerate(done_cpu) if not d], device=device)
-                self._set_aside(
-                    cache, mask, torch.tensor(gone, device=device), [alive[b] for b in gone], entries
-                )
+                set_aside(cache, mask, torch.tensor(gone, device=device), [alive[b] for b in gone], entries)
                 cache.batch_select_indices(keep)
-                mask, positions, tokens, alive_t = mask[keep], positions[keep], tokens[keep], alive_t[keep]
+                mask = mask[keep]
+                positions = positions[keep]
+                tokens = tokens[keep]
+                alive_t = alive_t[keep]
                 alive = [alive[b] for b, d in enumerate(done_cpu) if not d]
                 done = torch.zeros(len(alive), dtype=torch.bool, device=device)
                 n_done = 0
@@ -388,9 +375,11 @@ class HFBackend(GenerationBackend):
                 past_key_values=cache,
                 use_cache=True,
             )
-            cache, logits = out.past_key_values, out.logits[:, -1, :]
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :]
             positions = positions + 1
-        toks, lps = tok_buf.tolist(), lp_buf.tolist()
+        toks = tok_buf.tolist()
+        lps = lp_buf.tolist()
         return (
             [t[:n] for t, n in zip(toks, lengths, strict=True)],
             [lp[:n] for lp, n in zip(lps, lengths, strict=True)],

@@ -1,7 +1,9 @@
-"""Preallocated K/V buffers for the hf backend's decode loop (see hf.py's module docstring).
+"""The K/V the hf backend keeps: preallocated buffers for its decode loop, the entries of finished samples and
+their lookup by token prefix (see hf.py's module docstring).
 
-A ``SlotLayer`` is a transformers DynamicLayer over buffers sized for one generate call, so a decode step writes
-one slot per row instead of concatenating the whole cache. KV tensors are ``(batch, kv_heads, slots, head_dim)``.
+A ``SlotLayer`` is a transformers DynamicLayer over buffers sized for one generate call, so a decode step
+writes one slot per row instead of concatenating the whole cache. KV tensors are
+``(batch, kv_heads, slots, head_dim)``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+Key = tuple[int, ...]  # a kept sequence's token ids (context + new tokens)
 KVGroup = list[
     tuple[torch.Tensor, torch.Tensor]
 ]  # rows set aside together: per layer (keys, values) (n, H, S, D)
@@ -28,7 +31,8 @@ class CacheEntry:
 
 
 class SlotLayer(DynamicLayer):
-    """A DynamicLayer over preallocated (B, H, capacity, D) buffers; ``keys``/``values`` view the first ``length``.
+    """A DynamicLayer over preallocated (B, H, capacity, D) buffers; ``keys``/``values`` view the first
+    ``length``.
 
     ``update`` writes the new slots in place. The capacity is planned per generate call (cached + tail + new
     tokens), so it never grows.
@@ -36,16 +40,22 @@ class SlotLayer(DynamicLayer):
 
     def __init__(self, capacity: int) -> None:
         super().__init__()
-        self.capacity, self.length = capacity, 0
+        self.capacity = capacity
+        self.length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         shape = (key_states.shape[0], key_states.shape[1], self.capacity, key_states.shape[3])
         self.set_buffers(key_states.new_zeros(shape), value_states.new_zeros(shape), 0)
 
     def set_buffers(self, kbuf: torch.Tensor, vbuf: torch.Tensor, length: int) -> None:
-        self.dtype, self.device, self.is_initialized = kbuf.dtype, kbuf.device, True
-        self._kbuf, self._vbuf, self.length = kbuf, vbuf, length
-        self.keys, self.values = kbuf[:, :, :length], vbuf[:, :, :length]
+        self.dtype = kbuf.dtype
+        self.device = kbuf.device
+        self.is_initialized = True
+        self._kbuf = kbuf
+        self._vbuf = vbuf
+        self.length = length
+        self.keys = kbuf[:, :, :length]
+        self.values = vbuf[:, :, :length]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -65,17 +75,20 @@ class SlotLayer(DynamicLayer):
         return self.length + query_length, 0
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep/repeat rows: copies only the ``length`` filled slots (unfilled ones are written before read)."""
+        """Keep/repeat rows: copies only the ``length`` filled slots (unfilled ones are written before
+        read)."""
         if self.is_initialized:
             shape = (len(indices), *self._kbuf.shape[1:])
-            kbuf, vbuf = self._kbuf.new_empty(shape), self._vbuf.new_empty(shape)
+            kbuf = self._kbuf.new_empty(shape)
+            vbuf = self._vbuf.new_empty(shape)
             torch.index_select(self.keys, 0, indices, out=kbuf[:, :, : self.length])
             torch.index_select(self.values, 0, indices, out=vbuf[:, :, : self.length])
             self.set_buffers(kbuf, vbuf, self.length)
 
 
 class SlotCache(DynamicCache):
-    """A DynamicCache whose layers are _SlotLayers (the model only calls update / get_seq_length / mask sizes)."""
+    """A DynamicCache whose layers are _SlotLayers (the model only calls update / get_seq_length / mask
+    sizes)."""
 
     def __init__(self, layers: list[SlotLayer]) -> None:
         Cache.__init__(self, layers=layers)
@@ -129,3 +142,34 @@ def merge_entries(entries: list[CacheEntry | None], c_max: int, layers: list[Slo
                 else:  # (rows, H, S, D) -> (rows, S, H, D) view, gather (n, c_max) slots, back
                     buf[targets, :, :c_max] = source.transpose(1, 2)[src, idx].transpose(1, 2)
         layer.set_buffers(*bufs, c_max)
+
+
+def longest_prefix(key: Key, store: dict[Key, CacheEntry], lengths: list[int]) -> CacheEntry | None:
+    """The entry of ``store`` whose key is the longest prefix of ``key`` (usually ``key`` itself).
+
+    ``lengths``: the kept key lengths, longest first; only those shorter than ``key`` are tried, so a prompt
+    costs one dict lookup.
+    """
+    if not store:
+        return None
+    entry = store.get(key)
+    if entry is not None:
+        return entry
+    for n in lengths:  # descending
+        if n < len(key):
+            entry = store.get(key[:n])
+            if entry is not None:
+                return entry
+    return None
+
+
+def set_aside(
+    cache: SlotCache, mask: torch.Tensor, batch_rows: torch.Tensor | None, sample_ids: list[int], groups: list
+) -> None:
+    """Keep the K/V of ``batch_rows`` (all rows when None: no copy) for ``sample_ids`` (same order)."""
+    pick = (lambda t: t) if batch_rows is None else (lambda t: t[batch_rows])
+    layers = [(pick(layer.keys), pick(layer.values)) for layer in cache.layers]
+    mask_rows = pick(mask)
+    valid = mask_rows.cpu().numpy()
+    for r, s in enumerate(sample_ids):
+        groups[s] = CacheEntry(layers, r, np.flatnonzero(valid[r]))

@@ -1,4 +1,5 @@
-"""Drawing one token per row under the log-prob convention of base.py (torch; imported by backends that need it)."""
+"""Drawing one token per row under the log-prob convention of base.py (torch; imported by backends that need
+it)."""
 
 from __future__ import annotations
 

@@ -1,42 +1,46 @@
 """The vLLM generation backend (GPU only), written against the Python API of vllm==0.32.0.
 
-vLLM cannot run on the machines this was written on (no CPU wheel, no vLLM in the GPU image). Every call below was
-read in the 0.32.0 wheel's sources (the files are named where they matter) and is checked by contract tests against
-``tests/fake_vllm.py``, a stand-in with the same class, method and field names; docs/vllm.md says which commands
-verify it on a GPU machine. Importing this module never imports vllm: :meth:`VLLMBackend.from_pretrained` does.
+vLLM cannot run on the machines this was written on (no CPU wheel, no vLLM in the GPU image). Every call below
+was read in the 0.32.0 wheel's sources (the files are named where they matter) and is checked by contract
+tests against ``tests/fake_vllm.py``, a stand-in with the same class, method and field names; docs/vllm.md
+says which commands verify it on a GPU machine. Importing this module never imports vllm:
+:meth:`VLLMBackend.from_pretrained` does.
 
 How the interface of base.py maps onto vLLM:
 - ``generate``: ONE ``LLM.generate`` call per tree level, one request per context:
-  ``TokensPrompt(prompt_token_ids=context)`` (token ids in, token ids out: a path is never decoded and re-encoded)
-  with ``SamplingParams(n=samples, max_tokens=step_tokens, stop=[delimiter], stop_token_ids=eos, logprobs=0,
-  seed=...)``. ``detokenize`` only when there is a stop string (vLLM rejects stop strings without it).
+  ``TokensPrompt(prompt_token_ids=context)`` (token ids in, token ids out: a path is never decoded and
+  re-encoded) with ``SamplingParams(n=samples, max_tokens=step_tokens, stop=[delimiter],
+  stop_token_ids=eos, logprobs=0, seed=...)``. ``detokenize`` only when there is a stop string (vLLM rejects
+  stop strings without it).
 - Log-probs: the engine is built with ``logprobs_mode="processed_logprobs"``: log_softmax of the logits after
-  temperature (v1/worker/gpu/sample/sampler.py), i.e. base.py's convention log_softmax(logits / T) over the full
-  vocabulary, the quantity the learner recomputes. vLLM's default ``raw_logprobs`` is taken BEFORE temperature.
-  With top-k / top-p vLLM renormalises over the kept tokens, which is not our convention: refused (top_k=0, top_p=1).
-  For greedy (T = 0) vLLM skips the temperature: log-probs at T = 1, as base.py says.
-- Finish reasons (CompletionOutput.finish_reason / stop_reason): "length" -> "length"; "stop" with a str stop_reason
-  (the stop string) -> "delimiter"; "stop" with None (the EOS) or an int (a stop token id) -> "eos". token_ids keep
-  the token that completed the stop string and the EOS token (v1/engine/detokenizer.py): the HF backend's
-  convention. An EOS token never completes a delimiter (vLLM leaves it out of the text it checks), and a delimiter
-  completed by the last allowed token is "delimiter", not "length" (v1/engine/output_processor.py), as in hf.py.
-- Prefix caching is on (``enable_prefix_caching=True``): a tree level reuses the K/V of its parents' paths (full KV
-  blocks only). ``clear_cache`` and every weight load call ``reset_prefix_cache()``.
+  temperature (v1/worker/gpu/sample/sampler.py), i.e. base.py's convention log_softmax(logits / T) over the
+  full vocabulary, the quantity the learner recomputes. vLLM's default ``raw_logprobs`` is taken BEFORE
+  temperature. With top-k / top-p vLLM renormalises over the kept tokens, which is not our convention: refused
+  (top_k=0, top_p=1). For greedy (T = 0) vLLM skips the temperature: log-probs at T = 1, as base.py says.
+- Finish reasons (CompletionOutput.finish_reason / stop_reason): "length" -> "length"; "stop" with a str
+  stop_reason (the stop string) -> "delimiter"; "stop" with None (the EOS) or an int (a stop token id) ->
+  "eos". token_ids keep the token that completed the stop string and the EOS token (v1/engine/detokenizer.py):
+  the HF backend's convention. An EOS token never completes a delimiter (vLLM leaves it out of the text it
+  checks), and a delimiter completed by the last allowed token is "delimiter", not "length"
+  (v1/engine/output_processor.py), as in hf.py.
+- Prefix caching is on (``enable_prefix_caching=True``): a tree level reuses the K/V of its parents' paths
+  (full KV blocks only). ``clear_cache`` and every weight load call ``reset_prefix_cache()``.
 - Weights: ``load_weights`` hands (Hugging Face name, tensor) pairs in the engine's dtype to the worker's
   ``reload_weights(weights_iterator=..., is_checkpoint_format=True)`` through ``LLM.collective_rpc``
-  (v1/worker/gpu_worker.py -> model_runner.reload_weights -> model.load_weights, which takes Hugging Face names).
-  The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, one GPU): collective_rpc then calls the
-  worker directly and the tensors are handed over as they are; through a multiprocess engine's msgpack channel
-  they would not come back as tensors. (0.32's weight-transfer API, ``init_weight_transfer_engine`` /
-  ``update_weights`` with nccl or CUDA-IPC, needs the trainer's tensors on a GPU; ours arrive on the CPU.)
+  (v1/worker/gpu_worker.py -> model_runner.reload_weights -> model.load_weights, which takes Hugging Face
+  names). The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, one GPU): collective_rpc then
+  calls the worker directly and the tensors are handed over as they are; through a multiprocess engine's
+  msgpack channel they would not come back as tensors. (0.32's weight-transfer API,
+  ``init_weight_transfer_engine`` / ``update_weights`` with nccl or CUDA-IPC, needs the trainer's tensors on a
+  GPU; ours arrive on the CPU.)
 - Sharing a GPU with a learner: with ``enable_sleep_mode``, ``release()`` puts the engine to sleep (level 1:
-  weights offloaded to CPU memory, KV cache freed); ``load_weights`` wakes the weights (``wake_up(tags=["weights"])``)
-  and ``generate`` whatever still sleeps (``["kv_cache"]``) before sampling.
-- Determinism: each request gets its own seed, a hash of (params.seed, the context's token ids, how many identical
-  contexts came before it in the call); vLLM gives the request's n samples seed, seed + 1, ...
-  (v1/engine/parallel_sampling.py). The sampler derives params.seed from (seed, level) and a context IS the node's
-  path, so a sample depends on (seed, level, node path) only, not on what else shares the batch (up to vLLM's
-  numerics, which are not batch-invariant by default).
+  weights offloaded to CPU memory, KV cache freed); ``load_weights`` wakes the weights
+  (``wake_up(tags=["weights"])``) and ``generate`` whatever still sleeps (``["kv_cache"]``) before sampling.
+- Determinism: each request gets its own seed, a hash of (params.seed, the context's token ids, how many
+  identical contexts came before it in the call); vLLM gives the request's n samples seed, seed + 1, ...
+  (v1/engine/parallel_sampling.py). The sampler derives params.seed from (seed, level) and a context IS the
+  node's path, so a sample depends on (seed, level, node path) only, not on what else shares the batch (up to
+  vLLM's numerics, which are not batch-invariant by default).
 
 Not here: tensor parallelism (one GPU per engine), top-k/top-p, ``weights()`` (the learner holds the weights).
 """
@@ -82,9 +86,9 @@ def sampling_problem(temperature: float, top_p: float, top_k: int) -> str | None
     """Why vLLM cannot sample under base.py's log-prob convention with these settings, or None."""
     if top_k or top_p != 1.0:
         return (
-            f"top_k={top_k}, top_p={top_p}: with top-k/top-p vLLM's processed log-probs are renormalised over "
-            "the kept tokens, not log_softmax(logits / T) over the full vocabulary that the learner recomputes; "
-            "use top_k=0 and top_p=1 with backend 'vllm'"
+            f"top_k={top_k}, top_p={top_p}: with top-k/top-p vLLM's processed log-probs are renormalised "
+            "over the kept tokens, not log_softmax(logits / T) over the full vocabulary that the learner "
+            "recomputes; use top_k=0 and top_p=1 with backend 'vllm'"
         )
     if temperature > 2.0:
         return f"temperature={temperature}: vLLM accepts temperatures in [0, 2]"
@@ -129,8 +133,9 @@ class VLLMBackend(GenerationBackend):
         llm: a ``vllm.LLM`` built with ``logprobs_mode="processed_logprobs"`` and prefix caching
             (:meth:`from_pretrained` builds one).
         tokenizer: the policy's tokenizer, for the EOS id.
-        eos_token_ids: tokens that end a sample when ``stop_at_eos``; default: the tokenizer's EOS (vLLM itself
-            also stops at the EOS ids of the model's generation_config unless told to ignore EOS, as hf.py does).
+        eos_token_ids: tokens that end a sample when ``stop_at_eos``; default: the tokenizer's EOS (vLLM
+            itself also stops at the EOS ids of the model's generation_config unless told to ignore EOS, as
+            hf.py does).
         enable_sleep_mode: the engine was built with ``enable_sleep_mode=True``; ``release()`` then sleeps.
         sleep_level: 1 keeps a CPU copy of the weights (safe whatever comes next); 2 drops them.
     """
@@ -153,11 +158,13 @@ class VLLMBackend(GenerationBackend):
                 f"the vLLM engine returns {mode!r}; build it with logprobs_mode='processed_logprobs' "
                 "(log-probs after temperature, the learner's convention)"
             )
-        self.llm, self.tokenizer = llm, tokenizer
+        self.llm = llm
+        self.tokenizer = tokenizer
         if eos_token_ids is None:
             eos_token_ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
         self.eos_token_ids = sorted({int(i) for i in eos_token_ids})
-        self.enable_sleep_mode, self.sleep_level = bool(enable_sleep_mode), int(sleep_level)
+        self.enable_sleep_mode = bool(enable_sleep_mode)
+        self.sleep_level = int(sleep_level)
         self._asleep: set[str] = set()  # tags vLLM holds asleep
 
     @classmethod
@@ -175,7 +182,7 @@ class VLLMBackend(GenerationBackend):
     ) -> VLLMBackend:
         """Build the engine on this process's GPU (``llm_kwargs`` go to ``vllm.LLM`` as they are)."""
         require_vllm()
-        # In-process engine: collective_rpc hands the weight tensors to the worker directly (module docstring).
+        # In-process engine: collective_rpc hands the weight tensors to the worker directly (see above).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
@@ -259,7 +266,8 @@ class VLLMBackend(GenerationBackend):
         from vllm.inputs import TokensPrompt
 
         seen: dict[tuple[int, ...], int] = {}
-        prompts, requests = [], []
+        prompts = []
+        requests = []
         for key, n in zip(keys, counts, strict=True):
             duplicate = seen.get(tuple(key), 0)
             seen[tuple(key)] = duplicate + 1
@@ -281,8 +289,8 @@ class VLLMBackend(GenerationBackend):
         return prompts, requests
 
     def _count(self, context_len: int, cached: int | None, samples: list[Sample]) -> None:
-        """Estimated counters: vLLM reports the prompt tokens its prefix cache served, not its forward calls or
-        padding (forward_calls, pad_tokens stay 0). A request's n samples share one prefill."""
+        """Estimated counters: vLLM reports the prompt tokens its prefix cache served, not its forward calls
+        or padding (forward_calls, pad_tokens stay 0). A request's n samples share one prefill."""
         prefill = context_len - int(cached or 0)
         self.stats.prefill_tokens += prefill
         self.stats.cache_hits += int(bool(cached))

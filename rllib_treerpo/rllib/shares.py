@@ -70,7 +70,8 @@ def sample_shares(group, config, iteration: int, restore: Callable[[], list[int]
         [(_, trees, metrics)] = group.foreach_env_runner(
             _share_call(0, sizes[0], seeds[0]), local_env_runner=True
         )
-        out.trees, out.runner_metrics = trees, [metrics]
+        out.trees = trees
+        out.runner_metrics = [metrics]
         return out
 
     done: dict[int, tuple] = {}

@@ -186,7 +186,8 @@ class PPOCausalLMModule(CausalLMModule, ValueFunctionAPI):
 
         obs = torch.as_tensor(batch[Columns.OBS]).long().cpu().numpy()
         contexts = [row[1 : 1 + int(row[0])].tolist() for row in obs]
-        c, width = self.cfg, self.step_tokens
+        c = self.cfg
+        width = self.step_tokens
         params = SamplingParams(
             max_new_tokens=width,
             temperature=0.0 if greedy else c["temperature"],
@@ -239,7 +240,8 @@ class PPOCausalLMModule(CausalLMModule, ValueFunctionAPI):
     def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         ids, n_ctx = self._context(batch[Columns.OBS])
         actions = batch[Columns.ACTIONS].long()
-        n_act, act_ids = actions[:, 0], actions[:, 1:]
+        n_act = actions[:, 0]
+        act_ids = actions[:, 1:]
         b, width = act_ids.shape
         arange = torch.arange(width, device=ids.device)
         # Right-padded rows: context, then the step (written after each row's own context).
@@ -267,7 +269,8 @@ class PPOCausalLMModule(CausalLMModule, ValueFunctionAPI):
             ids, n_ctx = self._context(torch.as_tensor(batch[Columns.OBS]))
             parts = []
             for start in range(0, len(ids), 256):
-                chunk, n = ids[start : start + 256], n_ctx[start : start + 256]
+                chunk = ids[start : start + 256]
+                n = n_ctx[start : start + 256]
                 used = int(n.max())
                 chunk = chunk[:, :used]
                 attention = (torch.arange(used, device=chunk.device) < n[:, None]).long()

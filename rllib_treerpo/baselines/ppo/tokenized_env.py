@@ -98,8 +98,11 @@ class TokenizedReasoningEnv(gymnasium.Env):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}")
         self.tokenizer = _load_tokenizer(tokenizer)
-        self.step_tokens, self.max_steps, self.max_prompt_tokens = step_tokens, max_steps, max_prompt_tokens
-        self.stop_at_eos, self.render_mode = stop_at_eos, render_mode
+        self.step_tokens = step_tokens
+        self.max_steps = max_steps
+        self.max_prompt_tokens = max_prompt_tokens
+        self.stop_at_eos = stop_at_eos
+        self.render_mode = render_mode
         self.vocab_size = len(self.tokenizer)
         pad = (
             self.tokenizer.pad_token_id
