@@ -1,7 +1,7 @@
 """Value checks of the settings: each returns why a value is bad, or None. Pure.
 
-A field's check sees its own value (settings.py names one per field); :func:`check_fields` runs them over a mapping
-and raises the one-line error that names the first bad field.
+A field's check sees its own value (settings.py names one per field); :func:`check_fields` runs them over a
+mapping and raises the one-line error that names the first bad field.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def env_id(v: Any) -> str | None:
 
 
 def check_fields(values: dict[str, Any], fields: dict[str, Any]) -> None:
-    """ValueError naming the first field of ``fields`` (name -> settings.Field) whose value in ``values`` is bad."""
+    """ValueError naming the first field of ``fields`` (name -> settings.Field) whose value in ``values`` is
+    bad."""
     for name, field in fields.items():
         if name in values:
             why = field.check(values[name])

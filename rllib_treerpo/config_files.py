@@ -15,7 +15,8 @@ from typing import Any
 
 from rllib_treerpo.settings import FIELDS, JOB_FIELDS, RLLIB_FIELD_CHECKS, Field
 
-# Sections of a config file that are not fields: read by their own commands (`treerpo sweep`, the PPO baseline).
+# Sections of a config file that are not fields: read by their own commands (`treerpo sweep`, the PPO
+# baseline).
 SECTIONS = ("sweep", "ppo")
 
 
@@ -23,8 +24,9 @@ _YAML11_FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def numbers_as_written(value: Any) -> Any:
-    """``"1e-4"`` -> 1e-4: YAML 1.1 (PyYAML) reads scientific notation without a dot as a string, users write it
-    anyway. Applied to every value of a config (nested mappings and lists too); other strings are left alone."""
+    """``"1e-4"`` -> 1e-4: YAML 1.1 (PyYAML) reads scientific notation without a dot as a string, users write
+    it anyway. Applied to every value of a config (nested mappings and lists too); other strings are left
+    alone."""
     if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
         return float(value)
     if isinstance(value, dict):
@@ -68,7 +70,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def split_fields(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """A flat config mapping -> (algorithm values, job values (JOB_FIELDS), sections (SECTIONS))."""
-    algo, job, sections = {}, {}, {}
+    algo = {}
+    job = {}
+    sections = {}
     for key, value in values.items():
         (job if key in JOB_FIELDS else sections if key in SECTIONS else algo)[key] = value
     return algo, job, sections
@@ -79,10 +83,11 @@ def load_config(
     overrides: dict[str, Any] | None,
     set_algorithm_fields: Callable[[dict[str, Any], str], Any],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The one loader of config files: the file's fields, then ``overrides`` (``--set``), over the caller's defaults.
+    """The one loader of config files: the file's fields, then ``overrides`` (``--set``), over the caller's
+    defaults.
 
-    The algorithm fields of each source go to ``set_algorithm_fields(values, source)`` (so that an unknown key names
-    its file or ``--set``); returns the job fields (later sources win) and the sections."""
+    The algorithm fields of each source go to ``set_algorithm_fields(values, source)`` (so that an unknown key
+    names its file or ``--set``); returns the job fields (later sources win) and the sections."""
     job: dict[str, Any] = {}
     sections: dict[str, Any] = {}
     for source, values in (
@@ -97,8 +102,9 @@ def load_config(
 
 
 def coerce_numbers(values: dict[str, Any], fields: dict[str, Field]) -> dict[str, Any]:
-    """A number written as a string (YAML 1.1 reads ``1e-4`` as one; a quoted ``"32"``) becomes that number when
-    the string fails its field's check and the number passes it; anything else is left for the check to name."""
+    """A number written as a string (YAML 1.1 reads ``1e-4`` as one; a quoted ``"32"``) becomes that number
+    when the string fails its field's check and the number passes it; anything else is left for the check to
+    name."""
     out = dict(values)
     for name, value in values.items():
         field = fields.get(name)
@@ -116,18 +122,18 @@ def coerce_numbers(values: dict[str, Any], fields: dict[str, Field]) -> dict[str
 
 
 def fields_markdown() -> str:
-    """docs/fields.md: every field of a config file with its default and meaning, from settings.py (tests check
-    that the file is current: ``treerpo fields > docs/fields.md`` rewrites it)."""
+    """docs/fields.md: every field of a config file with its default and meaning, from settings.py (tests
+    check that the file is current: ``treerpo fields > docs/fields.md`` rewrites it)."""
     import yaml
 
     def default(value: Any) -> str:
         return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("\n...")
 
     parts = [
-        "# Config fields\n\nEvery key a config file (or `--set`, or `TreeRPOConfig.training(...)`) takes, with its "
-        "default: the embedded CPU default that `make train` runs. Generated from `rllib_treerpo/settings.py` by "
-        "`treerpo fields > docs/fields.md`; a test keeps it current. Any other public RLlib "
-        "`AlgorithmConfig` attribute is accepted too (RLlib validates it).\n"
+        "# Config fields\n\nEvery key a config file (or `--set`, or `TreeRPOConfig.training(...)`) takes, "
+        "with its default: the embedded CPU default that `make train` runs. Generated from "
+        "`rllib_treerpo/settings.py` by `treerpo fields > docs/fields.md`; a test keeps it current. Any "
+        "other public RLlib `AlgorithmConfig` attribute is accepted too (RLlib validates it).\n"
     ]
     for title, fields in (
         ("TreeRPO's fields (`TreeRPOConfig`)", FIELDS),

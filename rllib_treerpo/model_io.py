@@ -1,6 +1,6 @@
 """Model I/O, one place: load a causal LM, find a policy's weights (Hugging Face folder, run folder, RLlib
-checkpoint), translate RLModule state to Hugging Face names and back, write a Hugging Face folder. Ray-free, except
-that reading the algorithm config pickled inside a bare RLlib checkpoint needs Ray's classes.
+checkpoint), translate RLModule state to Hugging Face names and back, write a Hugging Face folder. Ray-free,
+except that reading the algorithm config pickled inside a bare RLlib checkpoint needs Ray's classes.
 
 Names: the RLModule (rllib/rl_module.py) holds the transformers model as ``self.model``, so its state keys are
 ``"model." + <Hugging Face key>``; a PPO module's value head (``value_head.*``) is not part of the policy.
@@ -42,26 +42,27 @@ def load_causal_lm(model_name_or_path: str | None, dtype: str = "float32"):
 
 @contextlib.contextmanager
 def _loading(model_name_or_path: str):
-    """A model or tokenizer that cannot be loaded (a hub name with no network and no cached copy, a folder missing
-    files) is one ValueError naming the config field, not transformers' traceback."""
+    """A model or tokenizer that cannot be loaded (a hub name with no network and no cached copy, a folder
+    missing files) is one ValueError naming the config field, not transformers' traceback."""
     try:
         yield
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(
-            f"config field 'model_name_or_path' = {model_name_or_path!r}: cannot load it ({first}). A local model: "
-            "check the path (`treerpo get-model` writes one); a hub name needs the network once"
+            f"config field 'model_name_or_path' = {model_name_or_path!r}: cannot load it "
+            f"({first}). A local model: check the path (`treerpo get-model` writes one); a hub name "
+            "needs the network once"
         ) from e
 
 
 def check_model_config(model_name_or_path: str | None) -> None:
     """Cheap checks on a model's config.json alone (no weights), before any expensive load.
 
-    Refuses a model with sliding-window layers (Gemma-2/3, Qwen2 with use_sliding_window, ...): the hf backend's
-    cache supports full attention only. The ``layer_types`` of the config, or of its text config (multimodal
-    models), are read. Never goes to the network: a hub name is checked when its config is in the local Hugging
-    Face cache; a config that cannot be read here is left to the model load to report (the hf backend refuses
-    such a model again after loading).
+    Refuses a model with sliding-window layers (Gemma-2/3, Qwen2 with use_sliding_window, ...): the hf
+    backend's cache supports full attention only. The ``layer_types`` of the config, or of its text config
+    (multimodal models), are read. Never goes to the network: a hub name is checked when its config is in the
+    local Hugging Face cache; a config that cannot be read here is left to the model load to report (the hf
+    backend refuses such a model again after loading).
     """
     if not model_name_or_path:
         return
@@ -86,9 +87,9 @@ def check_model_config(model_name_or_path: str | None) -> None:
 
 
 def check_model_path(model_name_or_path: str | None) -> None:
-    """ValueError naming config field ``model_name_or_path`` when it is a local path that cannot be a model: missing
-    (and not shaped like a hub name, ``org/name`` or ``name``), a file, or a folder without config.json. Hub names
-    and null (the job's embedded model) pass; nothing goes to the network."""
+    """ValueError naming config field ``model_name_or_path`` when it is a local path that cannot be a model:
+    missing (and not shaped like a hub name, ``org/name`` or ``name``), a file, or a folder without
+    config.json. Hub names and null (the job's embedded model) pass; nothing goes to the network."""
     if not isinstance(model_name_or_path, str):
         return
     path = Path(model_name_or_path).expanduser()
@@ -146,7 +147,8 @@ def save_hf_folder(
 
     with _loading(base_model):
         config = AutoConfig.from_pretrained(base_model)
-    target, cast = DTYPES[dtype], {}
+    target = DTYPES[dtype]
+    cast = {}
     state = {}
     for name, value in weights.items():
         tensor = torch.as_tensor(value)
@@ -164,7 +166,8 @@ def save_hf_folder(
     load_tokenizer(base_model).save_pretrained(folder)
 
 
-# --- where a policy's weights are -----------------------------------------------------------------------------
+# --- where a policy's weights are
+# -----------------------------------------------------------------------------
 @dataclass
 class ResolvedModel:
     """Where the weights are: ``kind`` is "hf" (``path`` is a folder or hub name) or "checkpoint"."""
@@ -226,9 +229,9 @@ def _checkpoint_config(ckpt: Path) -> dict[str, Any]:
 
 
 def resolve_model(path: str) -> ResolvedModel:
-    """Classify a model path: a Hugging Face folder (a run's ``final_model/`` brings its run's config), an RLlib
-    checkpoint, a `treerpo train` output folder (its final model, else its latest checkpoint) or a hub name.
-    Anything else is a ValueError naming the path."""
+    """Classify a model path: a Hugging Face folder (a run's ``final_model/`` brings its run's config), an
+    RLlib checkpoint, a `treerpo train` output folder (its final model, else its latest checkpoint) or a hub
+    name. Anything else is a ValueError naming the path."""
     p = Path(path).expanduser()
     if not p.exists():
         if _HUB_NAME.match(path) and not path.startswith((".", "/", "~")):
@@ -271,7 +274,8 @@ def resolve_model(path: str) -> ResolvedModel:
 
 def read_module_state(module_dir: Path) -> dict[str, Any]:
     """The RLModule state file of an RLlib checkpoint (``module_state.pkl`` or ``.msgpack``)."""
-    pkl, msg = module_dir / "module_state.pkl", module_dir / "module_state.msgpack"
+    pkl = module_dir / "module_state.pkl"
+    msg = module_dir / "module_state.msgpack"
     if pkl.is_file():
         import pickle
 
@@ -293,7 +297,8 @@ def load_policy(resolved: ResolvedModel, dtype: str = "float32"):
         raise ValueError(f"dtype {dtype!r}: must be one of {list(DTYPES)}")
     if resolved.kind == "hf":
         try:
-            model, tokenizer = load_causal_lm(resolved.path, dtype), load_tokenizer(resolved.path)
+            model = load_causal_lm(resolved.path, dtype)
+            tokenizer = load_tokenizer(resolved.path)
         except OSError as e:
             raise ValueError(f"{resolved.path}: cannot load it: {str(e).splitlines()[0]}") from e
         return model.eval(), tokenizer, resolved.path
@@ -302,7 +307,8 @@ def load_policy(resolved: ResolvedModel, dtype: str = "float32"):
     if not base:
         raise ValueError(f"{resolved.path}: the checkpoint's config has no model_name_or_path")
     try:
-        model, tokenizer = load_causal_lm(base, dtype), load_tokenizer(base)
+        model = load_causal_lm(base, dtype)
+        tokenizer = load_tokenizer(base)
     except OSError as e:
         raise ValueError(
             f"{resolved.path}: its base model {base!r} (model_name_or_path) cannot be loaded: "

@@ -1,11 +1,12 @@
-"""The run against this machine, checked before anything expensive (warm start, Ray start-up, model load). Ray-free.
+"""The run against this machine, checked before anything expensive (warm start, Ray start-up, model load).
+Ray-free.
 
-Every entry point (`treerpo train`, `TreeRPOConfig.build_algo()`, `tune.run("TreeRPO")`) calls :func:`preflight`
-(through ``TreeRPOConfig.preflight``, after the values are checked) with the algorithm's settings and the held-out
-env's config, so a misfit fails in seconds with one line naming the field: the backend's package, a local model
-path that cannot be a model, the env id and its arguments, the tree deeper than the env's step limit, a model with
-sliding-window layers, and the longest prompt plus the response budget (depth x step_tokens) against the model's
-window.
+Every entry point (`treerpo train`, `TreeRPOConfig.build_algo()`, `tune.run("TreeRPO")`) calls
+:func:`preflight` (through ``TreeRPOConfig.preflight``, after the values are checked) with the algorithm's
+settings and the held-out env's config, so a misfit fails in seconds with one line naming the field: the
+backend's package, a local model path that cannot be a model, the env id and its arguments, the tree deeper
+than the env's step limit, a model with sliding-window layers, and the longest prompt plus the response budget
+(depth x step_tokens) against the model's window.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ def preflight(
     *,
     model_path_is_local: bool = True,
 ) -> None:
-    """ValueError naming the field when ``config`` (a TreeRPOConfig or anything with its fields) cannot run here.
+    """ValueError naming the field when ``config`` (a TreeRPOConfig or anything with its fields) cannot run
+    here.
 
     ``tiny_model``: the embedded model's architecture when ``model_name_or_path`` is null (its window).
-    ``model_path_is_local``: false on a cluster of several nodes, where a model path may exist on other nodes only.
+    ``model_path_is_local``: false on a cluster of several nodes, where a model path may exist on other nodes
+    only.
     """
     from envs import make_reasoning_env
     from rllib_treerpo.model_io import check_model_config, check_model_path
@@ -47,8 +50,8 @@ def preflight(
         max_steps = getattr(env, "max_steps", None)
         if max_steps is not None and max_steps < spec.depth:
             raise ValueError(
-                f"config field 'branching' = {list(spec.branching)}: a tree of depth {spec.depth} is deeper than the "
-                f"env allows (its max_steps = {max_steps}; raise it in {field} or use fewer levels)"
+                f"config field 'branching' = {list(spec.branching)}: a tree of depth {spec.depth} is deeper "
+                f"than the env allows (its max_steps = {max_steps}; raise it in {field} or use fewer levels)"
             )
     check_model_config(config.model_name_or_path)
     tokenizer, window = _tokenizer_and_window(config.model_name_or_path, tiny_model)
@@ -61,9 +64,10 @@ def preflight(
         longest, problem = _longest_prompt(env, tok)
         if longest + spec.response_tokens > window:
             raise ValueError(
-                f"config field 'step_tokens' = {spec.step_tokens}: a prompt of {longest} tokens ({field} problem "
-                f"{problem!r}) + depth {spec.depth} x step_tokens {spec.step_tokens} = "
-                f"{longest + spec.response_tokens} > the model window {window}; use shorter steps or fewer levels"
+                f"config field 'step_tokens' = {spec.step_tokens}: a prompt of {longest} tokens ({field} "
+                f"problem {problem!r}) + depth {spec.depth} x step_tokens {spec.step_tokens} = "
+                f"{longest + spec.response_tokens} > the model window {window}; use shorter steps or "
+                "fewer levels"
             )
 
 
@@ -94,7 +98,8 @@ def _tokenizer_and_window(model_name_or_path: str | None, tiny_model: dict | Non
 
 def _longest_prompt(env: Any, tokenizer: Any) -> tuple[int, str]:
     """Tokens of the longest prompt among the env's first problems (indexed envs) or seeded draws."""
-    longest, problem = 0, ""
+    longest = 0
+    problem = ""
     for i in range(PROMPTS_CHECKED):
         probe = env.clone()
         try:
@@ -105,5 +110,6 @@ def _longest_prompt(env: Any, tokenizer: Any) -> tuple[int, str]:
             prompt, info = probe.reset(seed=i)
         n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         if n > longest:
-            longest, problem = n, str(info.get("problem_id", i))
+            longest = n
+            problem = str(info.get("problem_id", i))
     return longest, problem

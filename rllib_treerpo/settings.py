@@ -1,20 +1,20 @@
 """Every setting, declared once with its type, default, meaning and check. Pure (no Ray).
 
 The defaults are the embedded CPU default that `make train` runs (configs/tiny_arith.yaml): the tiny model on
-3-step arithmetic, a [4, 4, 4] tree of 16-token steps. The paper's settings (D=3, N=8, 384-token steps, its model,
-bf16, GPUs) are configs/paper_qwen25_math_1p5b_treerpo.yaml.
+3-step arithmetic, a [4, 4, 4] tree of 16-token steps. The paper's settings (D=3, N=8, 384-token steps, its
+model, bf16, GPUs) are configs/paper_qwen25_math_1p5b_treerpo.yaml.
 
 - :class:`TreeRPOSettings`: TreeRPO's own algorithm settings (docs/algorithm.md), read by the sampler, the
   advantages and the learner. :class:`rllib_treerpo.rllib.TreeRPOConfig` inherits them beside RLlib's
   AlgorithmConfig attributes, so ``config.tau`` is a typed attribute an editor and a type checker see.
-- :class:`RLlibSettings`: the RLlib AlgorithmConfig attributes a config file sets, at TreeRPO's defaults and with
-  TreeRPO's checks (their meaning is RLlib's).
-- :class:`JobSettings`: the `treerpo train` job's settings (iterations, checkpoints, held-out evaluation, which
-  algorithm, the embedded model's settings); :class:`rllib_treerpo.jobs.config.JobConfig` carries them.
+- :class:`RLlibSettings`: the RLlib AlgorithmConfig attributes a config file sets, at TreeRPO's defaults and
+  with TreeRPO's checks (their meaning is RLlib's).
+- :class:`JobSettings`: the `treerpo train` job's settings (iterations, checkpoints, held-out evaluation,
+  which algorithm, the embedded model's settings); :class:`rllib_treerpo.jobs.config.JobConfig` carries them.
 
-A YAML file in configs/ is one flat mapping of all three; the loader splits it (config_files.py). docs/fields.md is
-generated from these declarations (`treerpo fields`). Each list of allowed values is the one of the module that
-implements the choice.
+A YAML file in configs/ is one flat mapping of all three; the loader splits it (config_files.py).
+docs/fields.md is generated from these declarations (`treerpo fields`). Each list of allowed values is the one
+of the module that implements the choice.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from rllib_treerpo.checks import (
     true_or_false,
     unit_interval,
 )
+from rllib_treerpo.forward import ATTENTIONS
 from rllib_treerpo.generation import BACKENDS
 from rllib_treerpo.losses import KL_ESTIMATORS, LOSS_AGGS
 from rllib_treerpo.model_io import DTYPES
-from rllib_treerpo.forward import ATTENTIONS
 
 ALGORITHMS = ("TreeRPO", "PPO")  # what `treerpo train` runs (the job field `algorithm`)
 
@@ -157,7 +157,8 @@ class TreeRPOSettings:
     pack_attention: str = setting(
         "segments",
         "Attention inside a pack: segments (each node's tokens against its own path's keys; no masked work, "
-        "tree_attention.py) or dense (one L x L tree mask handed to the model's attention, e.g. sdpa or flex).",
+        "tree_attention.py) or dense (one L x L tree mask handed to the model's attention, e.g. sdpa or "
+        "flex).",
         one_of(*ATTENTIONS),
     )
     num_minibatches: int = setting(
@@ -168,8 +169,8 @@ class TreeRPOSettings:
     )
     forward_tokens: int | None = setting(
         16384,
-        "Most tokens (rows x longest row) of one learner forward: a minibatch is split into such micro-batches "
-        "whose gradients add up (memory bound; null: one forward per minibatch).",
+        "Most tokens (rows x longest row) of one learner forward: a minibatch is split into such "
+        "micro-batches whose gradients add up (memory bound; null: one forward per minibatch).",
         optional(positive_int),
     )
     logits_chunk: int | None = setting(
@@ -189,44 +190,47 @@ class TreeRPOSettings:
     )
     dtype: str = setting(
         "float32",
-        "Compute dtype: the sampler's weights (env runners, evaluation), the learner's forward and the exported "
-        "final_model. bfloat16 halves the sampler's copy; the learner's weights follow mixed_precision.",
+        "Compute dtype: the sampler's weights (env runners, evaluation), the learner's forward and the "
+        "exported final_model. bfloat16 halves the sampler's copy; the learner's weights follow "
+        "mixed_precision.",
         one_of(*DTYPES),
     )
     mixed_precision: bool = setting(
         True,
-        "With dtype bfloat16: the learner keeps float32 master weights and AdamW state and runs its forward under "
-        "bf16 autocast (checkpoints hold the float32 masters); false trains the bf16 weights themselves (most "
-        "small-lr updates then round to zero). No effect with float32 (rllib_treerpo/precision.py).",
+        "With dtype bfloat16: the learner keeps float32 master weights and AdamW state and runs its forward "
+        "under bf16 autocast (checkpoints hold the float32 masters); false trains the bf16 weights "
+        "themselves (most small-lr updates then round to zero). No effect with float32 "
+        "(rllib_treerpo/precision.py).",
         true_or_false,
     )
     gradient_checkpointing: bool = setting(
         False,
-        "Recompute each decoder layer's activations in the backward instead of keeping them: less learner memory "
-        "for about one more forward of compute; the same update.",
+        "Recompute each decoder layer's activations in the backward instead of keeping them: less learner "
+        "memory for about one more forward of compute; the same update.",
         true_or_false,
     )
     backend: str = setting(
         "hf",
-        "Generation backend on the env runners: hf (transformers, CPU or GPU) or vllm (GPU only, the optional "
-        "extra; docs/vllm.md).",
+        "Generation backend on the env runners: hf (transformers, CPU or GPU) or vllm (GPU only, the "
+        "optional extra; docs/vllm.md).",
         one_of(*BACKENDS),
     )
     generation_batch: int | None = setting(
         512,
-        "Most sequences the hf backend decodes together: a tree level with more samples is generated in chunks "
-        "(memory bound; null: a whole level at once). vLLM batches by itself.",
+        "Most sequences the hf backend decodes together: a tree level with more samples is generated in "
+        "chunks (memory bound; null: a whole level at once). vLLM batches by itself.",
         optional(positive_int),
     )
     gpu_memory_utilization: float = setting(
         0.9,
-        "vllm backend: fraction of the GPU's memory the engine takes for weights and KV cache; leave room for a "
-        "learner on the same GPU.",
+        "vllm backend: fraction of the GPU's memory the engine takes for weights and KV cache; leave room "
+        "for a learner on the same GPU.",
         unit_interval,
     )
     max_model_len: int | None = setting(
         None,
-        "vllm backend: longest context plus response in tokens (sizes the KV cache); null: the model's window.",
+        "vllm backend: longest context plus response in tokens (sizes the KV cache); null: the model's "
+        "window.",
         optional(positive_int),
     )
     enable_sleep_mode: bool = setting(
@@ -263,7 +267,8 @@ class TreeRPOSettings:
 
 
 class RLlibSettings:
-    """RLlib AlgorithmConfig attributes a config file sets: TreeRPO's defaults and checks (meaning: RLlib's)."""
+    """RLlib AlgorithmConfig attributes a config file sets: TreeRPO's defaults and checks (meaning:
+    RLlib's)."""
 
     env: Any = setting(
         "treerpo/Arithmetic-v0", "The reasoning env: a gymnasium id or a ReasoningEnv class.", env_id
@@ -285,9 +290,9 @@ class RLlibSettings:
     num_gpus_per_learner: float = setting(0, "GPUs per learner.", finite(non_negative))
     num_gpus_per_env_runner: float = setting(0, "GPUs per remote env runner.", finite(non_negative))
     num_cpus_per_env_runner: float = setting(1, "CPUs per remote env runner.", finite(non_negative))
-    # null: a local env runner only when it is the one that samples (num_env_runners 0). Beside remote runners it
-    # would hold one more copy of the model on the driver and load every weight sync; restarted runners take
-    # their state from the learners instead (Algorithm.restore_env_runners).
+    # null: a local env runner only when it is the one that samples (num_env_runners 0). Beside remote runners
+    # it would hold one more copy of the model on the driver and load every weight sync; restarted runners
+    # take their state from the learners instead (Algorithm.restore_env_runners).
     create_local_env_runner: bool | None = setting(
         None,
         "A local env runner on the driver; null: only when num_env_runners is 0.",
@@ -295,7 +300,8 @@ class RLlibSettings:
     )
     restart_failed_env_runners: bool = setting(True, "Ray restarts a lost env runner.", true_or_false)
     max_num_env_runner_restarts: int = setting(1000, "Restarts allowed per env runner.", non_negative_int)
-    # RLlib's 60 s stalls the iteration that waits for a runner that raised; a killed one is restarted at once.
+    # RLlib's 60 s stalls the iteration that waits for a runner that raised; a killed one is restarted at
+    # once.
     delay_between_env_runner_restarts_s: float = setting(
         1.0, "Seconds a runner that raised waits before it exits and is restarted.", finite(non_negative)
     )
@@ -319,8 +325,8 @@ class JobSettings:
     )
     eval_samples: int = setting(
         16,
-        "Sampled responses per held-out problem for pass@1 (plus one greedy); 16 keep the sampling seed's effect "
-        "on pass@1 under about a point on 200 problems.",
+        "Sampled responses per held-out problem for pass@1 (plus one greedy); 16 keep the sampling seed's "
+        "effect on pass@1 under about a point on 200 problems.",
         positive_int,
     )
     eval_every: int = setting(
@@ -336,8 +342,8 @@ class JobSettings:
     )
     save_trees: int = setting(
         2,
-        "Sampled trees saved per iteration under trees/ (with their values and advantages) for `treerpo show`; "
-        "0 saves none.",
+        "Sampled trees saved per iteration under trees/ (with their values and advantages) for `treerpo "
+        "show`; 0 saves none.",
         non_negative_int,
     )
     eval_env_config: dict = setting(

@@ -58,7 +58,8 @@ def sft(
     Returns the loss of every step. ``progress(step, loss)`` is called every 50 steps.
     """
     ids, mask = encode_demonstrations(tokenizer, demos)
-    ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+    ids_t = torch.from_numpy(ids)
+    mask_t = torch.from_numpy(mask)
     gen = np.random.default_rng(seed)
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -71,9 +72,11 @@ def sft(
     losses = []
     for step in range(steps):
         pick = torch.from_numpy(gen.integers(0, len(ids), batch_size))
-        x, m = ids_t[pick].to(device), mask_t[pick].to(device)
+        x = ids_t[pick].to(device)
+        m = mask_t[pick].to(device)
         width = int(m.nonzero()[:, 1].max()) + 1  # trim shared right padding
-        x, m = x[:, :width], m[:, :width]
+        x = x[:, :width]
+        m = m[:, :width]
         logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none"
@@ -94,7 +97,8 @@ def sft(
 def embedded_model_folder(
     env: Any, env_config: dict | None, tiny_model: dict | None = None, warmstart: dict | None = None
 ) -> Path:
-    """Where the embedded model of these settings is cached (None: the job's defaults, settings.JOB_FIELDS)."""
+    """Where the embedded model of these settings is cached (None: the job's defaults,
+    settings.JOB_FIELDS)."""
     tiny_model, ws = _settings(tiny_model, warmstart)
     key = json.dumps(
         {"tiny": tiny_model, "warmstart": ws, "env": str(env), "env_config": env_config or {}, "v": 1},
@@ -122,8 +126,8 @@ def embedded_model(
 ) -> str:
     """The embedded default model: the tiny char-level model warm-started on the env's demonstrations.
 
-    Built once per settings and cached (:func:`embedded_model_folder`, ``$TREERPO_CACHE``); returns the Hugging
-    Face folder. ``tiny_model`` / ``warmstart`` None: the job's defaults (what `make train` builds).
+    Built once per settings and cached (:func:`embedded_model_folder`, ``$TREERPO_CACHE``); returns the
+    Hugging Face folder. ``tiny_model`` / ``warmstart`` None: the job's defaults (what `make train` builds).
     """
     from envs import make_reasoning_env
     from rllib_treerpo.tiny import build_char_tokenizer, build_tiny_model

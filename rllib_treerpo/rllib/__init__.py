@@ -1,8 +1,9 @@
 """The RLlib adapters: TreeRPOConfig (config.py) and TreeRPO (algorithm.py), the env runner that grows trees
-(env_runner.py), the learner (learner.py), the causal-LM RLModule (rl_module.py), and the Tune registration below.
+(env_runner.py), the learner (learner.py), the causal-LM RLModule (rl_module.py), and the Tune registration
+below.
 
-They are thin: sampling, advantages, rows and the loss are the Ray-free core's (rllib_treerpo/*.py); this layer adds
-actors, learners, checkpoints and Tune.
+They are thin: sampling, advantages, rows and the loss are the Ray-free core's (rllib_treerpo/*.py); this
+layer adds actors, learners, checkpoints and Tune.
 """
 
 from rllib_treerpo.rllib.algorithm import TreeRPO

@@ -1,7 +1,7 @@
 """TreeRPO: the algorithm on RLlib's new API stack, like RLlib's PPO (its config: rllib/config.py).
 
-training_step reads like the loop it is (docs/algorithm.md s.1-s.4): sample trees -> advantages and rows -> learner
-update -> weight sync, each stage timed through the MetricsLogger.
+training_step reads like the loop it is (docs/algorithm.md s.1-s.4): sample trees -> advantages and rows ->
+learner update -> weight sync, each stage timed through the MetricsLogger.
 """
 
 from __future__ import annotations
@@ -38,6 +38,14 @@ class TreeRPO(Algorithm):
     @override(Algorithm)
     def get_default_config(cls) -> TreeRPOConfig:
         return TreeRPOConfig()
+
+    @override(Algorithm)
+    def setup(self, config) -> None:
+        # env runners restored since the last iteration (restore_env_runners), logged by the next one
+        self._env_runner_restarts = 0
+        super().setup(config)
+        # the packs' padding id; the config's model is resolved (validated) before setup
+        self._pad_token_id = pad_token_id(load_tokenizer(self.config.model_name_or_path))
 
     @override(Algorithm)
     def training_step(self) -> None:
@@ -81,15 +89,16 @@ class TreeRPO(Algorithm):
         self.metrics.log_value("perf/prompts_lifetime", tree_metrics["tree/trees"], reduce="lifetime_sum")
 
     def _update(self, packs: list) -> tuple[int, int]:
-        """One learner update per planned minibatch (batches.minibatches: num_minibatches per epoch, every loss
-        token once per epoch, shards of equal size per learner); returns the optimizer steps and tokens fed."""
+        """One learner update per planned minibatch (batches.minibatches: num_minibatches per epoch, every
+        loss token once per epoch, shards of equal size per learner); returns the optimizer steps and tokens
+        fed."""
         c = self.config
         if not packs:  # every group may have been filtered out (e.g. all leaves equal)
             return 0, 0
         plan = minibatches(
             packs,
             BatchSettings.from_config(c),
-            self._pad_id(),
+            self._pad_token_id,
             seed=minibatch_seed(c.seed, self.iteration),
             num_learners=max(1, c.num_learners),
         )
@@ -105,13 +114,14 @@ class TreeRPO(Algorithm):
         return len(plan), sum(len(p.input_ids) for p in packs) * c.num_epochs
 
     def _sample_trees(self):
-        """Each env runner grows its share of prompts_per_iteration trees (in parallel when remote); a share lost
-        with its runner is grown again on a healthy one with the same seed (rllib/shares.py)."""
+        """Each env runner grows its share of prompts_per_iteration trees (in parallel when remote); a share
+        lost with its runner is grown again on a healthy one with the same seed (rllib/shares.py)."""
         from rllib_treerpo.rllib.shares import sample_shares
 
         group = self.env_runner_group
         sampled = sample_shares(group, self.config, self.iteration, lambda: self.restore_env_runners(group))
-        restarts, self._env_runner_restarts = getattr(self, "_env_runner_restarts", 0), 0
+        restarts = self._env_runner_restarts
+        self._env_runner_restarts = 0
         for name, value in (("env_runner_failures", sampled.failures), ("env_runner_restarts", restarts)):
             self.metrics.log_value(f"perf/{name}", float(value), window=1)
             self.metrics.log_value(f"perf/{name}_lifetime", float(value), reduce="lifetime_sum")
@@ -126,10 +136,5 @@ class TreeRPO(Algorithm):
         ``perf/env_runner_restarts``."""
         restored = super().restore_env_runners(env_runner_group)
         if env_runner_group is self.env_runner_group:
-            self._env_runner_restarts = getattr(self, "_env_runner_restarts", 0) + len(restored)
+            self._env_runner_restarts += len(restored)
         return restored
-
-    def _pad_id(self) -> int:
-        if not hasattr(self, "_cached_pad_id"):
-            self._cached_pad_id = pad_token_id(load_tokenizer(self.config.model_name_or_path))
-        return self._cached_pad_id

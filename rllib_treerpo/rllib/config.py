@@ -1,16 +1,16 @@
 """TreeRPOConfig: TreeRPO's settings on RLlib's AlgorithmConfig, like RLlib's PPOConfig.
 
-The fields are declared once, typed and documented, in :mod:`rllib_treerpo.settings` (``TreeRPOSettings``, which
-this class inherits, and ``RLlibSettings``: the RLlib attributes at TreeRPO's defaults). Checks come in three
-nested steps:
+The fields are declared once, typed and documented, in :mod:`rllib_treerpo.settings` (``TreeRPOSettings``,
+which this class inherits, and ``RLlibSettings``: the RLlib attributes at TreeRPO's defaults). Checks come in
+three nested steps:
 
 - :meth:`TreeRPOConfig.check_values`: every value, pure (loaders run it: a vllm config loads where vllm is not
   installed);
 - :meth:`TreeRPOConfig.preflight`: the values, RLlib's own checks, then the run against this machine
-  (:func:`rllib_treerpo.preflight.preflight`: the backend's package, the model, the env, the window), before anything
-  expensive;
-- :meth:`TreeRPOConfig.validate`: RLlib's hook before it builds the algorithm: the preflight, then the embedded
-  default model when no model is given.
+  (:func:`rllib_treerpo.preflight.preflight`: the backend's package, the model, the env, the window), before
+  anything expensive;
+- :meth:`TreeRPOConfig.validate`: RLlib's hook before it builds the algorithm: the preflight, then the
+  embedded default model when no model is given.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ class TreeRPOConfig(AlgorithmConfig, TreeRPOSettings):
         from rllib_treerpo.rllib.env_runner import TreeEnvRunner
 
         super().__init__(algo_class=algo_class or TreeRPO)
-        # TreeRPO exists only on RLlib's new API stack: its one-time notice that the new stack is now the default is
-        # noise in our users' logs, so it is marked as already shown.
+        # TreeRPO exists only on RLlib's new API stack: its one-time notice that the new stack is now the
+        # default is noise in our users' logs, so it is marked as already shown.
         log_once(f"{self.algo_class.__name__}_on_new_api_stack")
         set_defaults(self, TreeRPOSettings)
         set_defaults(self, RLlibSettings)
@@ -116,8 +116,8 @@ class TreeRPOConfig(AlgorithmConfig, TreeRPOSettings):
         system_prompt: str | None = NotProvided,
         **kwargs,
     ) -> TreeRPOConfig:
-        """Sets TreeRPO's fields (documented in settings.TreeRPOSettings) and any of AlgorithmConfig.training's
-        arguments (``lr``, ``grad_clip``, ``num_epochs``, ...)."""
+        """Sets TreeRPO's fields (documented in settings.TreeRPOSettings) and any of
+        AlgorithmConfig.training's arguments (``lr``, ``grad_clip``, ``num_epochs``, ...)."""
         given = {
             name: value for name, value in locals().items() if name in FIELDS and value is not NotProvided
         }
@@ -128,30 +128,31 @@ class TreeRPOConfig(AlgorithmConfig, TreeRPOSettings):
 
     # --- checks ---------------------------------------------------------------------------------------------
     def check_values(self, algorithm: str = "TreeRPO") -> None:
-        """Every value a config can get wrong, one ValueError naming the first bad field: RLlib's attributes and
-        TreeRPO's one by one, then the rules between them. Pure: nothing is imported, read or started.
+        """Every value a config can get wrong, one ValueError naming the first bad field: RLlib's attributes
+        and TreeRPO's one by one, then the rules between them. Pure: nothing is imported, read or started.
 
-        ``algorithm``: the job that reads these fields ("PPO": RLlib's minibatch_size is the PPO baseline's own)."""
+        ``algorithm``: the job that reads these fields ("PPO": RLlib's minibatch_size is the PPO baseline's
+        own)."""
         check_fields({name: getattr(self, name) for name in RLLIB_FIELD_CHECKS}, RLLIB_FIELD_CHECKS)
         check_fields({name: getattr(self, name) for name in FIELDS}, FIELDS)
         if self.create_local_env_runner is False and self.num_env_runners == 0 and not self.in_evaluation:
             raise ValueError(
-                "config field 'create_local_env_runner' = False: with num_env_runners 0 the local env runner is the "
-                "only one that grows trees (null: a local runner only when num_env_runners is 0)"
+                "config field 'create_local_env_runner' = False: with num_env_runners 0 the local env runner "
+                "is the only one that grows trees (null: a local runner only when num_env_runners is 0)"
             )
         if self.tis_cap is not None and (self.num_minibatches != 1 or self.num_epochs != 1):
             raise ValueError(
                 f"config field 'tis_cap' = {self.tis_cap!r}: needs one optimizer step per iteration "
-                "(num_minibatches: 1, num_epochs: 1): the learner's log-probs of the sampling policy are only "
-                "known before the iteration's first step"
+                "(num_minibatches: 1, num_epochs: 1): the learner's log-probs of the sampling policy are "
+                "only known before the iteration's first step"
             )
         if self.backend == "vllm":
             self._check_vllm_values()
         if algorithm == "TreeRPO" and self.minibatch_size is not None:
             raise ValueError(
-                f"config field 'minibatch_size' = {self.minibatch_size!r}: TreeRPO does not use RLlib's rows per "
-                "minibatch (a tree batch's row count depends on its shape); set num_minibatches (optimizer steps "
-                "per epoch) instead"
+                f"config field 'minibatch_size' = {self.minibatch_size!r}: TreeRPO does not use RLlib's "
+                "rows per minibatch (a tree batch's row count depends on its shape); set num_minibatches "
+                "(optimizer steps per epoch) instead"
             )
 
     def _check_vllm_values(self) -> None:
@@ -162,19 +163,20 @@ class TreeRPOConfig(AlgorithmConfig, TreeRPOSettings):
             raise ValueError(f"config field 'backend' = 'vllm': {problem}")
         if self.num_env_runners > 0 and not self.num_gpus_per_env_runner:
             raise ValueError(
-                "config field 'num_gpus_per_env_runner' = 0: a vllm env runner needs a GPU (e.g. 0.5 to share one "
-                "with a learner, 1 for its own)"
+                "config field 'num_gpus_per_env_runner' = 0: a vllm env runner needs a GPU (e.g. 0.5 to "
+                "share one with a learner, 1 for its own)"
             )
         if self.num_env_runners > 0 and self.create_local_env_runner:
             raise ValueError(
-                "config field 'create_local_env_runner' = True: with remote vllm env runners set it to false, or "
-                "the driver builds an engine of its own on a GPU"
+                "config field 'create_local_env_runner' = True: with remote vllm env runners set it to "
+                "false, or the driver builds an engine of its own on a GPU"
             )
 
     def preflight(self, eval_env_config: dict | None = None, tiny_model: dict | None = None) -> None:
-        """Everything that can fail before expensive work (a warm start, a model load, Ray): :meth:`check_values`
-        (TreeRPO's first: one line naming the field), RLlib's own checks, then the run on this machine
-        (preflight.py). ``eval_env_config``, ``tiny_model``: the job's held-out env and embedded model."""
+        """Everything that can fail before expensive work (a warm start, a model load, Ray):
+        :meth:`check_values` (TreeRPO's first: one line naming the field), RLlib's own checks, then the run on
+        this machine (preflight.py). ``eval_env_config``, ``tiny_model``: the job's held-out env and embedded
+        model."""
         import ray
 
         from rllib_treerpo.preflight import preflight
@@ -183,17 +185,18 @@ class TreeRPOConfig(AlgorithmConfig, TreeRPOSettings):
             self.create_local_env_runner = self.num_env_runners == 0
         self.check_values()
         super().validate()
-        # Tune validates a trial's config on the driver (TreeRPO.default_resource_request) before it starts the
-        # trial's actor, so a bad local model path is one line here, not an actor traceback. On a cluster of
-        # several nodes the path may exist on other nodes only.
+        # Tune validates a trial's config on the driver (TreeRPO.default_resource_request) before it starts
+        # the trial's actor, so a bad local model path is one line here, not an actor traceback. On a cluster
+        # of several nodes the path may exist on other nodes only.
         several_nodes = ray.is_initialized() and len([n for n in ray.nodes() if n.get("Alive")]) > 1
         preflight(self, eval_env_config, tiny_model, model_path_is_local=not several_nodes)
 
     @override(AlgorithmConfig)
     def validate(self) -> None:
-        """RLlib's hook before it builds TreeRPO (build_algo(), every Tune trial): :meth:`preflight`, then, when
-        ``model_name_or_path`` is null, the embedded default model (built and warm-started once, cached): so
-        ``TreeRPOConfig().build_algo()`` and ``tune.run("TreeRPO", config={...})`` run with no model given."""
+        """RLlib's hook before it builds TreeRPO (build_algo(), every Tune trial): :meth:`preflight`, then,
+        when ``model_name_or_path`` is null, the embedded default model (built and warm-started once, cached):
+        so ``TreeRPOConfig().build_algo()`` and ``tune.run("TreeRPO", config={...})`` run with no model
+        given."""
         self.preflight()
         if self.model_name_or_path is None:
             from rllib_treerpo.warmstart import embedded_model
@@ -202,7 +205,8 @@ class TreeRPOConfig(AlgorithmConfig, TreeRPOSettings):
 
     # --- what the env runners and the learners read ---------------------------------------------------------
     def backend_kwargs(self) -> dict[str, Any]:
-        """What ``from_pretrained`` of the chosen backend takes from this config, beyond the model and dtype."""
+        """What ``from_pretrained`` of the chosen backend takes from this config, beyond the model and
+        dtype."""
         if self.backend == "vllm":
             return {
                 "gpu_memory_utilization": self.gpu_memory_utilization,
@@ -270,10 +274,11 @@ class TreeRPOConfig(AlgorithmConfig, TreeRPOSettings):
     def from_yaml(
         cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None
     ) -> TreeRPOConfig:
-        """Defaults, then the algorithm fields of a flat config file, then those of ``overrides``; values checked.
+        """Defaults, then the algorithm fields of a flat config file, then those of ``overrides``; values
+        checked.
 
-        Job fields (``settings.JobSettings``) and sections (``sweep:``, ``ppo:``) are left out: they are the job's
-        (:func:`rllib_treerpo.jobs.config.load_run_config` reads both parts)."""
+        Job fields (``settings.JobSettings``) and sections (``sweep:``, ``ppo:``) are left out: they are the
+        job's (:func:`rllib_treerpo.jobs.config.load_run_config` reads both parts)."""
         config = cls()
         job, _ = load_config(
             path, overrides, lambda values, source: config.update_from_flat_dict(values, source=source)

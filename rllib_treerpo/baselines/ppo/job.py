@@ -1,9 +1,11 @@
-"""The PPO baseline: RLlib's own PPO (PPOConfig / PPO, imported, not copied) on the token-id view of the same env.
+"""The PPO baseline: RLlib's own PPO (PPOConfig / PPO, imported, not copied) on the token-id view of the same
+env.
 
-`treerpo train` runs this job for a config with ``algorithm: PPO``. It reads the TreeRPO config fields it shares:
+`treerpo train` runs this job for a config with ``algorithm: PPO``. It reads the TreeRPO config fields it
+shares:
 
-- task and model: env, env_config, eval_env_config, seed, model_name_or_path (null: the same cached warm-started
-  tiny model as TreeRPO, :func:`rllib_treerpo.warmstart.embedded_model`), dtype, backend;
+- task and model: env, env_config, eval_env_config, seed, model_name_or_path (null: the same cached
+  warm-started tiny model as TreeRPO, :func:`rllib_treerpo.warmstart.embedded_model`), dtype, backend;
 - one episode = one width-1 "tree": at most ``len(branching)`` steps of ``step_tokens`` tokens, cut at
   ``step_delimiter`` (so the widths in ``branching`` are ignored), sampled at temperature/top_p/top_k;
 - optimiser: lr, grad_clip, num_epochs, minibatch_size (null: the whole batch in one step, as for TreeRPO),
@@ -131,12 +133,10 @@ def _count_tokens(*, samples, metrics_logger=None, **kwargs) -> None:
             prompts += 1
             if episode.is_done:  # a whole episode in this chunk: its response length and reward
                 ret = float(episode.get_return())
-                done, returns, lengths, correct = (
-                    done + 1,
-                    returns + ret,
-                    lengths + tokens,
-                    correct + (ret >= 1 - 1e-9),
-                )
+                done = done + 1
+                returns = returns + ret
+                lengths = lengths + tokens
+                correct = correct + (ret >= 1 - 1e-9)
     for key, value in {
         "generated_tokens": generated,
         "prompts": prompts,
@@ -150,7 +150,8 @@ def _count_tokens(*, samples, metrics_logger=None, **kwargs) -> None:
 
 def ppo_metrics_row(result: dict) -> dict:
     """metrics.jsonl row with the names `treerpo train` uses (reward/*, completions/*, loss/*, perf/*)."""
-    runners, learner = result.get("env_runners", {}), result.get("learners", {}).get("default_policy", {})
+    runners = result.get("env_runners", {})
+    learner = result.get("learners", {}).get("default_policy", {})
     t = runners.get("tokens", {})
     episodes = max(t.get("episodes", 0), 1)
     row = {
@@ -194,8 +195,8 @@ def ppo_parts(config: TreeRPOConfig, job: JobConfig, ppo: dict | None = None) ->
 
     def progress(row: dict) -> str:
         return (
-            f"PPO reward {row['reward/mean']:.3f}  len {row['completions/mean_length']:.1f}  "
-            f"vf_ev {row.get('loss/vf_explained_var', 0):.2f}  {row['perf/generated_tokens'] / 1e3:.1f}k tokens"
+            f"PPO reward {row['reward/mean']:.3f}  len {row['completions/mean_length']:.1f}  vf_ev "
+            f"{row.get('loss/vf_explained_var', 0):.2f}  {row['perf/generated_tokens'] / 1e3:.1f}k tokens"
         )
 
     return JobParts(
