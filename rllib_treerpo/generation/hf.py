@@ -12,8 +12,7 @@ Cache design (why a tree costs little more than its unique tokens):
   per row instead of torch.cat-ing the whole cache as DynamicLayer does (O(rows), not O(rows x length)).
 - Rows stop individually. A finished row stays in the batch (masked, its work counted as ``pad_tokens``)
   until at least ``compact_fraction`` of the batch has finished; then the finished rows' K/V are set aside
-  and the batch is compacted (one row copy). Measured on 2 CPU cores (benchmarks/rollout.py --compaction):
-  compacting at every finish (0) or never (1, masking only) was up to 1.6x / 5x slower than 0.1-0.25.
+  and the batch is compacted (one row copy); benchmarks/rollout.py --compaction compares the fractions.
 - Memory is bounded: only the last call's samples are kept; ``clear_cache()`` / ``load_weights()`` drop them.
 
 KV tensors are ``(batch, kv_heads, slots, head_dim)`` as transformers' DynamicLayer stores them; a "slot" is a
@@ -31,7 +30,7 @@ import torch
 
 from .base import GenerationBackend, Sample, SamplingParams, StopStringChecker
 from .kv_slots import CacheEntry, Key, SlotCache, SlotLayer, longest_prefix, merge_entries, set_aside
-from .sampling import sample_tokens
+from .sampling import finished_rows, sample_tokens
 
 
 class HFBackend(GenerationBackend):
@@ -278,32 +277,31 @@ class HFBackend(GenerationBackend):
         next_pos = torch.tensor([len(k) for k in ukeys], device=self.device)
         return out.logits[:, -1, :], out.past_key_values, mask, next_pos
 
-    def _newly_finished(
+    def _feed(
         self,
         tokens: torch.Tensor,
         done: torch.Tensor,
-        alive: list[int],
-        stops: StopStringChecker | None,
-        params: SamplingParams,
-        step: int,
-    ) -> tuple[list[int], list[bool], list[bool]]:
-        """Batch positions that finish with this step's ``tokens``, and per position: EOS hit, delimiter
-        hit."""
-        if params.stop_at_eos:  # one device->host transfer per step for both flags
-            done_cpu, eos_hit = torch.stack([done, torch.isin(tokens, self._eos) & ~done]).tolist()
-        else:
-            done_cpu = done.tolist()
-            eos_hit = [False] * len(alive)
-        delim_hit = [False] * len(alive)
-        if stops is not None:
-            live = [b for b, d in enumerate(done_cpu) if not d]
-            tok_list = tokens.tolist()
-            hits = stops.push([alive[b] for b in live], [tok_list[b] for b in live])
-            for b, hit in zip(live, hits, strict=True):
-                delim_hit[b] = hit
-        last = step == params.max_new_tokens - 1
-        newly = [b for b in range(len(alive)) if not done_cpu[b] and (eos_hit[b] or delim_hit[b] or last)]
-        return newly, eos_hit, delim_hit
+        n_done: int,
+        cache: SlotCache,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        no_padding: bool,
+    ) -> tuple[SlotCache, torch.Tensor, torch.Tensor]:
+        """One forward of each row's newest token (a finished row still in the batch feeds masked padding):
+        the cache, the next logits (B, V) and the mask grown by one slot."""
+        live_t = ~done
+        mask = torch.cat([mask, live_t[:, None]], dim=1)
+        self.stats.tokens_fed += done.shape[0] - n_done
+        self.stats.pad_tokens += n_done
+        self.stats.forward_calls += 1
+        out = self.model(
+            input_ids=torch.where(live_t, tokens, self.pad_token_id)[:, None],
+            attention_mask=None if no_padding and not n_done else mask,
+            position_ids=positions[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.past_key_values, out.logits[:, -1, :], mask
 
     def _decode(
         self,
@@ -339,7 +337,7 @@ class HFBackend(GenerationBackend):
             tokens, logps = sample_tokens(logits, params, generator)
             tok_buf[alive_t, step] = tokens
             lp_buf[alive_t, step] = logps
-            newly, eos_hit, delim_hit = self._newly_finished(tokens, done, alive, stops, params, step)
+            newly, eos_hit, delim_hit = finished_rows(tokens, done, alive, stops, params, step, self._eos)
             for b in newly:
                 lengths[alive[b]] = step + 1
                 reasons[alive[b]] = "eos" if eos_hit[b] else "delimiter" if delim_hit[b] else "length"
@@ -363,20 +361,7 @@ class HFBackend(GenerationBackend):
                 alive = [alive[b] for b, d in enumerate(done_cpu) if not d]
                 done = torch.zeros(len(alive), dtype=torch.bool, device=device)
                 n_done = 0
-            live_t = ~done
-            mask = torch.cat([mask, live_t[:, None]], dim=1)
-            self.stats.tokens_fed += len(alive) - n_done
-            self.stats.pad_tokens += n_done
-            self.stats.forward_calls += 1
-            out = self.model(
-                input_ids=torch.where(live_t, tokens, self.pad_token_id)[:, None],
-                attention_mask=None if no_padding and not n_done else mask,
-                position_ids=positions[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache = out.past_key_values
-            logits = out.logits[:, -1, :]
+            cache, logits, mask = self._feed(tokens, done, n_done, cache, mask, positions, no_padding)
             positions = positions + 1
         toks = tok_buf.tolist()
         lps = lp_buf.tolist()
