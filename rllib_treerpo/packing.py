@@ -4,8 +4,8 @@ A pack holds a subtree of one tree after the tokens of its ancestors: the prompt
 own tokens in depth-first order. Each token may attend to exactly the tokens of its node's ancestors and the
 earlier tokens of its own node (forward.tree_attention_mask), and its position id continues its parent's path,
 so every token sees what it would see in its own per-node row (context = path to the parent,
-docs/algorithm.md s.4) and the log-probs and gradients are the same; only the shared prefixes are no longer
-recomputed once per descendant. A node's first token is predicted from the last token on its parent's path;
+docs/algorithm.md s.4) and the log-probs and gradients are the same; only a shared prefix is computed once,
+not once per descendant. A node's first token is predicted from the last token on its parent's path;
 later tokens from the previous one.
 
 ``layout="rows"`` makes one pack per trained node (its path): the per-row layout, through the same forward.
