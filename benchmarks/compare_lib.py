@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from rllib_treerpo.config_files import yaml_value
+from rllib_treerpo.config.config_files import yaml_value
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -96,8 +96,8 @@ def evaluator(model_path: str, env_config: dict, *, problems: int, samples: int,
 
     Returns pass@1 (mean over K samples at T=1), greedy accuracy and response length."""
     from envs.arithmetic import ArithmeticEnv
-    from rllib_treerpo.evaluation import Evaluator
-    from rllib_treerpo.model_io import load_causal_lm
+    from rllib_treerpo.models.model_io import load_causal_lm
+    from rllib_treerpo.sampling.evaluation import Evaluator
 
     evaluate = Evaluator.from_model(
         model_path,

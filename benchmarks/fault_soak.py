@@ -161,7 +161,7 @@ def main(argv=None) -> dict:
     if args.child is not None:
         print("RESULT " + json.dumps(one_run(args)), flush=True)
         return {}
-    from rllib_treerpo.tiny import TEST_ARCHITECTURE, save_tiny_model
+    from rllib_treerpo.models.tiny import TEST_ARCHITECTURE, save_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         logs = args.logs or Path(tmp)

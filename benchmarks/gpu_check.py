@@ -6,7 +6,7 @@ The GPU image has torch and transformers but neither Ray nor gymnasium, so this 
       tokens/s, tokens fed, peak device memory;
   (b) the learner's update on those trees (random 0/1 leaf rewards, tau 0: every node trained), each layout from
       the same float32 master weights and a fresh AdamW, the forward autocast to bf16 (mixed precision,
-      rllib_treerpo/precision.py), through update.policy_update (what the RLlib learner does): per-row (one
+      rllib_treerpo/learner/precision.py), through update.policy_update (what the RLlib learner does): per-row (one
       row per node), packed (tree packs), packed with gradient checkpointing. Tokens fed, seconds, tokens/s, the
       learner's peak memory above what was allocated before it (its weights, gradients, AdamW state, activations,
       logits) and that in bytes per parameter.
@@ -83,8 +83,8 @@ class Peak:
 
 def grow(backend, prompts: list[list[int]], branching: list[int], step_tokens: int):
     """Full trees (EOS off), level by level, every level of every tree in one generate call."""
+    from rllib_treerpo.core.tree import Tree
     from rllib_treerpo.generation import SamplingParams
-    from rllib_treerpo.tree import Tree
 
     trees = [Tree(prompt_ids=p) for p in prompts]
     frontier = [(t, 0) for t in range(len(trees))]
@@ -127,8 +127,8 @@ def sampling(master, args) -> tuple[list, dict]:
 
 
 def learner_config(args, layout: str):
-    from rllib_treerpo.settings import FIELDS, default_value
-    from rllib_treerpo.update import UpdateSettings
+    from rllib_treerpo.config.settings import FIELDS, default_value
+    from rllib_treerpo.learner.update import UpdateSettings
 
     values = {name: default_value(field) for name, field in FIELDS.items()}
     values.update(
@@ -145,10 +145,10 @@ def learner_config(args, layout: str):
 
 def learning(master, trees: list, name: str, args) -> dict:
     """(b) for one layout: a fresh master copy and AdamW, one warm-up step on one pack, then the measured update."""
-    from rllib_treerpo.advantages import tree_advantages
-    from rllib_treerpo.learner_model import enable_gradient_checkpointing
-    from rllib_treerpo.packing import pack_trees
-    from rllib_treerpo.update import policy_update
+    from rllib_treerpo.core.advantages import tree_advantages
+    from rllib_treerpo.learner.learner_model import enable_gradient_checkpointing
+    from rllib_treerpo.learner.packing import pack_trees
+    from rllib_treerpo.learner.update import policy_update
 
     layout, checkpointing = LAYOUTS[name]
     rng = np.random.default_rng(1)

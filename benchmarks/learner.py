@@ -33,7 +33,7 @@ SHAPES = {
 
 
 def tiny_model(max_positions: int):
-    from rllib_treerpo.tiny import build_char_tokenizer, build_tiny_model
+    from rllib_treerpo.models.tiny import build_char_tokenizer, build_tiny_model
 
     tok = build_char_tokenizer()
     return tok, build_tiny_model(len(tok), max_positions=max_positions, seed=0).eval()
@@ -44,9 +44,9 @@ def sample(shape: str, prompts: int, path: Path) -> None:
     import numpy as np
 
     from envs import ArithmeticEnv
-    from rllib_treerpo.advantages import tree_advantages
+    from rllib_treerpo.core.advantages import tree_advantages
     from rllib_treerpo.generation import make_backend
-    from rllib_treerpo.sampler import TreeSpec, sample_iteration
+    from rllib_treerpo.sampling.sampler import TreeSpec, sample_iteration
 
     s = SHAPES[shape]
     tok, model = tiny_model(2048)
@@ -99,8 +99,8 @@ def measure(path: Path, layout: str, args) -> dict:
     import numpy as np
     import torch
 
-    from rllib_treerpo.batches import collate_minibatch, micro_batches
-    from rllib_treerpo.packing import pack_trees
+    from rllib_treerpo.learner.batches import collate_minibatch, micro_batches
+    from rllib_treerpo.learner.packing import pack_trees
 
     torch.set_num_threads(args.threads)
     trees, advantages = pickle.loads(path.read_bytes())
@@ -150,8 +150,8 @@ def _settings(args):
     from dataclasses import replace
     from types import SimpleNamespace
 
-    from rllib_treerpo.settings import FIELDS, default_value
-    from rllib_treerpo.update import UpdateSettings
+    from rllib_treerpo.config.settings import FIELDS, default_value
+    from rllib_treerpo.learner.update import UpdateSettings
 
     defaults = UpdateSettings.from_config(
         SimpleNamespace(
@@ -169,8 +169,8 @@ def _forward_backward(model, ref, parts, settings) -> None:
     """The learner's work on one minibatch: per micro-batch the packed forward(s), the loss, backward."""
     import torch
 
-    from rllib_treerpo.forward import target_stats
-    from rllib_treerpo.losses import compute_loss
+    from rllib_treerpo.core.losses import compute_loss
+    from rllib_treerpo.learner.forward import target_stats
 
     for part in parts:
         ref_logprobs = None
@@ -205,7 +205,7 @@ def _in_pack_order(packs, batch, model):
     import numpy as np
     import torch
 
-    from rllib_treerpo.forward import packed_logits
+    from rllib_treerpo.learner.forward import packed_logits
 
     out = []
     with torch.no_grad():

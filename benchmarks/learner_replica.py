@@ -3,7 +3,7 @@
 One iteration is exactly what TreeRPO.training_step does, through the same functions: ``sample_iteration``
 (sampler.py, the env runner's seeds), ``build_training_batch`` (rows.py), and ``policy_update`` (update.py: the
 minibatch plan the algorithm uses, compute_loss, AdamW with weight_decay, global-norm clipping) on a config of
-benchmarks/compare_lib.py (an algorithm's YAML + a difficulty + --set overrides). tests/test_iteration.py checks
+benchmarks/compare_lib.py (an algorithm's YAML + a difficulty + --set overrides). tests/unit/test_iteration.py checks
 that an update here and one through RLlib's learner give the same parameters.
 
     # one run: JSON lines (one per evaluation) on stdout
@@ -35,10 +35,10 @@ class Replica:
     def __init__(self, args) -> None:
 
         from envs import make_reasoning_env
-        from rllib_treerpo.evaluation import Evaluator
         from rllib_treerpo.generation import make_backend
-        from rllib_treerpo.model_io import load_causal_lm, load_tokenizer
-        from rllib_treerpo.update import UpdateSettings, adamw
+        from rllib_treerpo.learner.update import UpdateSettings, adamw
+        from rllib_treerpo.models.model_io import load_causal_lm, load_tokenizer
+        from rllib_treerpo.sampling.evaluation import Evaluator
 
         model_path = args.model or lib.warm_model(args.difficulty, lib.parse_sets(args.set).get("*", {}))
         c, job, _ = lib.run_config(args.algorithm, args.difficulty, _overrides(args), model_path, args.seed)
@@ -63,11 +63,11 @@ class Replica:
 
     def iteration(self, it: int) -> dict[str, float]:
         """Iteration ``it`` as TreeRPO.training_step runs it with num_env_runners=0; returns the tree metrics."""
-        from rllib_treerpo.batches import minibatch_seed
-        from rllib_treerpo.model_io import pad_token_id
-        from rllib_treerpo.rows import PackSettings, build_training_batch
-        from rllib_treerpo.sampler import sample_iteration, sampling_seed
-        from rllib_treerpo.update import policy_update
+        from rllib_treerpo.learner.batches import minibatch_seed
+        from rllib_treerpo.learner.rows import PackSettings, build_training_batch
+        from rllib_treerpo.learner.update import policy_update
+        from rllib_treerpo.models.model_io import pad_token_id
+        from rllib_treerpo.sampling.sampler import sample_iteration, sampling_seed
 
         c = self.config
         trees = sample_iteration(

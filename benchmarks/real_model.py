@@ -31,12 +31,12 @@ import time
 
 import torch
 
-from rllib_treerpo.evaluation import Evaluator
+from rllib_treerpo.core.tree import tree_metrics
 from rllib_treerpo.generation import make_backend
-from rllib_treerpo.model_io import check_model_config, load_causal_lm, load_tokenizer
-from rllib_treerpo.prompts import prompt_tokenizer
-from rllib_treerpo.sampler import TreeSpec, grow_trees
-from rllib_treerpo.tree import tree_metrics
+from rllib_treerpo.models.model_io import check_model_config, load_causal_lm, load_tokenizer
+from rllib_treerpo.sampling.evaluation import Evaluator
+from rllib_treerpo.sampling.prompts import prompt_tokenizer
+from rllib_treerpo.sampling.sampler import TreeSpec, grow_trees
 
 TASK = "basic_arithmetic"
 # "Calculate 5 - 3.": two one-digit terms, + and - only.

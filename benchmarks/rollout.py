@@ -23,10 +23,10 @@ import time
 import torch
 from transformers import DynamicCache
 
+from rllib_treerpo.core.tree import tree_metrics
 from rllib_treerpo.generation import SamplingParams, make_backend
-from rllib_treerpo.sampler import sample_trees
-from rllib_treerpo.tiny import build_char_tokenizer, build_tiny_model
-from rllib_treerpo.tree import tree_metrics
+from rllib_treerpo.models.tiny import build_char_tokenizer, build_tiny_model
+from rllib_treerpo.sampling.sampler import sample_trees
 
 BRANCHING, STEP_TOKENS, PROMPTS = [4, 4, 4], 16, 8
 

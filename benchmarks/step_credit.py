@@ -31,9 +31,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from envs import ArithmeticEnv
-    from rllib_treerpo.advantages import tree_advantages
+    from rllib_treerpo.core.advantages import tree_advantages
     from rllib_treerpo.generation import make_backend
-    from rllib_treerpo.sampler import sample_trees
+    from rllib_treerpo.sampling.sampler import sample_trees
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)

@@ -46,7 +46,7 @@ def build_model_folder(folder: str | Path, shape: str = "tiny", seed: int = 0) -
     """
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from rllib_treerpo.tiny import build_char_tokenizer
+    from rllib_treerpo.models.tiny import build_char_tokenizer
 
     hidden, layers, heads, kv_heads, inter, vocab = SHAPES[shape]
     tok = build_char_tokenizer()
@@ -130,7 +130,7 @@ def shutdown(backend) -> None:
 def run(args) -> dict:
     from rllib_treerpo.generation.hf import HFBackend
     from rllib_treerpo.generation.vllm import VLLMBackend
-    from rllib_treerpo.model_io import load_tokenizer
+    from rllib_treerpo.models.model_io import load_tokenizer
 
     folder = args.model or build_model_folder(tempfile.mkdtemp(prefix="vllm_check_"), args.shape)
     tok = load_tokenizer(folder)

@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory):
     """A 1-layer random Qwen2 with the char tokenizer, saved like any Hugging Face model folder."""
-    from rllib_treerpo.tiny import TEST_ARCHITECTURE, save_tiny_model
+    from rllib_treerpo.models.tiny import TEST_ARCHITECTURE, save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny_lm"), **TEST_ARCHITECTURE)
 
@@ -52,10 +52,10 @@ def embedded_default():
     """The embedded default model (what ``model_name_or_path: null`` resolves to) pre-built in the session's cache:
     a random tiny model of the default architecture instead of the 2.5-minute warm start (tests check plumbing, not
     accuracy). Returns its folder."""
+    from rllib_treerpo.config.settings import JOB_FIELDS
+    from rllib_treerpo.models.tiny import save_tiny_model
+    from rllib_treerpo.models.warmstart import embedded_model_folder
     from rllib_treerpo.rllib.algorithm import TreeRPOConfig
-    from rllib_treerpo.settings import JOB_FIELDS
-    from rllib_treerpo.tiny import save_tiny_model
-    from rllib_treerpo.warmstart import embedded_model_folder
 
     config = TreeRPOConfig()
     folder = embedded_model_folder(config.env, config.env_config)

@@ -112,7 +112,7 @@ class HFBackend(GenerationBackend):
         **kwargs: Any,
     ) -> HFBackend:
         """``device``: where to put the model (e.g. "cuda" in an env runner given a GPU); default: the CPU."""
-        from rllib_treerpo.model_io import load_causal_lm
+        from rllib_treerpo.models.model_io import load_causal_lm
 
         model = load_causal_lm(model_name_or_path, dtype)
         return cls(model if device is None else model.to(device), tokenizer, **kwargs)

@@ -19,13 +19,13 @@ import sys
 from pathlib import Path
 
 from rllib_treerpo.generation import MissingExtraError
-from rllib_treerpo.model_io import DTYPES
+from rllib_treerpo.models.model_io import DTYPES
 
 
 def parse_key_values(items: list[str], flag: str) -> dict:
     """``key=value`` pairs of ``flag``; values are parsed as YAML (numbers as written, e.g. 1e-4, lists,
     booleans and null keep their types)."""
-    from rllib_treerpo.config_files import yaml_value
+    from rllib_treerpo.config.config_files import yaml_value
 
     out = {}
     for item in items:
@@ -69,7 +69,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_fields(args) -> int:
-    from rllib_treerpo.config_files import fields_markdown
+    from rllib_treerpo.config.config_files import fields_markdown
 
     print(fields_markdown(), end="")
     return 0

@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rllib_treerpo.checks import check_fields
-from rllib_treerpo.config_files import coerce_numbers, load_config
+from rllib_treerpo.config.checks import check_fields
+from rllib_treerpo.config.config_files import coerce_numbers, load_config
+from rllib_treerpo.config.settings import JOB_FIELDS, JobSettings, set_defaults
 from rllib_treerpo.rllib.config import TreeRPOConfig
-from rllib_treerpo.settings import JOB_FIELDS, JobSettings, set_defaults
 
-# The keys tiny_model and warmstart take (rllib_treerpo/tiny.py build_tiny_model, warmstart.embedded_model).
+# The keys tiny_model and warmstart take (rllib_treerpo/models/tiny.py build_tiny_model, warmstart.embedded_model).
 TINY_MODEL_KEYS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions")
 WARMSTART_KEYS = {
     "steps": int,
@@ -29,7 +29,7 @@ WARMSTART_KEYS = {
 
 
 class JobConfig(JobSettings):
-    """The `treerpo train` job's settings (declared in :class:`rllib_treerpo.settings.JobSettings`),
+    """The `treerpo train` job's settings (declared in :class:`rllib_treerpo.config.settings.JobSettings`),
     checked."""
 
     def __init__(self, **values: Any) -> None:

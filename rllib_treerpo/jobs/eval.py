@@ -13,7 +13,7 @@ For a checkpoint or training output the training config supplies the defaults: t
 ``eval_env_config``, ``max_new_tokens`` = step_tokens x tree depth, temperature, chat template, system
 prompt, dtype and backend. A plain model folder needs ``--env``.
 
-The numbers come from :class:`rllib_treerpo.evaluation.Evaluator`: pass@1 (mean over the K samples), pass@K,
+The numbers come from :class:`rllib_treerpo.sampling.evaluation.Evaluator`: pass@1 (mean over the K samples), pass@K,
 greedy accuracy (one greedy decode per problem, ``--no-greedy`` skips it) and mean response tokens.
 Problems are ``reset(options={"problem_index": i})`` for i < ``--problems`` (capped at the env's
 ``num_problems`` when it has one).
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rllib_treerpo.model_io import ResolvedModel, check_model_config, load_policy, resolve_model
-from rllib_treerpo.sampler import TreeSpec
-from rllib_treerpo.settings import JOB_FIELDS
+from rllib_treerpo.config.settings import JOB_FIELDS
+from rllib_treerpo.models.model_io import ResolvedModel, check_model_config, load_policy, resolve_model
+from rllib_treerpo.sampling.sampler import TreeSpec
 
 __all__ = ["eval_model", "format_summary"]
 
@@ -94,7 +94,7 @@ class EvalOptions:
 
 def read_eval_config(path: str | Path) -> dict[str, Any]:
     """The options of an eval config file (configs/eval/*.yaml); an unknown key is one line naming it."""
-    from rllib_treerpo.config_files import read_config_file
+    from rllib_treerpo.config.config_files import read_config_file
 
     values = read_config_file(path)
     known = set(EvalOptions.__dataclass_fields__) - {"output", "progress"}
@@ -124,9 +124,9 @@ def eval_model(model: str | None, **options: Any) -> dict[str, Any]:
     output).
     """
     from envs import make_reasoning_env
-    from rllib_treerpo.evaluation import Evaluator
     from rllib_treerpo.generation import make_backend
-    from rllib_treerpo.prompts import prompt_tokenizer
+    from rllib_treerpo.sampling.evaluation import Evaluator
+    from rllib_treerpo.sampling.prompts import prompt_tokenizer
 
     o = EvalOptions(**options)
     o.check()
@@ -245,7 +245,7 @@ def _write_outputs(
 ) -> None:
     """problems.jsonl (with the templated prompt the model saw, when there was a template) and
     summary.json."""
-    from rllib_treerpo.prompts import format_prompt
+    from rllib_treerpo.sampling.prompts import format_prompt
 
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "problems.jsonl", "w") as f:

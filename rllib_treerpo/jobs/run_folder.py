@@ -92,7 +92,7 @@ class RunFolder:
 
     # --- checkpoints ----------------------------------------------------------------------------------
     def latest_checkpoint(self) -> Path | None:
-        from rllib_treerpo.model_io import latest_checkpoint
+        from rllib_treerpo.models.model_io import latest_checkpoint
 
         return latest_checkpoint(self.checkpoints) if self.checkpoints.is_dir() else None
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rllib_treerpo.config.settings import FIELDS, JOB_FIELDS
 from rllib_treerpo.jobs.config import JobConfig, load_run_config
 from rllib_treerpo.rllib.config import TreeRPOConfig
-from rllib_treerpo.settings import FIELDS, JOB_FIELDS
 
 __all__ = ["SweepSpec", "expected_trials", "load_sweep", "search_space"]
 

@@ -29,7 +29,7 @@ import yaml
 from rllib_treerpo.jobs.config import JobConfig, flat_config
 from rllib_treerpo.jobs.monitor import HeldOut, Monitor
 from rllib_treerpo.jobs.run_folder import RunFolder
-from rllib_treerpo.memory import trim_heap
+from rllib_treerpo.learner.memory import trim_heap
 from rllib_treerpo.rllib.config import TreeRPOConfig
 
 
@@ -45,7 +45,7 @@ def log(msg: str) -> None:
 def use_embedded_model(config: TreeRPOConfig, job: JobConfig) -> None:
     """``model_name_or_path: null`` -> the embedded model (built with the job's tiny_model/warmstart,
     cached)."""
-    from rllib_treerpo.warmstart import embedded_model
+    from rllib_treerpo.models.warmstart import embedded_model
 
     if config.model_name_or_path is None:
         config.model_name_or_path = embedded_model(
@@ -283,7 +283,7 @@ def _iterate(algo, pieces: JobParts, job: JobConfig, folder: RunFolder, monitor:
 
 def _export(algo, config: TreeRPOConfig, resolved: dict, folder: RunFolder) -> dict:
     """final_model/ (with its run's settings); the algorithm stopped. Returns the policy's weights."""
-    from rllib_treerpo.model_io import RUN_CONFIG, save_hf_folder
+    from rllib_treerpo.models.model_io import RUN_CONFIG, save_hf_folder
     from rllib_treerpo.rllib.rl_module import learner_policy_weights
 
     final = folder.path / "final_model"

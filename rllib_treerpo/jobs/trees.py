@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from rllib_treerpo.advantages import tree_advantages
+from rllib_treerpo.core.advantages import tree_advantages
 
 SETTINGS = ("tau", "advantage_std", "value_estimate", "advantage_eps")
 
@@ -35,7 +35,7 @@ def _kind(index: int, advantage: float) -> str:
 
 
 def save_trees(folder: Path, iteration: int, trees: list, config: Any) -> Path:
-    """Write ``trees`` (rllib_treerpo.tree.Tree) of an iteration with the advantage settings they were scored
+    """Write ``trees`` (rllib_treerpo.core.tree.Tree) of an iteration with the advantage settings they were scored
     with."""
     folder.mkdir(parents=True, exist_ok=True)
     record = {

@@ -22,11 +22,11 @@ from ray.rllib.utils.metrics import (
     TIMERS,
 )
 
-from rllib_treerpo.batches import BatchSettings, minibatch_seed, minibatches
-from rllib_treerpo.model_io import load_tokenizer, pad_token_id
+from rllib_treerpo.learner.batches import BatchSettings, minibatch_seed, minibatches
+from rllib_treerpo.learner.rows import PackSettings, build_training_batch
+from rllib_treerpo.models.model_io import load_tokenizer, pad_token_id
 from rllib_treerpo.rllib.config import TreeRPOConfig
 from rllib_treerpo.rllib.weight_sync import free_sampler_for_update, sync_weights
-from rllib_treerpo.rows import PackSettings, build_training_batch
 
 __all__ = ["TreeRPO", "TreeRPOConfig"]
 

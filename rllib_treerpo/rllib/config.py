@@ -1,13 +1,13 @@
 """TreeRPOConfig: TreeRPO's settings on RLlib's AlgorithmConfig, like RLlib's PPOConfig.
 
-The fields are declared once, typed and documented, in :mod:`rllib_treerpo.settings` (``TreeRPOSettings``,
+The fields are declared once, typed and documented, in :mod:`rllib_treerpo.config.settings` (``TreeRPOSettings``,
 which this class inherits, and ``RLlibSettings``: the RLlib attributes at TreeRPO's defaults). Checks come in
 three nested steps:
 
 - :meth:`TreeRPOConfig.check_values`: every value, pure (loaders run it: a vllm config loads where vllm is not
   installed);
 - :meth:`TreeRPOConfig.preflight`: the values, RLlib's own checks, then the run against this machine
-  (:func:`rllib_treerpo.preflight.preflight`: the backend's package, the model, the env, the window), before
+  (:func:`rllib_treerpo.config.preflight.preflight`: the backend's package, the model, the env, the window), before
   anything expensive;
 - :meth:`TreeRPOConfig.validate`: RLlib's hook before it builds the algorithm: the preflight, then the
   embedded default model when no model is given.
@@ -24,10 +24,9 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.annotations import override
 from ray.util import log_once
 
-from rllib_treerpo.checks import check_fields
-from rllib_treerpo.config_files import coerce_numbers, load_config
-from rllib_treerpo.sampler import TreeSpec
-from rllib_treerpo.settings import (
+from rllib_treerpo.config.checks import check_fields
+from rllib_treerpo.config.config_files import coerce_numbers, load_config
+from rllib_treerpo.config.settings import (
     FIELDS,
     JOB_FIELDS,
     RLLIB_FIELD_CHECKS,
@@ -35,6 +34,7 @@ from rllib_treerpo.settings import (
     TreeRPOSettings,
     set_defaults,
 )
+from rllib_treerpo.sampling.sampler import TreeSpec
 
 # RLlib fields a TreeRPO run depends on: written to a run folder's config.yaml beside FIELDS.
 RLLIB_FIELDS = (
@@ -54,7 +54,7 @@ RLLIB_FIELDS = (
 
 
 class TreeRPOConfig(AlgorithmConfig, TreeRPOSettings):
-    """Configuration of the TreeRPO algorithm: :class:`~rllib_treerpo.settings.TreeRPOSettings` plus RLlib's
+    """Configuration of the TreeRPO algorithm: :class:`~rllib_treerpo.config.settings.TreeRPOSettings` plus RLlib's
     AlgorithmConfig."""
 
     def __init__(self, algo_class=None):
@@ -179,7 +179,7 @@ class TreeRPOConfig(AlgorithmConfig, TreeRPOSettings):
         model."""
         import ray
 
-        from rllib_treerpo.preflight import preflight
+        from rllib_treerpo.config.preflight import preflight
 
         if self.create_local_env_runner is None:
             self.create_local_env_runner = self.num_env_runners == 0
@@ -199,7 +199,7 @@ class TreeRPOConfig(AlgorithmConfig, TreeRPOSettings):
         given."""
         self.preflight()
         if self.model_name_or_path is None:
-            from rllib_treerpo.warmstart import embedded_model
+            from rllib_treerpo.models.warmstart import embedded_model
 
             self.model_name_or_path = embedded_model(self.env, self.env_config)
 

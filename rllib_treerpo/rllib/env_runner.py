@@ -3,7 +3,7 @@
 It owns a reasoning env (cloned per prompt and per branch) and a generation backend that loads the policy
 itself (``GenerationBackend.from_pretrained``); new weights from the learners reach the backend only through
 ``GenerationBackend.load_weights``, so any backend (hf, vllm) plugs in. ``sample(num_prompts)`` returns a list
-of :class:`rllib_treerpo.tree.Tree` grown by the Ray-free :func:`rllib_treerpo.sampler.sample_iteration`. As
+of :class:`rllib_treerpo.core.tree.Tree` grown by the Ray-free :func:`rllib_treerpo.sampling.sampler.sample_iteration`. As
 Ray actors (num_env_runners >= 1) several runners sample in parallel; with num_env_runners = 0 the local
 runner samples.
 """
@@ -18,7 +18,7 @@ from ray.rllib.utils.annotations import override
 from ray.rllib.utils.checkpoints import Checkpointable
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME, WEIGHTS_SEQ_NO
 
-from rllib_treerpo.model_io import hf_weights, module_state
+from rllib_treerpo.models.model_io import hf_weights, module_state
 
 STATE_COUNTERS = "tree_runner_counters"
 
@@ -48,8 +48,8 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
     def make_module(self) -> None:
         """The backend plays the RLModule's part here: it holds the policy's weights and samples with them."""
         from rllib_treerpo.generation import get_backend_class
-        from rllib_treerpo.model_io import load_tokenizer
-        from rllib_treerpo.prompts import prompt_tokenizer
+        from rllib_treerpo.models.model_io import load_tokenizer
+        from rllib_treerpo.sampling.prompts import prompt_tokenizer
 
         c = self.config
         self.module = None  # RLlib's module API is not used: trees are grown by the backend
@@ -76,7 +76,7 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
         TreeRPO.training_step passes each share's ``seed`` (rllib/shares.py: it depends on the iteration and
         the share, not on the runner); without one, the seed follows this runner's index and its count of
         calls."""
-        from rllib_treerpo.sampler import sample_iteration, sampling_seed
+        from rllib_treerpo.sampling.sampler import sample_iteration, sampling_seed
 
         c = self.config
         if num_prompts is None:

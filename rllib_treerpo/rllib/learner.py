@@ -23,13 +23,13 @@ from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 
-from rllib_treerpo.batches import micro_batches
-from rllib_treerpo.forward import target_stats
-from rllib_treerpo.learner_model import reference_copy
-from rllib_treerpo.losses import compute_loss
-from rllib_treerpo.memory import trim_heap
-from rllib_treerpo.tensor_state import plain_tensor, state_tensors
-from rllib_treerpo.update import UpdateSettings, adamw
+from rllib_treerpo.core.losses import compute_loss
+from rllib_treerpo.learner.batches import micro_batches
+from rllib_treerpo.learner.forward import target_stats
+from rllib_treerpo.learner.learner_model import reference_copy
+from rllib_treerpo.learner.memory import trim_heap
+from rllib_treerpo.learner.tensor_state import plain_tensor, state_tensors
+from rllib_treerpo.learner.update import UpdateSettings, adamw
 
 
 class TreeRPOTorchLearner(TorchLearner):

@@ -16,12 +16,12 @@ from typing import Any
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 from ray.rllib.utils.annotations import override
 
-from rllib_treerpo.forward import ForwardSettings, target_stats
-from rllib_treerpo.learner_model import load_trainable
-from rllib_treerpo.model_io import hf_weights
-from rllib_treerpo.precision import cast_floating
-from rllib_treerpo.settings import FIELDS, default_value
-from rllib_treerpo.tensor_state import plain_tensor, state_tensors
+from rllib_treerpo.config.settings import FIELDS, default_value
+from rllib_treerpo.learner.forward import ForwardSettings, target_stats
+from rllib_treerpo.learner.learner_model import load_trainable
+from rllib_treerpo.learner.precision import cast_floating
+from rllib_treerpo.learner.tensor_state import plain_tensor, state_tensors
+from rllib_treerpo.models.model_io import hf_weights
 
 # The model_config keys of the module: TreeRPO's fields of the same names (their defaults where not given).
 MODEL_CONFIG_KEYS = (

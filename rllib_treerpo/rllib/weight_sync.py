@@ -14,7 +14,7 @@ from typing import Any
 
 from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
 
-from rllib_treerpo.memory import trim_heap
+from rllib_treerpo.learner.memory import trim_heap
 
 
 def sampler_beside_learner(env_runner_group: Any, config: Any) -> bool:

@@ -5,7 +5,7 @@ env.
 shares:
 
 - task and model: env, env_config, eval_env_config, seed, model_name_or_path (null: the same cached
-  warm-started tiny model as TreeRPO, :func:`rllib_treerpo.warmstart.embedded_model`), dtype, backend;
+  warm-started tiny model as TreeRPO, :func:`rllib_treerpo.models.warmstart.embedded_model`), dtype, backend;
 - one episode = one width-1 "tree": at most ``len(branching)`` steps of ``step_tokens`` tokens, cut at
   ``step_delimiter`` (so the widths in ``branching`` are ignored), sampled at temperature/top_p/top_k;
 - optimiser: lr, grad_clip, num_epochs, minibatch_size (null: the whole batch in one step, as for TreeRPO),
@@ -181,7 +181,7 @@ def ppo_metrics_row(result: dict) -> dict:
 
 def ppo_parts(config: TreeRPOConfig, job: JobConfig, ppo: dict | None = None) -> JobParts:
     """The PPO pieces of the shared `treerpo train` job (:func:`rllib_treerpo.jobs.train.train`)."""
-    from rllib_treerpo.preflight import preflight
+    from rllib_treerpo.config.preflight import preflight
 
     ppo = {**PPO_DEFAULTS, **(ppo or {})}
 

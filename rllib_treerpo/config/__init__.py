@@ -1,0 +1,1 @@
+"""Settings: every field declared once, the value checks, config files, the preflight."""

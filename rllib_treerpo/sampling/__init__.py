@@ -1,0 +1,1 @@
+"""Growing trees and evaluating a policy: the sampler, prompts, detokenization, held-out evaluation."""
