@@ -34,6 +34,7 @@ import torch
 from rllib_treerpo.evaluation import Evaluator
 from rllib_treerpo.generation import make_backend
 from rllib_treerpo.model_io import check_model_config, load_causal_lm, load_tokenizer
+from rllib_treerpo.precision import hardware_keys
 from rllib_treerpo.prompts import prompt_tokenizer
 from rllib_treerpo.sampler import TreeSpec, grow_trees, tree_stats
 
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     print_table(result, args)
-    print(json.dumps(result))
+    print(json.dumps({**result, **hardware_keys()}))
     return result
 
 

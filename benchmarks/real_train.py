@@ -24,10 +24,17 @@ import time
 from pathlib import Path
 
 import psutil
+import yaml
+
+from rllib_treerpo.precision import hardware_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {
-    "fp32": ["dtype=float32"],
+    "fp32": ["dtype=float32", "gradient_checkpointing=false"],
+    "fp32 + ckpt": ["dtype=float32", "gradient_checkpointing=true"],
+    "auto": [
+        "dtype=auto"
+    ],  # the config as shipped: float32 or bf16 mixed, whichever this machine computes natively
     "bf16 mixed": ["dtype=bfloat16", "mixed_precision=true", "gradient_checkpointing=false"],
     "bf16 mixed + ckpt": ["dtype=bfloat16", "mixed_precision=true", "gradient_checkpointing=true"],
 }
@@ -77,6 +84,17 @@ def _rss(proc: psutil.Process) -> int:
         return 0
 
 
+def phase_seconds(metrics: Path) -> dict:
+    """Mean seconds per iteration of sampling (perf/sample_seconds) and of the learner (perf/learn_seconds)."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    out = {}
+    for key, metric in (("sample_s", "perf/sample_seconds"), ("learn_s", "perf/learn_seconds")):
+        values = [r[metric] for r in rows if metric in r]
+        out[key] = round(sum(values) / len(values), 1) if values else None
+        out[key + "_per_iteration"] = [round(v, 1) for v in values]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -100,12 +118,15 @@ def main() -> None:
         sets += SETTINGS[name]
         train = [*treerpo, "train", "configs/smollm2_cpu.yaml", "--output", str(run), "--overwrite"]
         train += [arg for s in sets for arg in ("--set", s)]
+        load_before = os.getloadavg()[0]  # a shared machine: other jobs' load beside this run
         result = run_measured(train, out / f"{tag}.train.log")
+        result["loadavg"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         evaluation = [*treerpo, "eval", "--model", str(run / "final_model")]  # its env and budget: the run's
         evaluation += ["--problems", str(args.problems), "--output", str(run / "eval_final")]
         checked = run_measured(evaluation, out / f"{tag}.eval.log") if result["exit"] == 0 else {"exit": None}
         summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
         final = run / "eval_final" / "summary.json"
+        resolved = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else {}
         rows.append(
             {
                 "setting": name,
@@ -115,19 +136,29 @@ def main() -> None:
                 "seconds_per_iteration": round(
                     summary.get("job_seconds_this_run", float("nan")) / args.iterations, 1
                 ),
+                "dtype": resolved.get("dtype"),
+                "gradient_checkpointing": resolved.get("gradient_checkpointing"),
+                **phase_seconds(run / "metrics.jsonl"),
                 "peak_driver_gb": round(result["peak_gb"], 2),
                 "peak_driver_sampled_gb": round(result["sampled_gb"], 2),
                 "peak_all_gb": round(result["tree_gb"], 2),
+                "loadavg": result["loadavg"],
                 "checkpoints": sorted(p.name for p in (run / "checkpoints").glob("iter_*")),
                 "final_model": (run / "final_model" / "config.json").exists(),
                 "final_eval": json.loads(final.read_text()) if final.exists() else None,
             }
         )
-    print(f"{'setting':<20} {'train':>5} {'eval':>5} {'s':>7} {'s/it':>6} {'peak GB':>8} {'all GB':>7}")
+    hardware = hardware_keys()
+    print(f"hardware: {hardware}")
+    print(
+        f"{'setting':<18} {'dtype':<9} {'train':>5} {'eval':>5} {'s':>7} {'s/it':>6} {'sample':>7} {'learn':>6} "
+        f"{'peak GiB':>8} {'all GiB':>7}"
+    )
     for r in rows:
         print(
-            f"{r['setting']:<20} {r['train_exit']!s:>5} {r['eval_exit']!s:>5} {r['seconds']:>7.1f} "
-            f"{r['seconds_per_iteration']:>6.1f} {r['peak_driver_gb']:>8.2f} {r['peak_all_gb']:>7.2f}"
+            f"{r['setting']:<18} {r['dtype']!s:<9} {r['train_exit']!s:>5} {r['eval_exit']!s:>5} {r['seconds']:>7.1f} "
+            f"{r['seconds_per_iteration']:>6.1f} {r['sample_s']!s:>7} {r['learn_s']!s:>6} {r['peak_driver_gb']:>8.2f} "
+            f"{r['peak_all_gb']:>7.2f}"
         )
     print(
         json.dumps(
@@ -135,6 +166,7 @@ def main() -> None:
                 "benchmark": "real_train",
                 "model": args.model,
                 "threads": os.environ.get("OMP_NUM_THREADS"),
+                **hardware,
                 "rows": rows,
             }
         )

@@ -24,6 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from rllib_treerpo.generation import SamplingParams, make_backend
+from rllib_treerpo.precision import hardware_keys
 from rllib_treerpo.sampler import sample_trees, tree_stats
 from rllib_treerpo.tiny import build_char_tokenizer, build_tiny_model
 
@@ -264,6 +265,7 @@ def report(args, r: dict) -> None:
                 "flat_seconds": round(flat_seconds, 4),
                 "hf_tokens_per_s": round(hf_tps, 1),
                 "bare_tokens_per_s": round(bare_tps, 1),
+                **hardware_keys(),
             }
         )
     )

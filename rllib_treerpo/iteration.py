@@ -25,7 +25,7 @@ import torch
 
 from rllib_treerpo.losses import policy_loss, truncated_is_weights
 from rllib_treerpo.packing import Pack, collate, loss_weights, packed_target_stats
-from rllib_treerpo.precision import compute_context
+from rllib_treerpo.precision import compute_context, resolve_config_dtype
 from rllib_treerpo.rows import build_training_batch
 from rllib_treerpo.sampler import TreeSpec, draw_prompts, grow_trees
 from rllib_treerpo.tree import Tree
@@ -227,7 +227,7 @@ def policy_update(
     :func:`compute_loss` and backward; then clip (``config.grad_clip``), step and free the gradients. Returns
     per-minibatch stats (the last micro-batch's, plus grad_norm)."""
     device = next(model.parameters()).device
-    dtype = getattr(config, "dtype", "float32")
+    dtype = resolve_config_dtype(config, None) if hasattr(config, "dtype") else "float32"
     params = [p for p in model.parameters() if p.requires_grad]
     settings = LossSettings.from_config(config)
     out = []

@@ -179,10 +179,14 @@ FIELDS: dict[str, Field] = {
         optional_str,
     ),
     "dtype": Field(
-        "float32",
+        "auto",
         "Compute dtype: the sampler's weights (env runners, evaluation), the learner's forward and the exported "
-        "final_model. bfloat16 halves the sampler's copy; the learner's weights follow mixed_precision.",
-        one_of("float32", "bfloat16"),
+        "final_model. bfloat16 halves the sampler's copy; the learner's weights follow mixed_precision. auto: "
+        "bfloat16 where the learner's and the samplers' devices compute it natively (a GPU given by "
+        "num_gpus_per_learner / num_gpus_per_env_runner, sm_80+; this CPU with AVX512-BF16, AMX or Arm BF16), "
+        "float32 elsewhere and for the embedded tiny model; resolved once on the driver, printed with its reason "
+        "and recorded in the run's config.yaml (rllib_treerpo/precision.py choose_dtype).",
+        one_of("auto", "float32", "bfloat16"),
     ),
     "mixed_precision": Field(
         True,

@@ -199,7 +199,9 @@ def _eval_parser(sub) -> None:
     )
     p.add_argument("--system-prompt", help="system message (default: training config)")
     p.add_argument(
-        "--dtype", choices=["float32", "bfloat16"], help="weights dtype (default: training config)"
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        help="weights dtype (default: the training run's; auto: bfloat16 where this CPU computes it natively)",
     )
     p.add_argument(
         "--batch-problems", type=int, default=50, metavar="N", help="problems per generation batch"

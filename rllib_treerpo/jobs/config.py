@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rllib_treerpo.config_files import coerce_numbers, numbers_as_written, read_config_file, split_fields
+from rllib_treerpo.precision import resolve_config_dtype
 from rllib_treerpo.rllib.algorithm import TreeRPOConfig
 from rllib_treerpo.settings import JOB_FIELDS, check_fields, default_value
 
@@ -64,10 +65,11 @@ class JobConfig:
 
 
 def load_run_config(
-    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, announce: Any = print
 ) -> tuple[TreeRPOConfig, JobConfig, dict[str, Any]]:
     """Defaults, then the file's fields, then ``overrides`` (``--set``): the validated algorithm config, job
-    config and the file's sections (``sweep``, ``ppo``). Errors name the file or ``--set`` and the field."""
+    config and the file's sections (``sweep``, ``ppo``). Errors name the file or ``--set`` and the field.
+    ``dtype: auto`` is resolved here (precision.resolve_config_dtype: the choice and why go to ``announce``)."""
     config = TreeRPOConfig()
     job: dict[str, Any] = {}
     sections: dict[str, Any] = {}
@@ -81,6 +83,7 @@ def load_run_config(
         sections.update(section_values)
     config.validate_fields()
     job_config = JobConfig(**job)
+    resolve_config_dtype(config, announce)
     if job_config.algorithm == "TreeRPO":
         config.check_treerpo_batching()
     return config, job_config, sections

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rllib_treerpo.model_io import ResolvedModel, check_model_config, load_policy, resolve_model
+from rllib_treerpo.precision import resolve_cpu_dtype
 from rllib_treerpo.sampler import TreeSpec
 from rllib_treerpo.settings import JOB_FIELDS
 
@@ -108,7 +109,7 @@ def default_model() -> tuple[str, dict[str, Any]]:
     from rllib_treerpo.jobs.config import flat_config, load_run_config
     from rllib_treerpo.jobs.train import resolve_model
 
-    config, job, _ = load_run_config(None)
+    config, job, _ = load_run_config(None, announce=None)
     resolve_model(config, job)
     return config.model_name_or_path, flat_config(config, job)
 
@@ -201,6 +202,10 @@ def _resolve(model: str | None) -> ResolvedModel:
         raise ValueError(f"--model {e}") from None
 
 
+def _stderr(line: str) -> None:
+    print(f"eval: {line}", file=sys.stderr, flush=True)
+
+
 def _settings(resolved: ResolvedModel, o: EvalOptions) -> dict[str, Any]:
     """The evaluation settings: what was given, else the training run's, else the defaults."""
     tc = resolved.train_config
@@ -232,7 +237,7 @@ def _settings(resolved: ResolvedModel, o: EvalOptions) -> dict[str, Any]:
         "temperature": float(pick("temperature", 1.0)),
         "chat_template": bool(pick("chat_template", False)),
         "system_prompt": pick("system_prompt", None),
-        "dtype": pick("dtype", "float32"),
+        "dtype": resolve_cpu_dtype(pick("dtype", "auto"), _stderr, "--dtype or the training run's"),
         "backend": pick("backend", "hf"),
     }
 

@@ -33,6 +33,7 @@ from ray.util import log_once
 from rllib_treerpo.config_files import coerce_numbers, read_config_file, split_fields
 from rllib_treerpo.iteration import minibatch_seed, minibatches, training_packs
 from rllib_treerpo.model_io import load_tokenizer, pad_token_id
+from rllib_treerpo.precision import resolve_config_dtype
 from rllib_treerpo.rllib.weight_sync import free_sampler_for_update, sync_weights
 from rllib_treerpo.sampler import TreeSpec
 from rllib_treerpo.settings import FIELDS, JOB_FIELDS, RLLIB_FIELD_CHECKS, check_fields, default_value
@@ -118,6 +119,7 @@ class TreeRPOConfig(AlgorithmConfig):
         if self.create_local_env_runner is None:
             self.create_local_env_runner = self.num_env_runners == 0
         self.validate_fields()
+        resolve_config_dtype(self)  # dtype auto -> float32 or bfloat16 for this placement, printed with why
         super().validate()
         self.check_treerpo_batching()
         self.check_backend_installed()  # before the algorithm starts a runner, let alone loads a model
@@ -229,7 +231,7 @@ class TreeRPOConfig(AlgorithmConfig):
     def module_model_config(self) -> dict:
         return {
             "model_name_or_path": self.model_name_or_path,
-            "dtype": self.dtype,
+            "dtype": resolve_config_dtype(self, announce=None),  # resolved already unless built without check
             "mixed_precision": self.mixed_precision,
             "gradient_checkpointing": self.gradient_checkpointing,
             "pack_attention": self.pack_attention,
