@@ -79,7 +79,7 @@ def run_config(
     values = {"dtype": "float32", **load_settings(algorithm, difficulty, overrides)}  # measured in float32
     if model_path is not None:
         values.update(model_name_or_path=model_path, seed=seed)
-    return load_run_config(None, values)
+    return load_run_config(None, values, announce=None)  # stdout: the benchmarks' JSON lines
 
 
 def warm_model(difficulty: str, overrides: dict) -> str:
@@ -132,7 +132,7 @@ def build(algorithm: str, values: dict, model_path: str, seed: int):
         "model_name_or_path": model_path,
         "seed": seed,
     }  # measured in fp32
-    config, _, sections = load_run_config(None, values)
+    config, _, sections = load_run_config(None, values, announce=None)
     if algorithm == "PPO":
         from rllib_treerpo.baselines.ppo.job import build_ppo_config, ppo_metrics_row, ppo_settings
 

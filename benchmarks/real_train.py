@@ -13,6 +13,7 @@ torch's and oneDNN's kernels to AVX2 (the JSON line records it as cpu_limited_by
 
     treerpo get-model smollm2-135m-instruct --output models/smollm2
     OMP_NUM_THREADS=1 python -m benchmarks.real_train --model models/smollm2 [--iterations 3] [--out runs/real_train]
+        [--settings "fp32,auto"] [--set eval_problems=0 ...]
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def measure_setting(name: str, args, out: Path) -> dict:
     tag = name.replace(" ", "").replace("+", "_")
     run = out / tag
     sets = [f"model_name_or_path={Path(args.model).resolve()}", f"iterations={args.iterations}"]
-    sets += SETTINGS[name]
+    sets += SETTINGS[name] + args.set
     train = [*treerpo, "train", "configs/smollm2_cpu.yaml", "--output", str(run), "--overwrite"]
     train += [arg for s in sets for arg in ("--set", s)]
     load_before = os.getloadavg()[0]  # a shared machine: other jobs' load beside this run
@@ -164,6 +165,13 @@ def main() -> None:
     parser.add_argument("--out", default="runs/real_train")
     parser.add_argument(
         "--settings", default=",".join(SETTINGS), help=f"comma-separated, of: {list(SETTINGS)}"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="passed to every setting's `treerpo train` (e.g. eval_problems=0 for a shorter run)",
     )
     args = parser.parse_args()
     out = Path(args.out).resolve()

@@ -98,10 +98,16 @@ def test_the_run_prints_the_choice_and_records_it(tiny_lm_dir, tmp_path, ray_ses
     assert yaml.safe_load((out / "final_model" / "treerpo_run.yaml").read_text())["dtype"] == "bfloat16"
 
     monkeypatch.setattr(precision, "detect_hardware", lambda cuda=False: AVX2)
-    assert main(["eval", "--model", str(out / "final_model"), "--problems", "1", "--samples", "1"]) == 0
-    err = capsys.readouterr().err
-    assert "eval: dtype bfloat16 (--dtype or the training run's; CPU AVX2 without bf16 instructions)" in err
-    assert "eval: WARNING: dtype bfloat16 where the learner and the sampler cannot compute it natively" in err
+    evaluation = ["--problems", "1", "--samples", "1", "--output", str(tmp_path / "eval")]
+    assert main(["eval", "--model", str(out / "final_model"), *evaluation]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "eval: dtype bfloat16 (--dtype or the training run's; CPU AVX2 without bf16 instructions)" in printed
+    )
+    assert (
+        "eval: WARNING: dtype bfloat16 where the learner and the sampler cannot compute it natively"
+        in printed
+    )
     assert main(["train", "--resume", str(out), "--set", "iterations=2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("dtype bfloat16 (set in the config; CPU AVX2") and "16x" in lines[1]

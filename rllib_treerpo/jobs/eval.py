@@ -231,8 +231,9 @@ def _resolve(model: str | None) -> ResolvedModel:
         raise ValueError(f"--model {e}") from None
 
 
-def _stderr(line: str) -> None:
-    print(f"eval: {line}", file=sys.stderr, flush=True)
+def _announce(line: str) -> None:
+    """The dtype and why, on stdout like `treerpo train`'s (stderr's first line is an error's, when one comes)."""
+    print(f"eval: {line}", flush=True)
 
 
 def _settings(resolved: ResolvedModel, o: EvalOptions) -> dict[str, Any]:
@@ -266,7 +267,7 @@ def _settings(resolved: ResolvedModel, o: EvalOptions) -> dict[str, Any]:
         "temperature": float(pick("temperature", 1.0)),
         "chat_template": bool(pick("chat_template", False)),
         "system_prompt": pick("system_prompt", None),
-        "dtype": resolve_cpu_dtype(pick("dtype", "auto"), _stderr, "--dtype or the training run's"),
+        "dtype": resolve_cpu_dtype(pick("dtype", "auto"), _announce, "--dtype or the training run's"),
         "backend": pick("backend", "hf"),
     }
 

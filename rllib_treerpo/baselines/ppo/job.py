@@ -26,6 +26,7 @@ import numpy as np
 
 from rllib_treerpo.jobs.config import JobConfig, flat_config
 from rllib_treerpo.jobs.train import JobParts, train
+from rllib_treerpo.precision import resolve_config_dtype
 from rllib_treerpo.rllib.algorithm import TreeRPOConfig
 
 # PPO settings without a TreeRPO field (override with a `ppo:` mapping).
@@ -80,7 +81,7 @@ def build_ppo_config(config: TreeRPOConfig, ppo: dict | None = None):
     }
     model_config = {
         "model_name_or_path": config.model_name_or_path,
-        "dtype": config.dtype,
+        "dtype": resolve_config_dtype(config),  # auto: resolved here unless load_run_config did
         "backend": config.backend,
         "step_delimiter": config.step_delimiter,
         "temperature": config.temperature,
