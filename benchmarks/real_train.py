@@ -92,10 +92,15 @@ def _rss(proc: psutil.Process) -> int:
 
 
 def phase_seconds(metrics: Path) -> dict:
-    """Mean seconds per iteration of sampling (perf/sample_seconds) and of the learner (perf/learn_seconds)."""
+    """Mean seconds per iteration of sampling and of the learner, wall and the driver's CPU (perf/*_seconds)."""
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     out = {}
-    for key, metric in (("sample_s", "perf/sample_seconds"), ("learn_s", "perf/learn_seconds")):
+    for key, metric in (
+        ("sample_s", "perf/sample_seconds"),
+        ("learn_s", "perf/learn_seconds"),
+        ("sample_cpu_s", "perf/sample_cpu_seconds"),  # the driver's CPU seconds: robust to other jobs' load
+        ("learn_cpu_s", "perf/learn_cpu_seconds"),
+    ):
         values = [r[metric] for r in rows if metric in r]
         out[key] = round(sum(values) / len(values), 1) if values else None
         out[key + "_per_iteration"] = [round(v, 1) for v in values]
@@ -145,12 +150,13 @@ def print_table(rows: list[dict], hardware: dict) -> None:
     print(f"hardware: {hardware}")
     print(
         f"{'setting':<18} {'dtype':<9} {'train':>5} {'eval':>5} {'s':>7} {'cpu s':>7} {'s/it':>6} {'sample':>7} "
-        f"{'learn':>6} {'peak GiB':>8} {'all GiB':>7}"
+        f"{'learn':>6} {'cpu':>6} {'cpu':>6} {'peak GiB':>8} {'all GiB':>7}"
     )
     for r in rows:
         print(
             f"{r['setting']:<18} {r['dtype']!s:<9} {r['train_exit']!s:>5} {r['eval_exit']!s:>5} {r['seconds']:>7.1f} "
             f"{r['cpu_seconds']:>7.1f} {r['seconds_per_iteration']:>6.1f} {r['sample_s']!s:>7} {r['learn_s']!s:>6} "
+            f"{r['sample_cpu_s']!s:>6} {r['learn_cpu_s']!s:>6} "
             f"{r['peak_driver_gb']:>8.2f} {r['peak_all_gb']:>7.2f}"
         )
 
