@@ -182,7 +182,10 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    rows = [measure_setting(name, args, out) for name in args.settings.split(",")]
+    rows = []
+    for name in args.settings.split(","):
+        rows.append(measure_setting(name, args, out))
+        print("row " + json.dumps(rows[-1]), flush=True)  # kept if a later setting is cut short
     hardware = hardware_keys()
     print_table(rows, hardware)
     line = {"benchmark": "real_train", "model": args.model, "threads": os.environ.get("OMP_NUM_THREADS")}
