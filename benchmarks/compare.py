@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from benchmarks import compare_lib as lib
+from rllib_treerpo.learner.precision import hardware_keys
 
 # name -> TreeRPO overrides (easy task); "base" is configs/tiny_arith.yaml. minibatch_size keeps about 4
 # optimizer steps per iteration (a quarter of the rows a batch of that tree shape has).
@@ -242,7 +243,7 @@ def main(argv=None) -> dict:
             for d in args.difficulties
         },
     }
-    print(json.dumps(final), flush=True)
+    print(json.dumps({**final, **hardware_keys()}), flush=True)
     return results
 
 

@@ -76,10 +76,10 @@ def run_config(
     """(TreeRPOConfig, JobConfig, sections) of one (algorithm, difficulty) with ``overrides``, a model and a seed."""
     from rllib_treerpo.jobs.config import load_run_config
 
-    values = load_settings(algorithm, difficulty, overrides)
+    values = {"dtype": "float32", **load_settings(algorithm, difficulty, overrides)}  # measured in float32
     if model_path is not None:
         values.update(model_name_or_path=model_path, seed=seed)
-    return load_run_config(None, values)
+    return load_run_config(None, values, announce=None)  # stdout: the benchmarks' JSON lines
 
 
 def warm_model(difficulty: str, overrides: dict) -> str:
@@ -126,7 +126,13 @@ def build(algorithm: str, values: dict, model_path: str, seed: int):
     """A built RLlib algorithm and the function that turns its result into a metrics row."""
     from rllib_treerpo.jobs.config import load_run_config
 
-    config, _, sections = load_run_config(None, {**values, "model_name_or_path": model_path, "seed": seed})
+    values = {
+        "dtype": "float32",
+        **values,
+        "model_name_or_path": model_path,
+        "seed": seed,
+    }  # measured in fp32
+    config, _, sections = load_run_config(None, values, announce=None)
     if algorithm == "PPO":
         from rllib_treerpo.baselines.ppo.job import build_ppo_config, ppo_metrics_row, ppo_settings
 

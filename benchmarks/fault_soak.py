@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from rllib_treerpo.learner.precision import hardware_keys
+
 RUNNERS = 2
 
 
@@ -185,7 +187,7 @@ def main(argv=None) -> dict:
         "per_run": [{k: v for k, v in r.items() if k != "log"} for r in results],
     }
     print(table(results, args))
-    print(json.dumps(summary))
+    print(json.dumps({**summary, **hardware_keys()}))
     return summary
 
 

@@ -28,6 +28,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from rllib_treerpo.learner.precision import hardware_keys
+
 # hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings
 SHAPES = {"qwen2.5-0.5b": (896, 24, 14, 2, 4864, 151936, True), "tiny": (64, 2, 4, 2, 128, 512, True)}
 LAYOUTS = {"rows": ("rows", False), "packed": ("packed", False), "packed+gc": ("packed", True)}
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
         "learner": learner,
     }
     print_table(result)
-    print(json.dumps(result))
+    print(json.dumps({**result, **hardware_keys()}))
     return result
 
 

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rllib_treerpo.learner.precision import hardware_keys
+
 SHAPES = {
     "default": {"branching": (4, 4, 4), "step_tokens": 16, "prompts": 32},
     "paper": {"branching": (8, 8, 8), "step_tokens": 384, "prompts": 1},
@@ -313,7 +315,7 @@ def main(argv=None) -> None:
         return
     lines = [run_shape(shape, args) for shape in args.shapes.split(",")]
     for line in lines:
-        print(json.dumps(line))
+        print(json.dumps({**line, **hardware_keys()}))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks import compare_lib as lib
+from rllib_treerpo.learner.precision import hardware_keys
 
 
 class Replica:
@@ -112,7 +113,7 @@ def run(args) -> None:
             "greedy": summary["greedy_accuracy"],
             "len": summary["mean_response_tokens"],
         }
-        print(json.dumps(row), flush=True)
+        print(json.dumps({**row, **hardware_keys()}), flush=True)
 
     if args.eval_start:
         report()

@@ -33,6 +33,7 @@ import torch
 
 from rllib_treerpo.core.tree import tree_metrics
 from rllib_treerpo.generation import make_backend
+from rllib_treerpo.learner.precision import hardware_keys
 from rllib_treerpo.models.model_io import check_model_config, load_causal_lm, load_tokenizer
 from rllib_treerpo.sampling.evaluation import Evaluator
 from rllib_treerpo.sampling.prompts import prompt_tokenizer
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     print_table(result, args)
-    print(json.dumps(result))
+    print(json.dumps({**result, **hardware_keys()}))
     return result
 
 

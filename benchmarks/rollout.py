@@ -25,6 +25,7 @@ from transformers import DynamicCache
 
 from rllib_treerpo.core.tree import tree_metrics
 from rllib_treerpo.generation import SamplingParams, make_backend
+from rllib_treerpo.learner.precision import hardware_keys
 from rllib_treerpo.models.tiny import build_char_tokenizer, build_tiny_model
 from rllib_treerpo.sampling.sampler import sample_trees
 
@@ -268,6 +269,7 @@ def report(args, r: dict) -> None:
                 "flat_seconds": round(flat_seconds, 4),
                 "hf_tokens_per_s": round(hf_tps, 1),
                 "bare_tokens_per_s": round(bare_tps, 1),
+                **hardware_keys(),
             }
         )
     )

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rllib_treerpo.learner.precision import hardware_keys
+
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("pass@1", "greedy_accuracy", "mean_response_tokens")
 
@@ -54,7 +56,8 @@ def main() -> None:
     for when in ("before", "after"):
         print(f"| {when} | " + " | ".join(stat(f"{k}_{when}") for k in KEYS) + " |")
     print(f"seconds per run: {[r['seconds'] for r in rows]}")
-    print(json.dumps({"benchmark": "seeds", "config": args.config, "sets": args.set, "rows": rows}))
+    line = {"benchmark": "seeds", "config": args.config, "sets": args.set, "rows": rows}
+    print(json.dumps({**line, **hardware_keys()}))
 
 
 if __name__ == "__main__":

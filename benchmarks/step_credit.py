@@ -15,6 +15,8 @@ import re
 
 import numpy as np
 
+from rllib_treerpo.learner.precision import hardware_keys
+
 LINE = re.compile(r"(-?\d+)([+\-*])(-?\d+)=(-?\d+)\n")
 
 
@@ -74,7 +76,7 @@ def main() -> None:
     }
     print(f"positive-advantage lines: {pos}, wrong {result['frac_positive_wrong']:.1%}")
     print(f"negative-advantage lines: {neg}, right {result['frac_negative_right']:.1%}")
-    print(json.dumps(result))
+    print(json.dumps({**result, **hardware_keys()}))
 
 
 if __name__ == "__main__":

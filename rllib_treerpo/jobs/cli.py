@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from rllib_treerpo.generation import MissingExtraError
-from rllib_treerpo.models.model_io import DTYPES
+from rllib_treerpo.learner.precision import DTYPE_CHOICES
 
 
 def parse_key_values(items: list[str], flag: str) -> dict:
@@ -201,7 +201,11 @@ def _eval_parser(sub) -> None:
         help="wrap prompts with the tokenizer's chat template (default: training config, else off)",
     )
     p.add_argument("--system-prompt", help="system message (default: training config)")
-    p.add_argument("--dtype", choices=list(DTYPES), help="weights dtype (default: training config)")
+    p.add_argument(
+        "--dtype",
+        choices=list(DTYPE_CHOICES),
+        help="weights dtype (default: the training run's; auto: bfloat16 where this CPU computes it natively)",
+    )
     p.add_argument(
         "--batch-problems", type=int, default=50, metavar="N", help="problems per generation batch"
     )

@@ -14,6 +14,7 @@ from typing import Any
 from rllib_treerpo.config.checks import check_fields
 from rllib_treerpo.config.config_files import coerce_numbers, load_config
 from rllib_treerpo.config.settings import JOB_FIELDS, JobSettings, set_defaults
+from rllib_treerpo.learner.precision import resolve_config_dtype
 from rllib_treerpo.rllib.config import TreeRPOConfig
 
 # The keys tiny_model and warmstart take (rllib_treerpo/models/tiny.py build_tiny_model, warmstart.embedded_model).
@@ -66,16 +67,18 @@ class JobConfig(JobSettings):
 
 
 def load_run_config(
-    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, announce: Any = print
 ) -> tuple[TreeRPOConfig, JobConfig, dict[str, Any]]:
     """Defaults, then the file's fields, then ``overrides`` (``--set``): the validated algorithm config, job
-    config and the file's sections (``sweep``, ``ppo``). Errors name the file or ``--set`` and the field."""
+    config and the file's sections (``sweep``, ``ppo``). Errors name the file or ``--set`` and the field.
+    ``dtype: auto`` is resolved here (precision.resolve_config_dtype: the choice and why go to ``announce``)."""
     config = TreeRPOConfig()
     job, sections = load_config(
         path, overrides, lambda values, source: config.update_from_flat_dict(values, source=source)
     )
     job_config = JobConfig(**job)
     config.check_values(job_config.algorithm)
+    resolve_config_dtype(config, announce)
     return config, job_config, sections
 
 

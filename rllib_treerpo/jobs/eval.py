@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rllib_treerpo.config.settings import JOB_FIELDS
+from rllib_treerpo.learner.precision import resolve_cpu_dtype
 from rllib_treerpo.models.model_io import ResolvedModel, check_model_config, load_policy, resolve_model
 from rllib_treerpo.sampling.sampler import TreeSpec
 
@@ -109,7 +110,7 @@ def default_model() -> tuple[str, dict[str, Any]]:
     from rllib_treerpo.jobs.config import flat_config, load_run_config
     from rllib_treerpo.jobs.train import use_embedded_model
 
-    config, job, _ = load_run_config(None)
+    config, job, _ = load_run_config(None, announce=None)
     use_embedded_model(config, job)
     return config.model_name_or_path, flat_config(config, job)
 
@@ -124,7 +125,6 @@ def eval_model(model: str | None, **options: Any) -> dict[str, Any]:
     output).
     """
     from envs import make_reasoning_env
-    from rllib_treerpo.generation import make_backend
     from rllib_treerpo.sampling.evaluation import Evaluator
     from rllib_treerpo.sampling.prompts import prompt_tokenizer
 
@@ -163,7 +163,7 @@ def eval_model(model: str | None, **options: Any) -> dict[str, Any]:
     try:
         evaluator = Evaluator(
             env_instance,
-            make_backend(s["backend"], net, tokenizer),
+            _backend(s, resolved, net, tokenizer, base, env_instance, prompt_tok),
             prompt_tok,
             problems=s["problems"],
             samples=s["samples"],
@@ -192,6 +192,38 @@ def eval_model(model: str | None, **options: Any) -> dict[str, Any]:
     return summary
 
 
+def _backend(
+    s: dict, resolved: ResolvedModel, net: Any, tokenizer: Any, base: str, env: Any, prompt_tok: Any
+):
+    """The backend: hf around ``net``; vllm: the process's engine on the base model with the evaluated weights
+    loaded (a checkpoint's are not in the base folder), max_model_len the run's, else twice the longest prompt
+    measured + max_new_tokens."""
+    from rllib_treerpo.config.preflight import _longest_prompt
+    from rllib_treerpo.config.settings import FIELDS
+    from rllib_treerpo.generation import make_backend
+    from rllib_treerpo.generation.vllm import VLLMBackend
+    from rllib_treerpo.generation.vllm_engine import CPU_EVAL_SHARE, on_cpu
+
+    if s["backend"] != "vllm":
+        return make_backend(s["backend"], net, tokenizer)
+    tc = resolved.train_config
+    max_len = tc.get("max_model_len") or min(
+        int(net.config.max_position_embeddings), 2 * _longest_prompt(env, prompt_tok)[0] + s["max_new_tokens"]
+    )
+    backend = VLLMBackend.from_pretrained(
+        base,
+        tokenizer,
+        dtype=s["dtype"],
+        max_model_len=max_len,
+        gpu_memory_utilization=tc.get("gpu_memory_utilization")
+        or (CPU_EVAL_SHARE if on_cpu() else FIELDS["gpu_memory_utilization"].default),
+        enforce_eager=bool(tc.get("enforce_eager", False)),
+    )
+    if resolved.kind != "hf":
+        backend.load_weights(net.state_dict())
+    return backend
+
+
 def _resolve(model: str | None) -> ResolvedModel:
     """``--model`` classified (model_io.resolve_model); none: the embedded default, like a run of the
     defaults."""
@@ -202,6 +234,11 @@ def _resolve(model: str | None) -> ResolvedModel:
         return resolve_model(model)
     except ValueError as e:
         raise ValueError(f"--model {e}") from None
+
+
+def _announce(line: str) -> None:
+    """The dtype and why, on stdout like `treerpo train`'s (stderr's first line is an error's, when one comes)."""
+    print(f"eval: {line}", flush=True)
 
 
 def _settings(resolved: ResolvedModel, o: EvalOptions) -> dict[str, Any]:
@@ -235,7 +272,7 @@ def _settings(resolved: ResolvedModel, o: EvalOptions) -> dict[str, Any]:
         "temperature": float(pick("temperature", 1.0)),
         "chat_template": bool(pick("chat_template", False)),
         "system_prompt": pick("system_prompt", None),
-        "dtype": pick("dtype", "float32"),
+        "dtype": resolve_cpu_dtype(pick("dtype", "auto"), _announce, "--dtype or the training run's"),
         "backend": pick("backend", "hf"),
     }
 

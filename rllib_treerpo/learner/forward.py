@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 
-from rllib_treerpo.learner.precision import compute_context
+from rllib_treerpo.learner.precision import compute_context, resolve_config_dtype
 from rllib_treerpo.learner.tree_attention import segment_plan, using_segments
 
 ATTENTIONS = ("segments", "dense")
@@ -40,7 +40,7 @@ class ForwardSettings:
             attention=config.pack_attention,
             temperature=config.temperature,
             logits_chunk=config.logits_chunk,
-            dtype=config.dtype,
+            dtype=resolve_config_dtype(config, None),  # dtype auto: resolved once, in place
         )
 
 

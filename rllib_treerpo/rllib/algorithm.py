@@ -50,11 +50,11 @@ class TreeRPO(Algorithm):
     @override(Algorithm)
     def training_step(self) -> None:
         c = self.config
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
             trees, runner_metrics = self._sample_trees()
         self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
-        sample_seconds = time.perf_counter() - start
+        sample_seconds, cpu_seconds = time.perf_counter() - start, {"sample_cpu": time.process_time() - cpu}
 
         self.last_trees = trees  # the job saves a few for `treerpo show`
         free_sampler_for_update(self.env_runner_group, c)
@@ -66,17 +66,17 @@ class TreeRPO(Algorithm):
             (ENV_RUNNER_RESULTS, "episode_return_mean"), tree_metrics["reward/mean"], window=1
         )
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
             steps, fed = self._update(packs)
-        learn_seconds = time.perf_counter() - start
+        learn_seconds, cpu_seconds["learn_cpu"] = time.perf_counter() - start, time.process_time() - cpu
         self.metrics.log_value("loss/optimizer_steps", float(steps), window=1)
 
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
             sync_weights(self.learner_group, self.env_runner_group, c)
 
-        self.metrics.log_value("perf/sample_seconds", sample_seconds, window=1)
-        self.metrics.log_value("perf/learn_seconds", learn_seconds, window=1)
+        for key, value in {"sample": sample_seconds, "learn": learn_seconds, **cpu_seconds}.items():
+            self.metrics.log_value(f"perf/{key}_seconds", value, window=1)  # *_cpu: this process's CPU time
         self.metrics.log_value(
             "perf/decode_tokens_per_s",
             tree_metrics["tree/generated_tokens"] / max(sample_seconds, 1e-9),

@@ -34,6 +34,7 @@ from rllib_treerpo.config.settings import (
     TreeRPOSettings,
     set_defaults,
 )
+from rllib_treerpo.learner.precision import resolve_config_dtype
 from rllib_treerpo.sampling.sampler import TreeSpec
 
 # RLlib fields a TreeRPO run depends on: written to a run folder's config.yaml beside FIELDS.
@@ -109,6 +110,7 @@ class TreeRPOConfig(AlgorithmConfig, TreeRPOSettings):
         generation_batch: int | None = NotProvided,
         gpu_memory_utilization: float = NotProvided,
         max_model_len: int | None = NotProvided,
+        enforce_eager: bool = NotProvided,
         enable_sleep_mode: bool = NotProvided,
         release_after_sampling: bool = NotProvided,
         tis_cap: float | None = NotProvided,
@@ -161,11 +163,6 @@ class TreeRPOConfig(AlgorithmConfig, TreeRPOSettings):
         problem = sampling_problem(self.temperature, self.top_p, self.top_k)
         if problem:
             raise ValueError(f"config field 'backend' = 'vllm': {problem}")
-        if self.num_env_runners > 0 and not self.num_gpus_per_env_runner:
-            raise ValueError(
-                "config field 'num_gpus_per_env_runner' = 0: a vllm env runner needs a GPU (e.g. 0.5 to "
-                "share one with a learner, 1 for its own)"
-            )
         if self.num_env_runners > 0 and self.create_local_env_runner:
             raise ValueError(
                 "config field 'create_local_env_runner' = True: with remote vllm env runners set it to "
@@ -184,12 +181,17 @@ class TreeRPOConfig(AlgorithmConfig, TreeRPOSettings):
         if self.create_local_env_runner is None:
             self.create_local_env_runner = self.num_env_runners == 0
         self.check_values()
+        resolve_config_dtype(self)  # dtype auto -> float32 or bfloat16 for this placement, printed with why
         super().validate()
         # Tune validates a trial's config on the driver (TreeRPO.default_resource_request) before it starts
         # the trial's actor, so a bad local model path is one line here, not an actor traceback. On a cluster
         # of several nodes the path may exist on other nodes only.
         several_nodes = ray.is_initialized() and len([n for n in ray.nodes() if n.get("Alive")]) > 1
-        preflight(self, eval_env_config, tiny_model, model_path_is_local=not several_nodes)
+        needed = preflight(self, eval_env_config, tiny_model, model_path_is_local=not several_nodes)
+        if self.backend == "vllm":
+            from rllib_treerpo.generation.vllm_engine import check_config
+
+            check_config(self, needed)  # max_model_len null -> what the run needs; the CPU memory check
 
     @override(AlgorithmConfig)
     def validate(self) -> None:
@@ -212,6 +214,7 @@ class TreeRPOConfig(AlgorithmConfig, TreeRPOSettings):
                 "gpu_memory_utilization": self.gpu_memory_utilization,
                 "max_model_len": self.max_model_len,
                 "enable_sleep_mode": self.enable_sleep_mode,
+                "enforce_eager": self.enforce_eager,
                 "seed": self.seed or 0,
             }
         # Inside a Ray actor given a GPU, "cuda" is that GPU (Ray sets CUDA_VISIBLE_DEVICES).
@@ -240,7 +243,9 @@ class TreeRPOConfig(AlgorithmConfig, TreeRPOSettings):
     def module_model_config(self) -> dict:
         return {
             "model_name_or_path": self.model_name_or_path,
-            "dtype": self.dtype,
+            "dtype": resolve_config_dtype(
+                self, announce=None
+            ),  # resolved already unless built without preflight
             "mixed_precision": self.mixed_precision,
             "gradient_checkpointing": self.gradient_checkpointing,
             "pack_attention": self.pack_attention,

@@ -18,6 +18,7 @@ from ray.rllib.utils.annotations import override
 from ray.rllib.utils.checkpoints import Checkpointable
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME, WEIGHTS_SEQ_NO
 
+from rllib_treerpo.learner.precision import resolve_config_dtype
 from rllib_treerpo.models.model_io import hf_weights, module_state
 
 STATE_COUNTERS = "tree_runner_counters"
@@ -60,7 +61,7 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
             self.tokenizer, chat_template=c.chat_template, system_prompt=c.system_prompt
         )
         self.backend = get_backend_class(c.backend).from_pretrained(
-            c.model_name_or_path, self.tokenizer, dtype=c.dtype, **c.backend_kwargs()
+            c.model_name_or_path, self.tokenizer, dtype=resolve_config_dtype(c, None), **c.backend_kwargs()
         )
         self.spec = c.tree_spec()
 

