@@ -4,15 +4,15 @@ Every algorithm starts from the same warm-started tiny model (one per difficulty
 problem family (the env's train split) for the same number of GENERATED tokens, and is evaluated on the same
 held-out problems (the test split) along the way: pass@1 at temperature 1 (mean over K samples per problem),
 greedy accuracy and mean response length. Curves are reported against generated tokens (equal compute) and
-against training prompts seen (equal data; the table interpolates each curve at the fewest prompts any algorithm
-saw). Algorithms: TreeRPO = configs/tiny_arith.yaml, GRPO = configs/tiny_arith_grpo.yaml (TreeRPO with
-branching [16]), PPO = configs/tiny_arith_ppo.yaml (stock ray.rllib PPO); per-difficulty changes in
+against training prompts seen (equal data; the table interpolates each curve at the fewest prompts any
+algorithm saw). Algorithms: TreeRPO = configs/tiny_arith.yaml, GRPO = configs/tiny_arith_grpo.yaml (TreeRPO
+with branching [16]), PPO = configs/tiny_arith_ppo.yaml (stock ray.rllib PPO); per-difficulty changes in
 benchmarks/compare_lib.py. Difficulties: easy = 3 operations on 1-9 (the default task), hard = 5 operations on
 1-20 (the warm start solves about 7% when sampling).
 
-  .venv/bin/python -m benchmarks.compare            # 2 difficulties x 3 algorithms x 3 seeds, 300k tokens each
+  .venv/bin/python -m benchmarks.compare            # 2 difficulties x 3 algorithms x 3 seeds, 300k tokens
   .venv/bin/python -m benchmarks.compare --quick    # easy only, 1 seed, 50k tokens: a few minutes
-  .venv/bin/python -m benchmarks.compare --ablate   # TreeRPO ablations (depth/branching, tau, advantage_std, KL)
+  .venv/bin/python -m benchmarks.compare --ablate   # TreeRPO ablations: depth, branching, tau, std, KL
 
 Options: --budget TOKENS, --seeds N, --difficulties easy,hard, --algorithms TreeRPO,GRPO,PPO, --evals N,
 --eval-problems N, --eval-samples K, --model PATH (skip the warm start), --set [ALGORITHM:]field=value,
@@ -136,7 +136,8 @@ def run_difficulty(args, difficulty: str, variants: dict[str, tuple[str, dict]],
     )
     before = evaluator()
     lib.log(
-        f"[{difficulty}] model {model}: before RL pass@1 {before['pass@1']:.3f}  greedy {before['greedy']:.3f}"
+        f"[{difficulty}] model {model}: before RL pass@1 {before['pass@1']:.3f}  greedy "
+        f"{before['greedy']:.3f}"
         f"  len {before['response_tokens']:.1f}"
     )
     runs = {label: [] for label in variants}

@@ -1,5 +1,5 @@
-"""Helpers of benchmarks/compare.py (and learner_replica.py): settings per difficulty and algorithm, one training run with evaluations
-along the way, aggregation over seeds, the markdown table and the plots."""
+"""Helpers of benchmarks/compare.py (and learner_replica.py): settings per difficulty and algorithm, one
+training run with evaluations along the way, aggregation over seeds, the markdown table and the plots."""
 
 from __future__ import annotations
 
@@ -20,19 +20,20 @@ CONFIGS = {
     "PPO": ROOT / "configs/tiny_arith_ppo.yaml",
 }
 
-# Difficulty -> env and per-algorithm overrides of the config files above. `eval_tokens` is the response budget
-# of the held-out evaluation (= the training response budget: depth x step_tokens).
+# Difficulty -> env and per-algorithm overrides of the config files above. `eval_tokens` is the response
+# budget of the held-out evaluation (= the training response budget: depth x step_tokens).
 DIFFICULTIES = {
     "easy": {
-        "env_config": {},  # the env's defaults: 3 operations on 1-9 (the cache key of make train's warm start)
+        # the env's defaults: 3 operations on 1-9 (the cache key of make train's warm start)
+        "env_config": {},
         "eval_tokens": 48,
         "TreeRPO": {},
         "GRPO": {},
         "PPO": {},
     },
-    # 5 operations on operands 1-20: 6 lines (5 operations and the answer), ~53 tokens. The tree keeps its shape
-    # with steps of a third of the 72-token budget; PPO steps once per line. Minibatches: ~4 steps per iteration
-    # (hard batches keep fewer rows: ~250 for the tree, ~370 for GRPO).
+    # 5 operations on operands 1-20: 6 lines (5 operations and the answer), ~53 tokens. The tree keeps its
+    # shape with steps of a third of the 72-token budget; PPO steps once per line. Minibatches: ~4 steps per
+    # iteration (hard batches keep fewer rows: ~250 for the tree, ~370 for GRPO).
     "hard": {
         "env_config": {"num_ops": 5, "operand_min": 1, "operand_max": 20, "seed": 0},
         "eval_tokens": 72,
@@ -48,7 +49,8 @@ def log(msg: str) -> None:
 
 
 def load_settings(algorithm: str, difficulty: str, overrides: dict) -> dict:
-    """Flat config of one (algorithm, difficulty): its YAML, the difficulty's overrides, then ``overrides``."""
+    """Flat config of one (algorithm, difficulty): its YAML, the difficulty's overrides, then "
+    "``overrides``."""
     values = yaml.safe_load(CONFIGS[algorithm].read_text())
     d = DIFFICULTIES[difficulty]
     values.update({"env_config": dict(d["env_config"]), **copy.deepcopy(d[algorithm])})
@@ -73,7 +75,8 @@ def parse_sets(items: list[str]) -> dict[str, dict]:
 def run_config(
     algorithm: str, difficulty: str, overrides: dict, model_path: str | None = None, seed: int = 0
 ):
-    """(TreeRPOConfig, JobConfig, sections) of one (algorithm, difficulty) with ``overrides``, a model and a seed."""
+    """(TreeRPOConfig, JobConfig, sections) of one (algorithm, difficulty) with ``overrides``, a model and a "
+    "seed."""
     from rllib_treerpo.jobs.config import load_run_config
 
     values = {"dtype": "float32", **load_settings(algorithm, difficulty, overrides)}  # measured in float32
@@ -92,7 +95,8 @@ def warm_model(difficulty: str, overrides: dict) -> str:
 
 
 def evaluator(model_path: str, env_config: dict, *, problems: int, samples: int, max_tokens: int):
-    """Held-out evaluation on the difficulty's test split; call it with a weights dict (or None: the base model).
+    """Held-out evaluation on the difficulty's test split; call it with a weights dict (or None: the base
+    model).
 
     Returns pass@1 (mean over K samples at T=1), greedy accuracy and response length."""
     from envs.arithmetic import ArithmeticEnv
@@ -162,7 +166,8 @@ def run(
     num_evals: int,
     before: dict,
 ) -> dict:
-    """Train until ``budget`` generated tokens, evaluating at every budget/num_evals tokens (and at the end)."""
+    """Train until ``budget`` generated tokens, evaluating at every budget/num_evals tokens (and at the "
+    "end)."""
     from rllib_treerpo.rllib.rl_module import learner_policy_weights
 
     algo, to_row = build(algorithm, values, model_path, seed)
@@ -248,7 +253,8 @@ def markdown_table(title: str, before: dict, results: dict[str, dict]) -> str:
     lines = [
         f"### {title}",
         "",
-        "| algorithm | pass@1 (T=1) | greedy | response tokens | generated tokens | prompts seen | iterations "
+        "| algorithm | pass@1 (T=1) | greedy | response tokens | generated tokens | prompts seen | "
+        "iterations "
         "| train s | pass@1 at equal prompts |",
         "|---|---|---|---|---|---|---|---|---|",
         f"| before RL | {before['pass@1']:.3f} | {before['greedy']:.3f} | {before['response_tokens']:.1f} "
@@ -266,7 +272,8 @@ def markdown_table(title: str, before: dict, results: dict[str, dict]) -> str:
 
 
 def plot_curves(runs_by_algo: dict[str, list[dict]], title: str, path: Path) -> None:
-    """pass@1 and greedy accuracy against generated tokens and against prompts; mean over seeds, min-max shaded."""
+    """pass@1 and greedy accuracy against generated tokens and against prompts; mean over seeds, min-max "
+    "shaded."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,12 +1,13 @@
-"""Fault soak: ``kill -9`` of an env runner at a random moment of each run (issue 13, "nothing lost, nothing silent").
+"""Fault soak: ``kill -9`` of an env runner at a random moment of each run ("nothing lost, nothing silent").
 
 Each run is a child process with its own Ray session (jobs/ray_session.start_ray): TreeRPO with two remote env
-runners (tiny random model: tests/conftest.py's recipe) trains ``--iterations`` iterations; after the first one, a
-thread SIGKILLs one runner's process (pids through ``foreach_env_runner(lambda r: os.getpid())``) at a moment drawn
-uniformly over the next ``iterations - 2`` iterations' expected time. Reported per run: the iteration the kill hit,
-iterations finished, trees per iteration, runner losses and restarts reported in the metrics (a restart that
-completes after the last iteration is counted apart), whether every runner was back with the learner's weights
-version at the end, and the Python tracebacks in the run's output. Then a table and one JSON line.
+runners (tiny random model: tests/conftest.py's recipe) trains ``--iterations`` iterations; after the first
+one, a thread SIGKILLs one runner's process (pids through ``foreach_env_runner(lambda r: os.getpid())``) at a
+moment drawn uniformly over the next ``iterations - 2`` iterations' expected time. Reported per run: the
+iteration the kill hit, iterations finished, trees per iteration, runner losses and restarts reported in the
+metrics (a restart that completes after the last iteration is counted apart), whether every runner was back
+with the learner's weights version at the end, and the Python tracebacks in the run's output. Then a table and
+one JSON line.
 
 Run: python -m benchmarks.fault_soak --runs 5 --iterations 8 [--seed 0] [--prompts 32] [--logs DIR]
 """
@@ -42,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# --- one run (child process) ----------------------------------------------------------------------------------
+# --- one run (child process)
+# ----------------------------------------------------------------------------------
 def one_run(args: argparse.Namespace) -> dict:
     from rllib_treerpo.jobs.ray_session import start_ray
     from rllib_treerpo.rllib.config import TreeRPOConfig
@@ -105,7 +107,8 @@ def summarise(rows: list[dict], times: list[float], kill: dict) -> dict:
 
 
 def back_with_current_weights(algo, timeout_s: float = 120.0) -> dict:
-    """Waits for the killed runner to be restarted and restored; then its weights version against the learner's."""
+    """Waits for the killed runner to be restarted and restored; then its weights version against the "
+    "learner's."""
     group = algo.env_runner_group
     start = time.monotonic()
     while len(group.healthy_env_runner_ids()) < RUNNERS and time.monotonic() - start < timeout_s:
@@ -123,7 +126,8 @@ def back_with_current_weights(algo, timeout_s: float = 120.0) -> dict:
     }
 
 
-# --- the soak (parent) ----------------------------------------------------------------------------------------
+# --- the soak (parent)
+# ----------------------------------------------------------------------------------------
 def run_child(args: argparse.Namespace, index: int, model: str, logs: Path) -> dict:
     log = logs / f"run_{index}.log"
     cmd = [sys.executable, "-m", "benchmarks.fault_soak", "--child", str(index), "--model", model]
@@ -151,8 +155,10 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
         k = r.get("kill", {})
         lines.append(
             f"| {i} | {k.get('victim')}, {k.get('during_iteration')}, {k.get('delay_s')} | "
-            f"{r['iterations']}/{args.iterations} | {' '.join(map(str, r['trees']))} | {r.get('runner_losses')} | "
-            f"{r.get('restarts_in_metrics')} + {r.get('restarts_after_last_iteration')} | {r.get('runners_back')}/{RUNNERS}, {r.get('weights_current')} | "
+            f"{r['iterations']}/{args.iterations} | {' '.join(map(str, r['trees']))} | "
+            f"{r.get('runner_losses')} | "
+            f"{r.get('restarts_in_metrics')} + {r.get('restarts_after_last_iteration')} | "
+            f"{r.get('runners_back')}/{RUNNERS}, {r.get('weights_current')} | "
             f"{r['tracebacks']} |"
         )
     return "\n".join(lines)

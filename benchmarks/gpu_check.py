@@ -1,17 +1,17 @@
-"""GPU check without Ray (issue 14): a random model with Qwen2.5-0.5B's shapes, what sampling and learning cost.
+"""GPU check without Ray: a random model with Qwen2.5-0.5B's shapes, what sampling and learning
+cost.
 
 The GPU image has torch and transformers but neither Ray nor gymnasium, so this uses the Ray-free core only:
   (a) tree sampling with the hf backend at the paper's tree shape ([8, 8, 8] x 384-token steps, EOS off: full
-      trees) from ``--prompts`` random prompts, on a bf16 copy of the weights (the sampler's copy): decode
-      tokens/s, tokens fed, peak device memory;
-  (b) the learner's update on those trees (random 0/1 leaf rewards, tau 0: every node trained), each layout from
-      the same float32 master weights and a fresh AdamW, the forward autocast to bf16 (mixed precision,
-      rllib_treerpo/learner/precision.py), through update.policy_update (what the RLlib learner does): per-row (one
-      row per node), packed (tree packs), packed with gradient checkpointing. Tokens fed, seconds, tokens/s, the
-      learner's peak memory above what was allocated before it (its weights, gradients, AdamW state, activations,
-      logits) and that in bytes per parameter.
-Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the process's resident memory sampled every 5 ms
-(benchmarks/learner.py's PeakRSS), a loose figure. Prints a table and ends with one JSON line.
+  trees) from ``--prompts`` random prompts, on a bf16 copy of the weights (the sampler's copy): decode
+  tokens/s, tokens fed, peak device memory; (b) the learner's update on those trees (random 0/1 leaf rewards,
+  tau 0: every node trained), each layout from the same float32 master weights and a fresh AdamW, the forward
+  autocast to bf16 (mixed precision, rllib_treerpo/learner/precision.py), through update.policy_update (what
+  the RLlib learner does): per-row (one row per node), packed (tree packs), packed with gradient
+  checkpointing. Tokens fed, seconds, tokens/s, the learner's peak memory above what was allocated before it
+  (its weights, gradients, AdamW state, activations, logits) and that in bytes per parameter. Peak memory:
+  torch.cuda.max_memory_allocated on CUDA; on CPU the process's resident memory sampled every 5 ms
+  (benchmarks/learner.py's PeakRSS), a loose figure. Prints a table and ends with one JSON line.
 
     python -m benchmarks.gpu_check                        # cuda, Qwen2.5-0.5B shapes, paper tree, 1 prompt
     python -m benchmarks.gpu_check --device cpu --tiny    # a tiny model and tree: seconds on CPU (the test)
@@ -146,7 +146,8 @@ def learner_config(args, layout: str):
 
 
 def learning(master, trees: list, name: str, args) -> dict:
-    """(b) for one layout: a fresh master copy and AdamW, one warm-up step on one pack, then the measured update."""
+    """(b) for one layout: a fresh master copy and AdamW, one warm-up step on one pack, then the measured "
+    "update."""
     from rllib_treerpo.core.advantages import tree_advantages
     from rllib_treerpo.learner.learner_model import enable_gradient_checkpointing
     from rllib_treerpo.learner.packing import pack_trees
@@ -194,8 +195,10 @@ def _sync(device: str) -> None:
 def print_table(r: dict) -> None:
     s = r["sampling"]
     print(
-        f"{r['shape']}: {r['parameters'] / 1e6:.1f}M parameters on {r['device_name']} (torch {r['torch']}); tree "
-        f"{r['branching']} x {r['step_tokens']} tokens, {r['prompts']} prompt(s) of {r['prompt_tokens']} tokens"
+        f"{r['shape']}: {r['parameters'] / 1e6:.1f}M parameters on {r['device_name']} (torch {r['torch']}); "
+        "tree "
+        f"{r['branching']} x {r['step_tokens']} tokens, {r['prompts']} prompt(s) of {r['prompt_tokens']} "
+        "tokens"
     )
     print(
         f"sampling (bf16 copy, hf backend): {s['decode_tokens']:,} decode tokens, {s['tokens_fed']:,} fed, "

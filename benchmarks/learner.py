@@ -1,16 +1,16 @@
 """What the learner pays: the same trained nodes of the same sampled trees, one row per node vs tree-packed.
 
-Two tree shapes on a tiny random Qwen2 (CPU, fp32): (a) the default tree of configs/tiny_arith.yaml ([4,4,4] x 16
-tokens, 32 prompts) and (b) the paper's [8,8,8] x 384 tokens (1 prompt by default), EOS off so every tree is
-full. For each, the trees are sampled once; then, each in a fresh process (peak memory is per process), the
-forward + backward of the policy loss (and of the reference model's forward when --kl > 0) over all trained nodes,
-in micro-batches of --forward-tokens tokens, in the per-row layout and the packed one. Peak memory twice: the
-process's resident memory (RSS, what the machine pays; it also holds what glibc's allocator keeps after frees, which
-varies by up to ~15% from run to run) and the peak of live tensor bytes (one more pass under the torch profiler:
-the CPU's max_memory_allocated, independent of the allocator). Prints a table and one JSON line per shape, the
-paper shape's last:
-{"rows_tokens", "packed_tokens", "rows_seconds", "packed_seconds", "rows_peak_mb", "packed_peak_mb",
- "rows_tensor_peak_mb", "packed_tensor_peak_mb", "max_logprob_diff", "max_grad_rel_diff", "shape"}.
+Two tree shapes on a tiny random Qwen2 (CPU, fp32): (a) the default tree of configs/tiny_arith.yaml ([4,4,4] x
+16 tokens, 32 prompts) and (b) the paper's [8,8,8] x 384 tokens (1 prompt by default), EOS off so every tree
+is full. For each, the trees are sampled once; then, each in a fresh process (peak memory is per process), the
+forward + backward of the policy loss (and of the reference model's forward when --kl > 0) over all trained
+nodes, in micro-batches of --forward-tokens tokens, in the per-row layout and the packed one. Peak memory
+twice: the process's resident memory (RSS, what the machine pays; it also holds what glibc's allocator keeps
+after frees, which varies by up to ~15% from run to run) and the peak of live tensor bytes (one more pass
+under the torch profiler: the CPU's max_memory_allocated, independent of the allocator). Prints a table and
+one JSON line per shape, the paper shape's last: {"rows_tokens", "packed_tokens", "rows_seconds",
+"packed_seconds", "rows_peak_mb", "packed_peak_mb", "rows_tensor_peak_mb", "packed_tensor_peak_mb",
+"max_logprob_diff", "max_grad_rel_diff", "shape"}.
 
     python -m benchmarks.learner [--paper-prompts 1] [--kl 0.0] [--threads 2] [--repeats 2]
 """
@@ -42,7 +42,8 @@ def tiny_model(max_positions: int):
 
 
 def sample(shape: str, prompts: int, path: Path) -> None:
-    """Sample the trees of a shape once (EOS off: full trees) with random rewards; pickle trees + advantages."""
+    """Sample the trees of a shape once (EOS off: full trees) with random rewards; pickle trees + "
+    "advantages."""
     import numpy as np
 
     from envs import ArithmeticEnv
@@ -64,7 +65,8 @@ def sample(shape: str, prompts: int, path: Path) -> None:
 
 
 class PeakRSS:
-    """The process's resident memory sampled every 5 ms while the block runs: peak minus the value at entry."""
+    """The process's resident memory sampled every 5 ms while the block runs: peak minus the value at "
+    "entry."""
 
     def __enter__(self) -> PeakRSS:
         import threading
@@ -97,7 +99,8 @@ def _rss_mb() -> float:
 
 
 def measure(path: Path, layout: str, args) -> dict:
-    """In this process: forward + backward over every trained node; seconds, peak RSS, log-probs, gradients."""
+    """In this process: forward + backward over every trained node; seconds, peak RSS, log-probs, "
+    "gradients."""
     import numpy as np
     import torch
 
@@ -258,23 +261,28 @@ def run_shape(shape: str, args) -> dict:
         for n in rows["grads"]
     )
     print(
-        f"\n{shape}: {SHAPES[shape]['branching']} x {SHAPES[shape]['step_tokens']} tokens, {prompts} prompt(s), "
+        f"\n{shape}: {SHAPES[shape]['branching']} x {SHAPES[shape]['step_tokens']} tokens, {prompts} "
+        "prompt(s), "
         f"kl {args.kl}, {args.attention} attention, forward budget {args.forward_tokens} tokens, pack budget "
         f"{args.pack_tokens}"
     )
     print(
-        "| layout | packs | forwards | tokens fed | seconds (fwd+bwd) | peak RSS MB above start | peak tensor MB |"
+        "| layout | packs | forwards | tokens fed | seconds (fwd+bwd) | peak RSS MB above start | peak "
+        "tensor MB |"
     )
     print("|---|---|---|---|---|---|---|")
     for name, m in r.items():
         print(
-            f"| {name} | {m['packs']} | {m['forwards']} | {m['tokens']:,} | {m['seconds']:.2f} | {m['peak_mb']:.0f} "
+            f"| {name} | {m['packs']} | {m['forwards']} | {m['tokens']:,} | {m['seconds']:.2f} | "
+            f"{m['peak_mb']:.0f} "
             f"| {m['tensor_peak_mb']:.0f} |"
         )
     print(
-        f"packed/rows: tokens {packed['tokens'] / rows['tokens']:.3f}, seconds {packed['seconds'] / rows['seconds']:.3f}, "
+        f"packed/rows: tokens {packed['tokens'] / rows['tokens']:.3f}, seconds "
+        f"{packed['seconds'] / rows['seconds']:.3f}, "
         f"peak memory {packed['peak_mb'] / max(rows['peak_mb'], 1):.3f} (RSS), "
-        f"{packed['tensor_peak_mb'] / max(rows['tensor_peak_mb'], 1):.3f} (tensors); max |log-prob diff| {diff:.2e}, max "
+        f"{packed['tensor_peak_mb'] / max(rows['tensor_peak_mb'], 1):.3f} (tensors); max |log-prob diff| "
+        f"{diff:.2e}, max "
         f"relative gradient diff {rel:.2e}"
     )
     return {

@@ -1,19 +1,23 @@
-"""A Ray-free driver of TreeRPO's iteration core, for questions that need many runs (GPU machines have no Ray).
+"""A Ray-free driver of TreeRPO's iteration core, for questions that need many runs (GPU machines have no
+Ray).
 
 One iteration is exactly what TreeRPO.training_step does, through the same functions: ``sample_iteration``
-(sampler.py, the env runner's seeds), ``build_training_batch`` (rows.py), and ``policy_update`` (update.py: the
-minibatch plan the algorithm uses, compute_loss, AdamW with weight_decay, global-norm clipping) on a config of
-benchmarks/compare_lib.py (an algorithm's YAML + a difficulty + --set overrides). tests/unit/test_iteration.py checks
-that an update here and one through RLlib's learner give the same parameters.
+(sampler.py, the env runner's seeds), ``build_training_batch`` (rows.py), and ``policy_update`` (update.py:
+the minibatch plan the algorithm uses, compute_loss, AdamW with weight_decay, global-norm clipping) on a
+config of benchmarks/compare_lib.py (an algorithm's YAML + a difficulty + --set overrides).
+tests/unit/test_iteration.py checks that an update here and one through RLlib's learner give the same
+parameters.
 
     # one run: JSON lines (one per evaluation) on stdout
-    python -m benchmarks.learner_replica run --algorithm TreeRPO --difficulty easy --budget 300000 --device cuda
+    python -m benchmarks.learner_replica run --algorithm TreeRPO --difficulty easy --budget 300000 \\
+        --device cuda
     # many runs in parallel, one JSON-lines file per (label, seed) under --out
     python -m benchmarks.learner_replica sweep --runs easy:TreeRPO,easy:GRPO --set "TreeRPO:tau=0" --seeds 3
     # the markdown table (and plot) of a sweep
     python -m benchmarks.learner_replica table runs/replica/*.jsonl --plot curves.png
 
-Evaluation: the held-out test split, pass@1 = mean over --samples samples at T=1, greedy accuracy, response length.
+Evaluation: the held-out test split, pass@1 = mean over --samples samples at T=1, greedy accuracy, response
+length.
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ class Replica:
         self.update_settings = UpdateSettings.from_config(c)
 
     def iteration(self, it: int) -> dict[str, float]:
-        """Iteration ``it`` as TreeRPO.training_step runs it with num_env_runners=0; returns the tree metrics."""
+        """Iteration ``it`` as TreeRPO.training_step runs it with num_env_runners=0; returns the tree "
+        "metrics."""
         from rllib_treerpo.learner.batches import minibatch_seed
         from rllib_treerpo.learner.rows import PackSettings, build_training_batch
         from rllib_treerpo.learner.update import policy_update
@@ -90,7 +95,8 @@ class Replica:
 
 
 def run(args) -> None:
-    """Train one (difficulty, algorithm, seed) for --budget generated tokens (or --iters), evaluating on the way."""
+    """Train one (difficulty, algorithm, seed) for --budget generated tokens (or --iters), evaluating on the "
+    "way."""
     import torch
 
     torch.set_num_threads(1)

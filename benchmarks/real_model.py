@@ -1,24 +1,22 @@
-"""A real pretrained model on CPU (issue 14): what tree sampling and evaluation cost and give with it.
+"""A real pretrained model on CPU: what tree sampling and evaluation cost and give with it.
 
-With a Hugging Face folder of a real model (``treerpo get-model smollm2-135m-instruct --output DIR``):
-  (a) load: seconds and resident memory;
-  (b) sampling throughput with the hf backend: P prompts (reasoning-gym basic_arithmetic, chat template), a tree
-      of branching [2, 2, 2] with T-token steps against the same 8 leaves per prompt as independent 3T-token
-      responses, EOS off (a step that closes a box still ends its branch): decode tokens, tokens fed to the
-      model, seconds, tok/s;
-  (c) held-out accuracy as `treerpo eval` computes it (Evaluator: K samples at temperature 1 plus greedy) on
-      basic_arithmetic's test split, with and without the chat template; each response is also re-scored with
-      other answer formats (envs/answers.py: boxed, <answer> tag, "the answer is"; last_number), to show what
-      the default boxed-only rule misses;
-  (d) peak RSS of the process (getrusage) and the machine's load average (other jobs slow a shared machine).
-Prints a table and ends with one JSON line. Columns of (c): "boxed?" / "any?" = share of sampled responses that hold
-an answer in the default format / in one of the explicit formats (boxed, <answer> tag, "the answer is"); "explicit",
-"last number" = pass@1 / greedy accuracy when the env's answer_format is the explicit formats / last_number.
+With a Hugging Face folder of a real model (``treerpo get-model smollm2-135m-instruct --output DIR``): (a)
+  load: seconds and resident memory; (b) sampling throughput with the hf backend: P prompts (reasoning-gym
+  basic_arithmetic, chat template), a tree of branching [2, 2, 2] with T-token steps against the same 8 leaves
+  per prompt as independent 3T-token responses, EOS off (a step that closes a box still ends its branch):
+  decode tokens, tokens fed to the model, seconds, tok/s; (c) held-out accuracy as `treerpo eval` computes it
+  (Evaluator: K samples at temperature 1 plus greedy) on basic_arithmetic's test split, with and without the
+  chat template; each response is also re-scored with other answer formats (envs/answers.py: boxed, <answer>
+  tag, "the answer is"; last_number), to show what the default boxed-only rule misses; (d) peak RSS of the
+  process (getrusage) and the machine's load average (other jobs slow a shared machine). Prints a table and
+  ends with one JSON line. Columns of (c): "boxed?" / "any?" = share of sampled responses that hold an answer
+  in the default format / in one of the explicit formats (boxed, <answer> tag, "the answer is"); "explicit",
+  "last number" = pass@1 / greedy accuracy when the env's answer_format is the explicit formats / last_number.
 
 Run: python -m benchmarks.real_model --model DIR [--problems 8] [--samples 2] [--max-new-tokens 64]
-     [--step-tokens 16] [--prompts 2] [--threads 1] [--easy]
-On a machine shared with other jobs, ``--threads 1`` avoids torch's threads waiting on each other (measured here:
-2 threads under a load of 4-5 ran 4-10x slower than 1).
+     [--step-tokens 16] [--prompts 2] [--threads 1] [--easy] On a machine shared with other jobs, ``--threads
+     1`` avoids torch's threads waiting on each other (measured here: 2 threads under a load of 4-5 ran 4-10x
+     slower than 1).
 """
 
 from __future__ import annotations
@@ -196,16 +194,19 @@ def print_table(r: dict, args) -> None:
         f"RSS {r['load']['rss_mb']} MB; torch threads {r['threads']}; load average {r['loadavg']}"
     )
     print(
-        f"(b) sampling, {args.prompts} prompts x 8 leaves of {3 * args.step_tokens} tokens, hf backend, EOS off"
+        f"(b) sampling, {args.prompts} prompts x 8 leaves of {3 * args.step_tokens} tokens, hf backend, EOS "
+        "off"
     )
     print(f"{'':6} {'decode tokens':>14} {'tokens fed':>11} {'seconds':>8} {'tok/s':>7}")
     for name, s in r["sampling"].items():
         print(
-            f"{name:6} {s['decode_tokens']:>14} {s['tokens_fed']:>11} {s['seconds']:>8} {s['tokens_per_s']:>7}"
+            f"{name:6} {s['decode_tokens']:>14} {s['tokens_fed']:>11} {s['seconds']:>8} "
+            f"{s['tokens_per_s']:>7}"
         )
     k = args.samples
     print(
-        f"(c) {TASK} test split{' (easy)' if args.easy else ''}, {args.problems} problems x {k} samples (T=1) + "
+        f"(c) {TASK} test split{' (easy)' if args.easy else ''}, {args.problems} problems x {k} samples "
+        "(T=1) + "
         f"greedy, max {args.max_new_tokens} new tokens"
     )
     print(

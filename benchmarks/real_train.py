@@ -1,18 +1,20 @@
-"""A real pretrained model through the whole job on CPU (issue 14): `treerpo train` then `treerpo eval` of its
+"""A real pretrained model through the whole job on CPU: `treerpo train` then `treerpo eval` of its
 final_model, once per precision setting, with the job's peak memory.
 
-For each setting (fp32, with and without gradient checkpointing; ``dtype: auto``, the config as shipped; bf16 with
-fp32 master weights, i.e. mixed precision, with and without checkpointing) it runs ``treerpo train configs/smollm2_cpu.yaml --set model_name_or_path=MODEL ...`` as a subprocess (the sampler
-and the learner both live in the driver: num_env_runners 0, num_learners 0), samples the resident memory of the
-driver every 50 ms (and of the driver plus every process it started, Ray's included), then ``treerpo eval`` on the
-run's final_model. A setting passes when both exit 0, the run wrote its checkpoints and final_model, and the
-evaluation wrote its summary. Prints a table (wall and CPU seconds, mean sampling and learner seconds per iteration,
-peak memory) and ends with one JSON line that names the CPU (precision.hardware_keys). A CPU with bf16
-instructions can be measured as one without them: ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` limits
-torch's and oneDNN's kernels to AVX2 (the JSON line records it as cpu_limited_by).
+For each setting (fp32, with and without gradient checkpointing; ``dtype: auto``, the config as shipped; bf16
+with fp32 master weights, i.e. mixed precision, with and without checkpointing) it runs ``treerpo train
+configs/smollm2_cpu.yaml --set model_name_or_path=MODEL ...`` as a subprocess (the sampler and the learner
+both live in the driver: num_env_runners 0, num_learners 0), samples the resident memory of the driver every
+50 ms (and of the driver plus every process it started, Ray's included), then ``treerpo eval`` on the run's
+final_model. A setting passes when both exit 0, the run wrote its checkpoints and final_model, and the
+evaluation wrote its summary. Prints a table (wall and CPU seconds, mean sampling and learner seconds per
+iteration, peak memory) and ends with one JSON line that names the CPU (precision.hardware_keys). A CPU with
+bf16 instructions can be measured as one without them: ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``
+limits torch's and oneDNN's kernels to AVX2 (the JSON line records it as cpu_limited_by).
 
     treerpo get-model smollm2-135m-instruct --output models/smollm2
-    OMP_NUM_THREADS=1 python -m benchmarks.real_train --model models/smollm2 [--iterations 3] [--out runs/real_train]
+    OMP_NUM_THREADS=1 python -m benchmarks.real_train --model models/smollm2 [--iterations 3] \\
+        [--out runs/real_train]
         [--settings "fp32,auto"] [--set eval_problems=0 ...]
 """
 
@@ -45,8 +47,8 @@ SETTINGS = {
 
 
 def run_measured(command: list[str], log: Path) -> dict:
-    """Run ``command`` with stdout/stderr to ``log``; its exit code, seconds and peak resident memory (GB) of the
-    process alone and of the process plus its descendants."""
+    """Run ``command`` with stdout/stderr to ``log``; its exit code, seconds and peak resident memory (GB) of
+    the process alone and of the process plus its descendants."""
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -76,8 +78,8 @@ def run_measured(command: list[str], log: Path) -> dict:
         "exit": proc.returncode,
         "seconds": time.perf_counter() - start,
         "peak_gb": max(peak["driver"], usage.ru_maxrss * 1024 / 2**30),  # ru_maxrss: KiB on Linux
-        # CPU seconds of the driver (and the children it reaped): unlike wall seconds, other jobs' load on a shared
-        # machine hardly moves them (one thread)
+        # CPU seconds of the driver (and the children it reaped): unlike wall seconds, other jobs' load on a
+        # shared machine hardly moves them (one thread)
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
         "sampled_gb": peak["driver"],
         "tree_gb": peak["tree"],
@@ -92,7 +94,8 @@ def _rss(proc: psutil.Process) -> int:
 
 
 def phase_seconds(metrics: Path) -> dict:
-    """Mean seconds per iteration of sampling and of the learner, wall and the driver's CPU (perf/*_seconds)."""
+    """Mean seconds per iteration of sampling and of the learner, wall and the driver's CPU "
+    "(perf/*_seconds)."""
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     out = {}
     for key, metric in (
@@ -149,13 +152,16 @@ def measure_setting(name: str, args, out: Path) -> dict:
 def print_table(rows: list[dict], hardware: dict) -> None:
     print(f"hardware: {hardware}")
     print(
-        f"{'setting':<18} {'dtype':<9} {'train':>5} {'eval':>5} {'s':>7} {'cpu s':>7} {'s/it':>6} {'sample':>7} "
+        f"{'setting':<18} {'dtype':<9} {'train':>5} {'eval':>5} {'s':>7} {'cpu s':>7} {'s/it':>6} "
+        f"{'sample':>7} "
         f"{'learn':>6} {'cpu':>6} {'cpu':>6} {'peak GiB':>8} {'all GiB':>7}"
     )
     for r in rows:
         print(
-            f"{r['setting']:<18} {r['dtype']!s:<9} {r['train_exit']!s:>5} {r['eval_exit']!s:>5} {r['seconds']:>7.1f} "
-            f"{r['cpu_seconds']:>7.1f} {r['seconds_per_iteration']:>6.1f} {r['sample_s']!s:>7} {r['learn_s']!s:>6} "
+            f"{r['setting']:<18} {r['dtype']!s:<9} {r['train_exit']!s:>5} {r['eval_exit']!s:>5} "
+            f"{r['seconds']:>7.1f} "
+            f"{r['cpu_seconds']:>7.1f} {r['seconds_per_iteration']:>6.1f} {r['sample_s']!s:>7} "
+            f"{r['learn_s']!s:>6} "
             f"{r['sample_cpu_s']!s:>6} {r['learn_cpu_s']!s:>6} "
             f"{r['peak_driver_gb']:>8.2f} {r['peak_all_gb']:>7.2f}"
         )

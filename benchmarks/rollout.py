@@ -110,7 +110,8 @@ def compaction_sweep(tok, prompts: list[list[int]], device: str, dtype: str, rep
 
 
 def throughput(model, tok, backend, args) -> tuple[float, float, int]:
-    """(c) Tokens/s at batch ``args.batch``: the hf backend against a bare decode loop on the same contexts."""
+    """(c) Tokens/s at batch ``args.batch``: the hf backend against a bare decode loop on the same "
+    "contexts."""
     g = torch.Generator().manual_seed(0)
     contexts = torch.randint(3, len(tok), (args.batch, 16), generator=g)
     new = 64
@@ -233,7 +234,8 @@ def report(args, r: dict) -> None:
     print(
         f"(a) tree {BRANCHING} x {STEP_TOKENS} tokens, {PROMPTS} prompts: nodes {shape['nodes']}, leaves "
         f"{n_leaves}, decode tokens {tree_dec}, tokens fed {tree_stats_['tokens_fed']} "
-        f"(unique {tree_unique}, padding {tree_stats_['pad_tokens']}), {tree_seconds:.3f} s (cpu {tree_cpu:.3f}) "
+        f"(unique {tree_unique}, padding {tree_stats_['pad_tokens']}), {tree_seconds:.3f} s (cpu "
+        f"{tree_cpu:.3f}) "
         f"(last round: generate calls {tree_stats_['seconds']:.3f} s, envs and tree building the rest)"
     )
     print(

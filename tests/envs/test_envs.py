@@ -1,4 +1,4 @@
-"""Tests of envs/: the environment contract (ARCHITECTURE.md), arithmetic and dataset problems."""
+"""Tests of envs/: the environment contract (docs/architecture.md), arithmetic and dataset problems."""
 
 from __future__ import annotations
 

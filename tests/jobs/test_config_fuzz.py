@@ -1,9 +1,10 @@
 """Fuzz: 200 seeded mutations of the shipped configs through the loader and the cheap part of starting a run.
 
 Each mutation (a wrong type, an out-of-range number, an unknown key, a bad nested value, a number written as a
-string) is written to a YAML file and goes through ``load_run_config`` (file -> TreeRPOConfig + JobConfig), the env
-(``make_reasoning_env``, the training and the held-out one), the TreeSpec and the job's fields. Each either loads or
-raises a one-line ValueError that names the mutated key (or its parent field, or the file). No other exception.
+string) is written to a YAML file and goes through ``load_run_config`` (file -> TreeRPOConfig + JobConfig),
+the env (``make_reasoning_env``, the training and the held-out one), the TreeSpec and the job's fields. Each
+either loads or raises a one-line ValueError that names the mutated key (or its parent field, or the file). No
+other exception.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def problems_file(folder: Path) -> str:
 
 
 def shipped(path: Path, dataset: str) -> dict:
-    """A shipped config; the GPU configs' problem files (data/*.jsonl, not in the repository) -> a tiny one."""
+    """A shipped config; the GPU configs' problem files (data/*.jsonl, not in the repository) -> a tiny "
+    "one."""
     values = yaml.safe_load(path.read_text())
     for key in ("env_config", "eval_env_config"):
         if isinstance(values.get(key), dict) and "dataset" in values[key]:
@@ -124,7 +126,7 @@ def test_mutated_configs_load_or_fail_in_one_line_naming_the_key(tmp_path):
 
 @pytest.mark.parametrize("value", ["1e-4", "3e-5", "1.5e-6"])
 def test_a_learning_rate_in_e_notation_is_a_number(tmp_path, value):
-    """YAML 1.1 reads 1e-4 as a string (PLATFORM.md); users write it: numeric fields take it as the number."""
+    """YAML 1.1 reads 1e-4 as a string; users write it: numeric fields take it as the number."""
     from rllib_treerpo.jobs.config import load_run_config
 
     path = tmp_path / "lr.yaml"

@@ -1,4 +1,5 @@
-"""docs/plug_in_env.md: its worked example runs exactly as written, and its YAML snippets are valid configs."""
+"""docs/plug_in_env.md: its worked example runs exactly as written, and its YAML snippets are valid
+configs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The PPO baseline: token-id env wrapper, LM module for whole-step actions, stock RLlib PPO for an iteration."""
+"""The PPO baseline: token-id env wrapper, LM module for whole-step actions, stock RLlib PPO for an
+iteration."""
 
 import warnings
 

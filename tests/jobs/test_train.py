@@ -1,6 +1,6 @@
-"""The `treerpo train` job as a user meets it: output folder, resume from the last checkpoint, misfits and config
-errors in one line before any expensive work, run folders that are never silently overwritten, Ctrl-C, numbers as
-users write them, the metrics rows and the progress line, `treerpo show`."""
+"""The `treerpo train` job as a user meets it: output folder, resume from the last checkpoint, misfits and
+config errors in one line before any expensive work, run folders that are never silently overwritten, Ctrl-C,
+numbers as users write them, the metrics rows and the progress line, `treerpo show`."""
 
 from __future__ import annotations
 
@@ -293,8 +293,8 @@ def test_run_folder_pruning_by_number_and_nan_free_metrics(tmp_path):
 
 
 def test_the_progress_line_warns_when_nothing_is_learned():
-    """All groups filtered, every reward equal (tau 0 keeps such groups, their advantages are 0) and a lost env
-    runner: each is said on the progress line; a normal iteration has no warning."""
+    """All groups filtered, every reward equal (tau 0 keeps such groups, their advantages are 0) and a lost
+    env runner: each is said on the progress line; a normal iteration has no warning."""
     from rllib_treerpo.jobs.train import treerpo_parts
 
     config, job, _ = load_run_config(None)

@@ -36,7 +36,8 @@ def build_learner(config):
 
 
 def test_learner_step_equals_the_objective_and_changes_parameters(tiny_lm_dir):
-    """The learner's loss on packs equals SPEC.md s.4's objective computed from plain per-node forwards."""
+    """The learner's loss on packs equals docs/algorithm.md s.4's objective computed from plain per-node "
+    "forwards."""
     config = small_config(tiny_lm_dir, clip_eps_low=0.1, clip_eps_high=0.3)
     learner = build_learner(config)
     model = learner.module[DEFAULT_MODULE_ID].model
@@ -174,7 +175,8 @@ def test_remote_env_runner(tiny_lm_dir, ray_session):
 
 @pytest.mark.ray
 def test_two_learners_report_the_synchronized_step_count(tiny_lm_dir, ray_session):
-    """num_learners=2: both learners take every planned step together; the count is the plan's, not their sum."""
+    """num_learners=2: both learners take every planned step together; the count is the plan's, not their "
+    "sum."""
     algo = small_config(tiny_lm_dir, num_learners=2, prompts_per_iteration=3, num_minibatches=2).build_algo()
     try:
         result = algo.train()
@@ -220,8 +222,8 @@ def test_tune_run_by_name(tiny_lm_dir, tmp_path, ray_session):
 def test_tune_refuses_a_bad_config_on_the_driver_before_the_trial_starts(
     tiny_lm_dir, tmp_path, ray_session, overrides, message
 ):
-    """Tune validates a trial's config on the driver (TreeRPO.default_resource_request): our one-line ValueError
-    comes out of tune.run, not a trial actor's traceback behind 'Trials did not complete'."""
+    """Tune validates a trial's config on the driver (TreeRPO.default_resource_request): our one-line
+    ValueError comes out of tune.run, not a trial actor's traceback behind 'Trials did not complete'."""
     from ray import tune
 
     import rllib_treerpo  # noqa: F401  registers "TreeRPO"

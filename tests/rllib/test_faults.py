@@ -1,10 +1,10 @@
-"""Env runner faults (issue 13, "nothing lost, nothing silent"): a runner lost during an iteration costs no trees.
+"""Env runner faults: a runner lost during an iteration costs no trees.
 
-RLlib's style (rllib/algorithms/tests/test_worker_failures.py): runners fail at chosen worker indices and calls,
-counted by a named Ray actor that survives their restarts. With two remote runners, a share lost with its runner is
-grown again on the healthy one with the same seed and weights, so the run equals one without failures; the loss is
-reported (perf/env_runner_failures) and so is the restart (perf/env_runner_restarts), after which the restarted
-runner holds the learner's weights version.
+RLlib's style (rllib/algorithms/tests/test_worker_failures.py): runners fail at chosen worker indices and
+calls, counted by a named Ray actor that survives their restarts. With two remote runners, a share lost with
+its runner is grown again on the healthy one with the same seed and weights, so the run equals one without
+failures; the loss is reported (perf/env_runner_failures) and so is the restart (perf/env_runner_restarts),
+after which the restarted runner holds the learner's weights version.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ COUNTER = "treerpo_test_fault_counter"
 
 
 class ParityEnv(ReasoningEnv):
-    """Reward 1 when the response's first character has an even code: about half the leaves of a random model, so
-    advantages, losses and weights depend on exactly which trees were grown."""
+    """Reward 1 when the response's first character has an even code: about half the leaves of a random model,
+    so advantages, losses and weights depend on exactly which trees were grown."""
 
     def __init__(self, **kwargs):
         super().__init__(max_steps=2, **kwargs)
@@ -126,7 +126,8 @@ def counter(ray_session):
 
 
 def wait_for_runners(algo, timeout_s=120.0):
-    """Until Ray has restarted every runner and RLlib has restored it (a new process loads the model: seconds)."""
+    """Until Ray has restarted every runner and RLlib has restored it (a new process loads the model: "
+    "seconds)."""
     import time
 
     group = algo.env_runner_group
@@ -166,8 +167,9 @@ def assert_same_run(rows, weights, reference):
 def test_lost_runners_shares_are_grown_again_and_the_run_is_unchanged(tiny_lm_dir, counter, reference):
     import ray
 
-    # Runner 1 raises in iteration 2 (its 2nd call): runner 2 grows its share. Runner 2 exits hard in iteration 3
-    # (its 4th call: it also grew runner 1's share); runner 1 grows it if back by then, else the local runner.
+    # Runner 1 raises in iteration 2 (its 2nd call): runner 2 grows its share. Runner 2 exits hard in
+    # iteration 3 (its 4th call: it also grew runner 1's share); runner 1 grows it if back by then, else the
+    # local runner.
     ray.get(counter.reset.remote({1: {2: "raise"}, 2: {4: "exit"}}))
     algo = build(tiny_lm_dir)
     try:
@@ -177,7 +179,8 @@ def test_lost_runners_shares_are_grown_again_and_the_run_is_unchanged(tiny_lm_di
         assert [r["trees"] for r in rows] == [4] * ITERATIONS  # every iteration trains on all its trees
         assert [r["failures"] for r in rows] == [0, 1, 1, 0]
         assert rows[0]["healthy"] == rows[-1]["healthy"] == 2 and rows[2]["healthy"] in (1, 2)
-        # Iteration 3 re-grows share 2, and share 1 too when runner 2 was growing it as well (runner 1 not back yet).
+        # Iteration 3 re-grows share 2, and share 1 too when runner 2 was growing it as well (runner 1 not
+        # back yet).
         assert [r["resampled"] for r in rows][:2] == [0, 2] and rows[2]["resampled"] in (2, 4)
         assert sum(r["restarts"] for r in rows) == 2 and rows[-1]["restarts_lifetime"] == 2
         versions = algo.env_runner_group.foreach_env_runner(
@@ -211,7 +214,8 @@ def test_shares_cover_the_iteration_with_seeds_independent_of_the_runner():
     assert sampling_seed(0, 2, 5) != sampling_seed(0, 1, 5) != sampling_seed(0, 1, 4)
 
 
-# --- the re-sampling logic on a fake runner group (no Ray): who grows which share, with which seed ----------------
+# --- the re-sampling logic on a fake runner group (no Ray): who grows which share, with which seed
+# ----------------
 class FakeRunner:
     def __init__(self, index):
         self.index = index

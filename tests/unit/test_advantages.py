@@ -1,4 +1,4 @@
-"""Hand-worked trees for tree_advantages (SPEC.md s.2, s.3) and a readable reference loop."""
+"""Hand-worked trees for tree_advantages (docs/algorithm.md s.2, s.3) and a readable reference loop."""
 
 import math
 
@@ -102,7 +102,7 @@ def test_grpo_all_equal_rewards_gives_zero():
 
 
 def reference(parent, reward, advantage_std, tau, value_estimate, eps):
-    """Readable loop: the definition in SPEC.md, one node at a time."""
+    """Readable loop: the definition in docs/algorithm.md, one node at a time."""
     n = len(parent)
     children = {i: [j for j in range(n) if parent[j] == i] for i in range(n)}
 

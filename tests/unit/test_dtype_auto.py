@@ -1,6 +1,7 @@
-"""`dtype: auto` (precision.choose_dtype): bf16 where the learner's and the sampler's devices compute it natively,
-float32 elsewhere; the choice and why on the run's first lines and in its config.yaml; explicit bf16 without
-native support runs with a warning. The hardware is mocked (Hardware, CPU flags); the run uses the real job."""
+"""`dtype: auto` (precision.choose_dtype): bf16 where the learner's and the sampler's devices compute it
+natively, float32 elsewhere; the choice and why on the run's first lines and in its config.yaml; explicit bf16
+without native support runs with a warning. The hardware is mocked (Hardware, CPU flags); the run uses the
+real job."""
 
 from __future__ import annotations
 

@@ -160,7 +160,8 @@ def test_tokens_fed_second_level_feeds_only_new_tokens(tok):
 
 
 def test_mixed_hits_misses_and_duplicates(tok):
-    """Cached contexts, new prompts and a duplicate in one call: the holes between cache and tail are masked."""
+    """Cached contexts, new prompts and a duplicate in one call: the holes between cache and tail are "
+    "masked."""
     model = tiny_lm(tok)
     backend = make_backend("hf", model, tok)
     greedy = SamplingParams(max_new_tokens=5, temperature=0)
@@ -239,7 +240,8 @@ def test_multi_token_delimiter(tok):
 
 
 def check_multi_token_delimiter(backend, tok) -> None:
-    """A backend whose model favours 'a' and 'b' stops each step at the first 'ab' (kept), or never sees one."""
+    """A backend whose model favours 'a' and 'b' stops each step at the first 'ab' (kept), or never sees "
+    "one."""
     out = backend.generate(
         [ids(tok, p) for p in PROMPTS], 4, SamplingParams(max_new_tokens=16, stop_strings=("ab",), seed=0)
     )
@@ -301,8 +303,9 @@ def test_load_weights_invalidates_cache(tok):
 
 
 def test_dropped_weights_free_their_memory_until_load_weights_brings_them_back_cast(tok):
-    """The sampler beside the learner frees its copy during the update; the sync refills it from float32 masters
-    (cast as copied). A tied weight stays one tensor; generating or exporting in between is an error."""
+    """The sampler beside the learner frees its copy during the update; the sync refills it from float32
+    masters (cast as copied). A tied weight stays one tensor; generating or exporting in between is an
+    error."""
     model = build_tiny_model(
         len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=3
     )

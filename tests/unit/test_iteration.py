@@ -1,4 +1,5 @@
-"""The Ray-free update (batches.py, update.py, losses.compute_loss): minibatch plans, and one update through RLlib's learner equal to the replica's."""
+"""The Ray-free update (batches.py, update.py, losses.compute_loss): minibatch plans, and one update through
+RLlib's learner equal to the replica's."""
 
 from __future__ import annotations
 
@@ -79,8 +80,8 @@ BF16_MIXED = {"dtype": "bfloat16", "mixed_precision": True, "gradient_checkpoint
 def test_rllib_learner_and_replica_give_the_same_parameters(
     tiny_lm_dir, num_minibatches, kl_coef, grad_clip, forward_tokens, precision
 ):
-    """Also with mixed precision (float32 masters, bf16 autocast, checkpointed layers): the replica computes the
-    same way from a copy of the module's model."""
+    """Also with mixed precision (float32 masters, bf16 autocast, checkpointed layers): the replica computes
+    the same way from a copy of the module's model."""
     from envs import ArithmeticEnv
 
     config = TreeRPOConfig.from_yaml(

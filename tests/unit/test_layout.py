@@ -1,11 +1,12 @@
-"""The house in layers (docs/architecture.md): the core runs without Ray, imports point down, files and functions
-stay small.
+"""The house in layers (docs/architecture.md): the core runs without Ray, imports point down, files and
+functions stay small.
 
-Layers, lowest first: the Ray-free core (rllib_treerpo/core: the pure math; sampling/, learner/, models/, config/,
-generation/; and the envs package), the RLlib adapters (rllib_treerpo/rllib), then the jobs (rllib_treerpo/jobs)
-beside the baselines (rllib_treerpo/baselines: a baseline is a job for another algorithm). A module may import its
-own layer and the layers below it, never one above (function-level imports included). The package's __init__ is
-the facade above them all (it registers TreeRPO). rllib_treerpo/core imports no other project module.
+Layers, lowest first: the Ray-free core (rllib_treerpo/core: the pure math; sampling/, learner/, models/,
+config/, generation/; and the envs package), the RLlib adapters (rllib_treerpo/rllib), then the jobs
+(rllib_treerpo/jobs) beside the baselines (rllib_treerpo/baselines: a baseline is a job for another
+algorithm). A module may import its own layer and the layers below it, never one above (function-level imports
+included). The package's __init__ is the facade above them all (it registers TreeRPO). rllib_treerpo/core
+imports no other project module.
 """
 
 from __future__ import annotations
@@ -75,8 +76,10 @@ def test_core_imports_and_runs_without_ray():
         "from rllib_treerpo.sampling.sampler import TreeSpec, sample_iteration\n"
         "from envs import ArithmeticEnv\n"
         "tok = build_char_tokenizer()\n"
-        "model = build_tiny_model(len(tok), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)\n"
-        "trees = sample_iteration(ArithmeticEnv(num_ops=1), make_backend('hf', model, tok), tok, TreeSpec((2, 2), 4),"
+        "model = build_tiny_model(len(tok), hidden_size=32, num_layers=1, num_heads=2, "
+        "intermediate_size=64)\n"
+        "trees = sample_iteration(ArithmeticEnv(num_ops=1), make_backend('hf', model, tok), tok, "
+        "TreeSpec((2, 2), 4),"
         " 2, seed=0)\n"
         "assert len(trees) == 2 and 'ray' not in [m.split('.')[0] for m in sys.modules if sys.modules[m]]\n"
     )

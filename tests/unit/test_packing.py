@@ -1,4 +1,5 @@
-"""Tree-packed training (packing.py, forward.py): masks and positions, equal log-probs and gradients, the mask trap, DDP."""
+"""Tree-packed training (packing.py, forward.py): masks and positions, equal log-probs and gradients, the mask
+trap, DDP."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tests.unit.test_tree import small_tree
 
 
 def test_rows_layout_context_target_and_alignment():
-    """layout="rows": one pack per trained node = the per-row layout of SPEC.md s.4."""
+    """layout="rows": one pack per trained node = the per-row layout of docs/algorithm.md s.4."""
     tree = small_tree()
     _, adv = tree_advantages(tree.parent_array(), tree.leaf_rewards(), tau=0.0, eps=0.0)
     packs = pack_trees([tree], [adv], layout="rows")
@@ -99,7 +100,8 @@ def random_tree(rng: np.random.Generator, depth: int = 3, vocab: int = 50) -> Tr
 
 
 def advantages_with_filtered_groups(tree: Tree, rng) -> np.ndarray:
-    """tau 0 advantages, then some whole sibling groups dropped (NaN): their nodes may stay as context only."""
+    """tau 0 advantages, then some whole sibling groups dropped (NaN): their nodes may stay as context "
+    "only."""
     _, adv = tree_advantages(tree.parent_array(), tree.leaf_rewards(), tau=0.0)
     for parent in {n.parent for n in tree.nodes[1:]}:
         if rng.random() < 0.3:
@@ -167,7 +169,8 @@ def tiny_gqa(seed: int = 0, dtype=torch.float64):
 
 def fp64_rmsnorm(self, hidden_states):
     """Qwen2RMSNorm without its float32 cast (made for bf16): in fp64 that cast rounds the gradients that the
-    per-row layout sums over many copies of a prefix to float32 precision (~5e-9 here), hiding a real 1e-9 check."""
+    per-row layout sums over many copies of a prefix to float32 precision (~5e-9 here), hiding a real 1e-9
+    check."""
     variance = hidden_states.pow(2).mean(-1, keepdim=True)
     return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
 
@@ -175,7 +178,8 @@ def fp64_rmsnorm(self, hidden_states):
 @pytest.mark.parametrize("attention", ["segments", "dense"])
 @pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean"])
 def test_packed_equals_per_row_log_probs_and_gradients_fp64(loss_agg, attention, monkeypatch):
-    """fp64, a GQA Qwen2: the same log-probs and the same gradient of every parameter (clipping and KL live)."""
+    """fp64, a GQA Qwen2: the same log-probs and the same gradient of every parameter (clipping and KL "
+    "live)."""
     from transformers.models.qwen2 import modeling_qwen2
 
     monkeypatch.setattr(modeling_qwen2.Qwen2RMSNorm, "forward", fp64_rmsnorm)

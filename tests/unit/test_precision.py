@@ -1,6 +1,6 @@
-"""Memory and precision (precision.py, learner_model.py, tensor_state.py): gradient checkpointing and token-bounded micro-batches give the
-same update; mixed precision moves the parameters like float32 does; bf16 runs checkpoint, resume bit-exactly and
-export; states pickle without copies."""
+"""Memory and precision (precision.py, learner_model.py, tensor_state.py): gradient checkpointing and
+token-bounded micro-batches give the same update; mixed precision moves the parameters like float32 does; bf16
+runs checkpoint, resume bit-exactly and export; states pickle without copies."""
 
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ def test_checkpointing_and_token_micro_batches_give_the_same_update_fp32(tiny_lm
         policy_update(model, torch.optim.SGD(model.parameters(), lr=1.0), packs, config, seed=3)
         updates[name] = {k: v - base.state_dict()[k] for k, v in model.state_dict().items()}
         recomputed[name] = len(calls)
-    # 2 minibatches (2 packs + 1): one forward each, or one per pack under the 24-token bound, each run again in
-    # the backward (checkpointing)
+    # 2 minibatches (2 packs + 1): one forward each, or one per pack under the 24-token bound, each run again
+    # in the backward (checkpointing)
     assert recomputed == {"plain": 2, "bounded": 2 * 3}
     assert max(float(u.abs().max()) for u in updates["plain"].values()) > 1e-3
     for key, value in updates["plain"].items():
@@ -54,7 +54,8 @@ def test_checkpointing_and_token_micro_batches_give_the_same_update_fp32(tiny_lm
 
 
 def one_learner_step(model_dir: str, lr: float, **precision):
-    """The RLlib learner's first update on hand-made packs: (initial float32 weights, weights after, learner)."""
+    """The RLlib learner's first update on hand-made packs: (initial float32 weights, weights after, "
+    "learner)."""
     from ray.rllib.core import DEFAULT_MODULE_ID
     from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
@@ -77,8 +78,9 @@ def one_learner_step(model_dir: str, lr: float, **precision):
 
 
 def test_mixed_precision_moves_the_parameters_like_float32(tiny_lm_dir):
-    """One AdamW step at lr 3e-5: float32 moves every parameter that has a gradient; bf16 weights round most of
-    those updates away; bf16 compute with float32 masters moves them like float32 does, in the same direction."""
+    """One AdamW step at lr 3e-5: float32 moves every parameter that has a gradient; bf16 weights round most
+    of those updates away; bf16 compute with float32 masters moves them like float32 does, in the same
+    direction."""
     moved, delta = {}, {}
     for name, precision in (
         ("fp32", {"dtype": "float32"}),
@@ -100,7 +102,8 @@ def test_mixed_precision_moves_the_parameters_like_float32(tiny_lm_dir):
 
 
 def test_states_pickle_without_copies():
-    """Protocol 5 hands out each tensor's own memory (no copy); a round trip gives plain tensors of every dtype."""
+    """Protocol 5 hands out each tensor's own memory (no copy); a round trip gives plain tensors of every "
+    "dtype."""
     state = {
         "w": torch.randn(4, 3),
         "b": torch.randn(5).to(torch.bfloat16),
@@ -151,8 +154,8 @@ def test_bf16_run_checkpoints_resumes_bit_exactly_and_exports(
         "dtype": "bfloat16",
         "gradient_checkpointing": True,
     }
-    # A random model never solves a problem: a reward from the response's characters gives most groups an advantage
-    # (the local env runner samples in this process).
+    # A random model never solves a problem: a reward from the response's characters gives most groups an
+    # advantage (the local env runner samples in this process).
     monkeypatch.setattr(
         ArithmeticEnv, "_score", lambda self, response, answer: float(sum(map(ord, response)) % 2)
     )
@@ -219,8 +222,8 @@ def test_gpu_check_runs_on_cpu(capsys):
 
 @pytest.mark.ray
 def test_an_iteration_without_an_update_still_gives_the_sampler_its_weights_back(tiny_lm_dir, ray_session):
-    """Every group filtered (tau 1): no learner update, yet the dropped sampler copy is refilled by the sync and
-    the next iteration samples."""
+    """Every group filtered (tau 1): no learner update, yet the dropped sampler copy is refilled by the sync
+    and the next iteration samples."""
     from rllib_treerpo.rllib.algorithm import TreeRPOConfig
     from rllib_treerpo.rllib.rl_module import learner_policy_weights
 

@@ -1,4 +1,5 @@
-"""Prompt formatting (rllib_treerpo/sampling/prompts.py): plain prompts, chat templates, and the sampler seeing them."""
+"""Prompt formatting (rllib_treerpo/sampling/prompts.py): plain prompts, chat templates, and the sampler
+seeing them."""
 
 from __future__ import annotations
 

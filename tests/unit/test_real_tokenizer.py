@@ -1,5 +1,6 @@
-"""A real byte-level BPE (merges, ChatML special tokens, eos = <|im_end|>): chat prompts, EOS handling and every leaf
-scored in the hf backend and the sampler; step texts decoded over the whole path (a character cut between steps)."""
+"""A real byte-level BPE (merges, ChatML special tokens, eos = <|im_end|>): chat prompts, EOS handling and
+every leaf scored in the hf backend and the sampler; step texts decoded over the whole path (a character cut
+between steps)."""
 
 from __future__ import annotations
 

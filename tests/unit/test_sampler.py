@@ -1,4 +1,5 @@
-"""Tree sampling (SPEC.md s.1): shapes, stops, rewards, determinism, validation, and shared-prefix cost."""
+"""Tree sampling (docs/algorithm.md s.1): shapes, stops, rewards, determinism, validation, and shared-prefix
+cost."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from tests.unit.test_generation import fresh_logprobs, tiny_lm, token_id
 
 
 class FakeEnv:
-    """The ReasoningEnv contract in a few lines, without gymnasium: end marker "##", reward = answer in text."""
+    """The ReasoningEnv contract in a few lines, without gymnasium: end marker "##", reward = answer in "
+    "text."""
 
     end_marker = "##"
 

