@@ -49,8 +49,8 @@ def log(msg: str) -> None:
 
 
 def load_settings(algorithm: str, difficulty: str, overrides: dict) -> dict:
-    """Flat config of one (algorithm, difficulty): its YAML, the difficulty's overrides, then "
-    "``overrides``."""
+    """Flat config of one (algorithm, difficulty): its YAML, the difficulty's overrides, then
+    ``overrides``."""
     values = yaml.safe_load(CONFIGS[algorithm].read_text())
     d = DIFFICULTIES[difficulty]
     values.update({"env_config": dict(d["env_config"]), **copy.deepcopy(d[algorithm])})
@@ -75,8 +75,8 @@ def parse_sets(items: list[str]) -> dict[str, dict]:
 def run_config(
     algorithm: str, difficulty: str, overrides: dict, model_path: str | None = None, seed: int = 0
 ):
-    """(TreeRPOConfig, JobConfig, sections) of one (algorithm, difficulty) with ``overrides``, a model and a "
-    "seed."""
+    """(TreeRPOConfig, JobConfig, sections) of one (algorithm, difficulty) with ``overrides``, a model and a
+    seed."""
     from rllib_treerpo.jobs.config import load_run_config
 
     values = {"dtype": "float32", **load_settings(algorithm, difficulty, overrides)}  # measured in float32
@@ -166,8 +166,8 @@ def run(
     num_evals: int,
     before: dict,
 ) -> dict:
-    """Train until ``budget`` generated tokens, evaluating at every budget/num_evals tokens (and at the "
-    "end)."""
+    """Train until ``budget`` generated tokens, evaluating at every budget/num_evals tokens (and at the
+    end)."""
     from rllib_treerpo.rllib.rl_module import learner_policy_weights
 
     algo, to_row = build(algorithm, values, model_path, seed)
@@ -272,8 +272,8 @@ def markdown_table(title: str, before: dict, results: dict[str, dict]) -> str:
 
 
 def plot_curves(runs_by_algo: dict[str, list[dict]], title: str, path: Path) -> None:
-    """pass@1 and greedy accuracy against generated tokens and against prompts; mean over seeds, min-max "
-    "shaded."""
+    """pass@1 and greedy accuracy against generated tokens and against prompts; mean over seeds, min-max
+    shaded."""
     import matplotlib
 
     matplotlib.use("Agg")

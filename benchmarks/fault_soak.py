@@ -107,8 +107,8 @@ def summarise(rows: list[dict], times: list[float], kill: dict) -> dict:
 
 
 def back_with_current_weights(algo, timeout_s: float = 120.0) -> dict:
-    """Waits for the killed runner to be restarted and restored; then its weights version against the "
-    "learner's."""
+    """Waits for the killed runner to be restarted and restored; then its weights version against the
+    learner's."""
     group = algo.env_runner_group
     start = time.monotonic()
     while len(group.healthy_env_runner_ids()) < RUNNERS and time.monotonic() - start < timeout_s:

@@ -146,8 +146,8 @@ def learner_config(args, layout: str):
 
 
 def learning(master, trees: list, name: str, args) -> dict:
-    """(b) for one layout: a fresh master copy and AdamW, one warm-up step on one pack, then the measured "
-    "update."""
+    """(b) for one layout: a fresh master copy and AdamW, one warm-up step on one pack, then the measured
+    update."""
     from rllib_treerpo.core.advantages import tree_advantages
     from rllib_treerpo.learner.learner_model import enable_gradient_checkpointing
     from rllib_treerpo.learner.packing import pack_trees

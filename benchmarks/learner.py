@@ -42,8 +42,8 @@ def tiny_model(max_positions: int):
 
 
 def sample(shape: str, prompts: int, path: Path) -> None:
-    """Sample the trees of a shape once (EOS off: full trees) with random rewards; pickle trees + "
-    "advantages."""
+    """Sample the trees of a shape once (EOS off: full trees) with random rewards; pickle trees +
+    advantages."""
     import numpy as np
 
     from envs import ArithmeticEnv
@@ -65,8 +65,8 @@ def sample(shape: str, prompts: int, path: Path) -> None:
 
 
 class PeakRSS:
-    """The process's resident memory sampled every 5 ms while the block runs: peak minus the value at "
-    "entry."""
+    """The process's resident memory sampled every 5 ms while the block runs: peak minus the value at
+    entry."""
 
     def __enter__(self) -> PeakRSS:
         import threading
@@ -99,8 +99,8 @@ def _rss_mb() -> float:
 
 
 def measure(path: Path, layout: str, args) -> dict:
-    """In this process: forward + backward over every trained node; seconds, peak RSS, log-probs, "
-    "gradients."""
+    """In this process: forward + backward over every trained node; seconds, peak RSS, log-probs,
+    gradients."""
     import numpy as np
     import torch
 

@@ -67,8 +67,8 @@ class Replica:
         self.update_settings = UpdateSettings.from_config(c)
 
     def iteration(self, it: int) -> dict[str, float]:
-        """Iteration ``it`` as TreeRPO.training_step runs it with num_env_runners=0; returns the tree "
-        "metrics."""
+        """Iteration ``it`` as TreeRPO.training_step runs it with num_env_runners=0; returns the tree
+        metrics."""
         from rllib_treerpo.learner.batches import minibatch_seed
         from rllib_treerpo.learner.rows import PackSettings, build_training_batch
         from rllib_treerpo.learner.update import policy_update
@@ -95,8 +95,8 @@ class Replica:
 
 
 def run(args) -> None:
-    """Train one (difficulty, algorithm, seed) for --budget generated tokens (or --iters), evaluating on the "
-    "way."""
+    """Train one (difficulty, algorithm, seed) for --budget generated tokens (or --iters), evaluating on the
+    way."""
     import torch
 
     torch.set_num_threads(1)

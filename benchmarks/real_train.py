@@ -94,8 +94,8 @@ def _rss(proc: psutil.Process) -> int:
 
 
 def phase_seconds(metrics: Path) -> dict:
-    """Mean seconds per iteration of sampling and of the learner, wall and the driver's CPU "
-    "(perf/*_seconds)."""
+    """Mean seconds per iteration of sampling and of the learner, wall and the driver's CPU
+    (perf/*_seconds)."""
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     out = {}
     for key, metric in (

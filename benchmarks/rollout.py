@@ -110,8 +110,8 @@ def compaction_sweep(tok, prompts: list[list[int]], device: str, dtype: str, rep
 
 
 def throughput(model, tok, backend, args) -> tuple[float, float, int]:
-    """(c) Tokens/s at batch ``args.batch``: the hf backend against a bare decode loop on the same "
-    "contexts."""
+    """(c) Tokens/s at batch ``args.batch``: the hf backend against a bare decode loop on the same
+    contexts."""
     g = torch.Generator().manual_seed(0)
     contexts = torch.randint(3, len(tok), (args.batch, 16), generator=g)
     new = 64

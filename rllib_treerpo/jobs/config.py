@@ -17,7 +17,8 @@ from rllib_treerpo.config.settings import JOB_FIELDS, JobSettings, set_defaults
 from rllib_treerpo.learner.precision import resolve_config_dtype
 from rllib_treerpo.rllib.config import TreeRPOConfig
 
-# The keys tiny_model and warmstart take (rllib_treerpo/models/tiny.py build_tiny_model, warmstart.embedded_model).
+# The keys tiny_model and warmstart take (rllib_treerpo/models/tiny.py build_tiny_model,
+# warmstart.embedded_model).
 TINY_MODEL_KEYS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions")
 WARMSTART_KEYS = {
     "steps": int,
@@ -71,7 +72,8 @@ def load_run_config(
 ) -> tuple[TreeRPOConfig, JobConfig, dict[str, Any]]:
     """Defaults, then the file's fields, then ``overrides`` (``--set``): the validated algorithm config, job
     config and the file's sections (``sweep``, ``ppo``). Errors name the file or ``--set`` and the field.
-    ``dtype: auto`` is resolved here (precision.resolve_config_dtype: the choice and why go to ``announce``)."""
+    ``dtype: auto`` is resolved here (precision.resolve_config_dtype: the choice and why go to
+    ``announce``)."""
     config = TreeRPOConfig()
     job, sections = load_config(
         path, overrides, lambda values, source: config.update_from_flat_dict(values, source=source)

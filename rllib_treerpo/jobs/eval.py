@@ -13,8 +13,8 @@ For a checkpoint or training output the training config supplies the defaults: t
 ``eval_env_config``, ``max_new_tokens`` = step_tokens x tree depth, temperature, chat template, system
 prompt, dtype and backend. A plain model folder needs ``--env``.
 
-The numbers come from :class:`rllib_treerpo.sampling.evaluation.Evaluator`: pass@1 (mean over the K samples), pass@K,
-greedy accuracy (one greedy decode per problem, ``--no-greedy`` skips it) and mean response tokens.
+The numbers come from :class:`rllib_treerpo.sampling.evaluation.Evaluator`: pass@1 (mean over the K samples),
+pass@K, greedy accuracy (one greedy decode per problem, ``--no-greedy`` skips it) and mean response tokens.
 Problems are ``reset(options={"problem_index": i})`` for i < ``--problems`` (capped at the env's
 ``num_problems`` when it has one).
 """
@@ -237,7 +237,8 @@ def _resolve(model: str | None) -> ResolvedModel:
 
 
 def _announce(line: str) -> None:
-    """The dtype and why, on stdout like `treerpo train`'s (stderr's first line is an error's, when one comes)."""
+    """The dtype and why, on stdout like `treerpo train`'s (stderr's first line is an error's, when one
+    comes)."""
     print(f"eval: {line}", flush=True)
 
 

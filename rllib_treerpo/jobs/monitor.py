@@ -25,9 +25,9 @@ class HeldOut:
 
     With the hf backend the evaluator's model is loaded for each evaluation and freed after it: a whole copy
     of the policy less in memory for the run, for a load that is short next to an evaluation. A vllm engine is
-    kept: it is this process's one engine (vLLM cannot run two side by side), the same one the local env runner
-    samples with when the driver samples (same settings: shared by generation/vllm.py); with sleep mode it
-    sleeps between evaluations.
+    kept: it is this process's one engine (vLLM cannot run two side by side), the same one the local env
+    runner samples with when the driver samples (same settings: shared by generation/vllm.py); with sleep mode
+    it sleeps between evaluations.
     """
 
     def __init__(self, config: TreeRPOConfig, job: JobConfig, problems: int) -> None:

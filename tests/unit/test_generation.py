@@ -160,8 +160,8 @@ def test_tokens_fed_second_level_feeds_only_new_tokens(tok):
 
 
 def test_mixed_hits_misses_and_duplicates(tok):
-    """Cached contexts, new prompts and a duplicate in one call: the holes between cache and tail are "
-    "masked."""
+    """Cached contexts, new prompts and a duplicate in one call: the holes between cache and tail are
+    masked."""
     model = tiny_lm(tok)
     backend = make_backend("hf", model, tok)
     greedy = SamplingParams(max_new_tokens=5, temperature=0)
@@ -240,8 +240,8 @@ def test_multi_token_delimiter(tok):
 
 
 def check_multi_token_delimiter(backend, tok) -> None:
-    """A backend whose model favours 'a' and 'b' stops each step at the first 'ab' (kept), or never sees "
-    "one."""
+    """A backend whose model favours 'a' and 'b' stops each step at the first 'ab' (kept), or never sees
+    one."""
     out = backend.generate(
         [ids(tok, p) for p in PROMPTS], 4, SamplingParams(max_new_tokens=16, stop_strings=("ab",), seed=0)
     )

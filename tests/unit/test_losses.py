@@ -16,8 +16,8 @@ def t(*rows):
 
 
 def weights(mask: torch.Tensor, loss_agg: str = "token_mean") -> torch.Tensor:
-    """(B, T) loss weights of a 0/1 mask, each row one sequence: losses.loss_weights, laid out like the "
-    "mask."""
+    """(B, T) loss weights of a 0/1 mask, each row one sequence: losses.loss_weights, laid out like the
+    mask."""
     mask = mask.reshape(-1, mask.shape[-1]) > 0
     groups = [np.full(int(row.sum()), r) for r, row in enumerate(mask)]
     out = torch.zeros(mask.shape, dtype=torch.float64)

@@ -76,8 +76,8 @@ def test_check_model_path_names_a_local_path_that_cannot_be_a_model(tmp_path):
 
 
 def test_a_model_that_cannot_be_loaded_is_one_line_naming_the_field(tmp_path, tiny_lm_dir):
-    """A folder with a config but no weights: one ValueError naming model_name_or_path, not transformers' "
-    "OSError."""
+    """A folder with a config but no weights: one ValueError naming model_name_or_path, not transformers'
+    OSError."""
     import shutil
 
     from rllib_treerpo.models.model_io import load_causal_lm

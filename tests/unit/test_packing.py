@@ -100,8 +100,8 @@ def random_tree(rng: np.random.Generator, depth: int = 3, vocab: int = 50) -> Tr
 
 
 def advantages_with_filtered_groups(tree: Tree, rng) -> np.ndarray:
-    """tau 0 advantages, then some whole sibling groups dropped (NaN): their nodes may stay as context "
-    "only."""
+    """tau 0 advantages, then some whole sibling groups dropped (NaN): their nodes may stay as context
+    only."""
     _, adv = tree_advantages(tree.parent_array(), tree.leaf_rewards(), tau=0.0)
     for parent in {n.parent for n in tree.nodes[1:]}:
         if rng.random() < 0.3:
@@ -178,8 +178,8 @@ def fp64_rmsnorm(self, hidden_states):
 @pytest.mark.parametrize("attention", ["segments", "dense"])
 @pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean"])
 def test_packed_equals_per_row_log_probs_and_gradients_fp64(loss_agg, attention, monkeypatch):
-    """fp64, a GQA Qwen2: the same log-probs and the same gradient of every parameter (clipping and KL "
-    "live)."""
+    """fp64, a GQA Qwen2: the same log-probs and the same gradient of every parameter (clipping and KL
+    live)."""
     from transformers.models.qwen2 import modeling_qwen2
 
     monkeypatch.setattr(modeling_qwen2.Qwen2RMSNorm, "forward", fp64_rmsnorm)

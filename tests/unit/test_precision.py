@@ -54,8 +54,8 @@ def test_checkpointing_and_token_micro_batches_give_the_same_update_fp32(tiny_lm
 
 
 def one_learner_step(model_dir: str, lr: float, **precision):
-    """The RLlib learner's first update on hand-made packs: (initial float32 weights, weights after, "
-    "learner)."""
+    """The RLlib learner's first update on hand-made packs: (initial float32 weights, weights after,
+    learner)."""
     from ray.rllib.core import DEFAULT_MODULE_ID
     from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
@@ -102,8 +102,8 @@ def test_mixed_precision_moves_the_parameters_like_float32(tiny_lm_dir):
 
 
 def test_states_pickle_without_copies():
-    """Protocol 5 hands out each tensor's own memory (no copy); a round trip gives plain tensors of every "
-    "dtype."""
+    """Protocol 5 hands out each tensor's own memory (no copy); a round trip gives plain tensors of every
+    dtype."""
     state = {
         "w": torch.randn(4, 3),
         "b": torch.randn(5).to(torch.bfloat16),

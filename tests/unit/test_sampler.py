@@ -18,8 +18,8 @@ from tests.unit.test_generation import fresh_logprobs, tiny_lm, token_id
 
 
 class FakeEnv:
-    """The ReasoningEnv contract in a few lines, without gymnasium: end marker "##", reward = answer in "
-    "text."""
+    """The ReasoningEnv contract in a few lines, without gymnasium: end marker "##", reward = answer in
+    text."""
 
     end_marker = "##"
 

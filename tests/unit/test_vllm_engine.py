@@ -266,8 +266,8 @@ def learner_version(algo) -> int:
 
 
 def test_treerpo_two_iterations_with_the_driver_sampling(vllm, model_dir, engine_kwargs, ray_session):
-    """num_env_runners 0: the local env runner samples with this process's engine (shared, not a second "
-    "one)."""
+    """num_env_runners 0: the local env runner samples with this process's engine (shared, not a second
+    one)."""
     from ray.rllib.core import DEFAULT_MODULE_ID
 
     algo = vllm_config(model_dir, engine_kwargs, num_env_runners=0).build_algo()
