@@ -64,13 +64,17 @@ def embedded_default():
     return str(folder)
 
 
-@pytest.fixture(autouse=True)
-def cpu_without_bf16(monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def cpu_without_bf16():
     """``dtype: auto`` resolves as on a CPU without bf16 instructions in every test, so a test computes the
     same numbers (float32) on every machine; tests of the choice itself pass their own Hardware
-    (tests/unit/test_dtype_auto.py)."""
+    (tests/unit/test_dtype_auto.py). Session-scoped: module-scoped fixtures (an uninterrupted reference run)
+    are built before any function-scoped one, and must resolve the same way as their tests."""
     from rllib_treerpo.learner import precision
 
-    monkeypatch.setattr(
+    patch = pytest.MonkeyPatch()
+    patch.setattr(
         precision, "detect_hardware", lambda cuda=False: precision.Hardware(precision.cpu_capability(), False)
     )
+    yield
+    patch.undo()
