@@ -2,8 +2,8 @@
 
 vLLM cannot run on the machines this was written on (no CPU wheel, no vLLM in the GPU image). Every call below
 was read in the 0.32.0 wheel's sources (the files are named where they matter) and is checked by contract
-tests against ``tests/fakes/fake_vllm.py``, a stand-in with the same class, method and field names; docs/vllm.md
-says which commands verify it on a GPU machine. Importing this module never imports vllm:
+tests against ``tests/fakes/fake_vllm.py``, a stand-in with the same class, method and field names;
+docs/vllm.md says which commands verify it on a GPU machine. Importing this module never imports vllm:
 :meth:`VLLMBackend.from_pretrained` does.
 
 How the interface of base.py maps onto vLLM:

@@ -1,14 +1,14 @@
 """TreeRPOConfig: TreeRPO's settings on RLlib's AlgorithmConfig, like RLlib's PPOConfig.
 
-The fields are declared once, typed and documented, in :mod:`rllib_treerpo.config.settings` (``TreeRPOSettings``,
-which this class inherits, and ``RLlibSettings``: the RLlib attributes at TreeRPO's defaults). Checks come in
-three nested steps:
+The fields are declared once, typed and documented, in :mod:`rllib_treerpo.config.settings`
+(``TreeRPOSettings``, which this class inherits, and ``RLlibSettings``: the RLlib attributes at TreeRPO's
+defaults). Checks come in three nested steps:
 
 - :meth:`TreeRPOConfig.check_values`: every value, pure (loaders run it: a vllm config loads where vllm is not
   installed);
 - :meth:`TreeRPOConfig.preflight`: the values, RLlib's own checks, then the run against this machine
-  (:func:`rllib_treerpo.config.preflight.preflight`: the backend's package, the model, the env, the window), before
-  anything expensive;
+  (:func:`rllib_treerpo.config.preflight.preflight`: the backend's package, the model, the env, the window),
+  before anything expensive;
 - :meth:`TreeRPOConfig.validate`: RLlib's hook before it builds the algorithm: the preflight, then the
   embedded default model when no model is given.
 """
@@ -54,8 +54,8 @@ RLLIB_FIELDS = (
 
 
 class TreeRPOConfig(AlgorithmConfig, TreeRPOSettings):
-    """Configuration of the TreeRPO algorithm: :class:`~rllib_treerpo.config.settings.TreeRPOSettings` plus RLlib's
-    AlgorithmConfig."""
+    """Configuration of the TreeRPO algorithm: :class:`~rllib_treerpo.config.settings.TreeRPOSettings` plus
+    RLlib's AlgorithmConfig."""
 
     def __init__(self, algo_class=None):
         from rllib_treerpo.rllib.algorithm import TreeRPO
