@@ -1,9 +1,10 @@
 """rllib_treerpo: TreeRPO (Tree Relative Policy Optimization) as a Ray RLlib algorithm.
 
-Layers (docs/architecture.md): the pure core in this folder (tree, advantages, losses, sampler, rows, the
-learner, evaluation, prompts, model I/O, generation backends, the embedded tiny model) imports and runs
-without Ray; the RLlib adapters live in ``rllib_treerpo.rllib``, the `treerpo` jobs in ``rllib_treerpo.jobs``,
-the PPO baseline in ``rllib_treerpo.baselines.ppo``.
+Layers (docs/architecture.md): the core imports and runs without Ray: ``core/`` (trees, advantages, the
+objective), ``sampling/`` (the tree sampler, prompts, evaluation), ``generation/`` (the backends),
+``learner/`` (packs, the forward, the update, precision), ``models/`` (model I/O, the embedded tiny model)
+and ``config/`` (the settings); the RLlib adapters live in ``rllib_treerpo.rllib``, the `treerpo` jobs in
+``rllib_treerpo.jobs``, the PPO baseline in ``rllib_treerpo.baselines.ppo``.
 
 Where Ray is installed, importing the package registers the algorithm with Tune as "TreeRPO", so that
 ``tune.run("TreeRPO", config=...)`` and ``tune.Tuner("TreeRPO", ...)`` work after ``import rllib_treerpo``;

@@ -1,5 +1,6 @@
 """The public contract's import path: ``from rllib_treerpo.advantages import tree_advantages`` (README,
-docs/algorithm.md). The module is :mod:`rllib_treerpo.core.advantages`; this one re-exports its public names."""
+docs/algorithm.md). The module is :mod:`rllib_treerpo.core.advantages`; this one re-exports its public
+names."""
 
 from rllib_treerpo.core.advantages import (
     ADVANTAGE_STD,

@@ -132,8 +132,8 @@ def fields_markdown() -> str:
     parts = [
         "# Config fields\n\nEvery key a config file (or `--set`, or `TreeRPOConfig.training(...)`) takes, "
         "with its default: the embedded CPU default that `make train` runs. Generated from "
-        "`rllib_treerpo/config/settings.py` by `treerpo fields > docs/fields.md`; a test keeps it current. Any "
-        "other public RLlib `AlgorithmConfig` attribute is accepted too (RLlib validates it).\n"
+        "`rllib_treerpo/config/settings.py` by `treerpo fields > docs/fields.md`; a test keeps it current. "
+        "Any other public RLlib `AlgorithmConfig` attribute is accepted too (RLlib validates it).\n"
     ]
     for title, fields in (
         ("TreeRPO's fields (`TreeRPOConfig`)", FIELDS),

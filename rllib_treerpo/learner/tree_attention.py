@@ -1,6 +1,6 @@
 """Attention over tree packs without the masked work: per node, its tokens against its path's keys only.
 
-A pack's tree mask (packing.tree_attention_mask) is mostly False: a token sees its ancestors and its own
+A pack's tree mask (forward.tree_attention_mask) is mostly False: a token sees its ancestors and its own
 earlier tokens, never its siblings' subtrees. A dense L x L masked attention computes every pair anyway, which
 on a CPU (no FlexAttention backward there) costs more than the per-row layout saves. Here each node's tokens
 attend to the gathered keys of their own root-to-node path, nodes of equal depth batched together: the

@@ -3,9 +3,9 @@
 It owns a reasoning env (cloned per prompt and per branch) and a generation backend that loads the policy
 itself (``GenerationBackend.from_pretrained``); new weights from the learners reach the backend only through
 ``GenerationBackend.load_weights``, so any backend (hf, vllm) plugs in. ``sample(num_prompts)`` returns a list
-of :class:`rllib_treerpo.core.tree.Tree` grown by the Ray-free :func:`rllib_treerpo.sampling.sampler.sample_iteration`. As
-Ray actors (num_env_runners >= 1) several runners sample in parallel; with num_env_runners = 0 the local
-runner samples.
+of :class:`rllib_treerpo.core.tree.Tree` grown by the Ray-free
+:func:`rllib_treerpo.sampling.sampler.sample_iteration`. As Ray actors (num_env_runners >= 1) several runners
+sample in parallel; with num_env_runners = 0 the local runner samples.
 """
 
 from __future__ import annotations

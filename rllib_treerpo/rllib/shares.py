@@ -3,10 +3,10 @@
 The iteration's prompts are split into shares, one per remote env runner (share k = runner k's part,
 ``TreeEnvRunner.prompts_share``; share 0 = all of them on the local runner when there are no remote runners).
 A share's seed depends only on (config seed, share index, iteration)
-(:func:`rllib_treerpo.sampling.sampler.sampling_seed`), never on which runner grows it or how often that runner has
-sampled: a share lost with its runner (a crash, a ``kill -9``, an exception in the env) is grown again on a
-healthy runner with the same seed and the same weights, so a run with a failure gives the trees a run without
-one gives; so does a resumed run.
+(:func:`rllib_treerpo.sampling.sampler.sampling_seed`), never on which runner grows it or how often that
+runner has sampled: a share lost with its runner (a crash, a ``kill -9``, an exception in the env) is grown
+again on a healthy runner with the same seed and the same weights, so a run with a failure gives the trees a
+run without one gives; so does a resumed run.
 
 RLlib's part (``restart_failed_env_runners``): Ray restarts the dead actor, RLlib takes it out of service, and
 ``Algorithm.restore_env_runners`` (before each training step, or here when no healthy runner is left) pings it
