@@ -1,5 +1,10 @@
 """Precision and memory of the learner's model (issue 14): what a 0.5B-7B model needs. Ray-free.
 
+- Which dtype (:func:`choose_dtype`, issue 25): ``dtype: auto`` is bfloat16 where the learner's and the samplers'
+  devices compute it natively and float32 elsewhere; resolved once on the driver (:func:`resolve_config_dtype`),
+  printed with its reason and recorded in the run's config.yaml; :func:`hardware_keys` names the machine in the
+  benchmarks' JSON lines.
+
 - Mixed precision, the way trainers do it (torch AMP): with ``dtype: bfloat16`` and ``mixed_precision: true`` the
   learner's model keeps float32 parameters (the master copy AdamW steps, so its state is float32 too: a small-lr
   update is not rounded away) and its forward runs under ``torch.autocast(bfloat16)`` (matmuls in bf16, reductions
@@ -178,9 +183,9 @@ def plain_tensor(value: Any) -> torch.Tensor:
 
 
 # --- which dtype: `dtype: auto` --------------------------------------------------------------------------------
-# Measured on 2 cores (docs/real_models.md s.8): SmolLM2-135M's learner ran ~16x slower in bf16 than in float32 on
-# a CPU without bf16 instructions (torch capability AVX2), sampling ~2x slower.
-SLOWDOWN = "the learner about 16x and sampling about 2x slower than float32"
+# Measured on 2 cores (docs/real_models.md s.8): SmolLM2-135M's learner ran 12-16x slower in bf16 than in float32
+# where torch's kernels are AVX2 (an AVX2 CPU; an AVX512-BF16 one limited to AVX2), sampling 1.3x (hf) to 2x (vLLM).
+SLOWDOWN = "the learner about 12-16x and sampling 1.3-2x slower than float32"
 
 
 @dataclass(frozen=True)
