@@ -24,8 +24,9 @@ def preflight(
     model_path_is_local: bool = True,
 ) -> int | None:
     """ValueError naming the field when ``config`` (a TreeRPOConfig or anything with its fields) cannot run
-    here; returns the longest sequence the run needs with a prompt budget of twice the longest prompt measured,
-    at most the model's window (the vllm backend's default max_model_len; None when the model cannot be read).
+    here; returns the longest sequence the run needs with a prompt budget of twice the longest prompt
+    measured, at most the model's window (the vllm backend's default max_model_len; None when the model cannot
+    be read).
 
     ``tiny_model``: the embedded model's architecture when ``model_name_or_path`` is null (its window).
     ``model_path_is_local``: false on a cluster of several nodes, where a model path may exist on other nodes

@@ -8,6 +8,11 @@ the RLlib module, its reference model and the Ray-free update (update.policy_upd
 ``mixed_precision: false`` trains the bf16 weights themselves (bf16 AdamW state; most small updates round to
 0). The sampler's copy is in ``dtype``: :func:`cast_floating` turns the master state into it for the weight
 sync; the exported final_model is written in ``dtype`` too.
+
+Which dtype (:func:`choose_dtype`): ``dtype: auto`` is bfloat16 where the learner's and the samplers' devices
+compute it natively and float32 elsewhere; resolved once on the driver (:func:`resolve_config_dtype`), printed
+with its reason and recorded in the run's config.yaml; :func:`hardware_keys` names the machine in the
+benchmarks' JSON lines.
 """
 
 from __future__ import annotations
@@ -53,11 +58,9 @@ def cast_floating(state: Mapping[str, torch.Tensor], dtype: str) -> dict[str, to
 DTYPE_CHOICES = ("auto", *DTYPES)
 
 
-# --- which dtype: `dtype: auto`
-# -------------------------------------------------------------------------------- Measured on 2 cores
-# (docs/real_models.md s.8): SmolLM2-135M's learner ran ~16x slower in bf16 than in float32 on a CPU without
-# bf16 instructions (torch capability AVX2), sampling ~2x slower.
-SLOWDOWN = "the learner about 16x and sampling about 2x slower than float32"
+# --- which dtype: `dtype: auto` -----------------------------------------------------------------------------
+# bf16 where torch's kernels are AVX2: docs/real_models.md s.8 (SmolLM2-135M on 2 cores).
+SLOWDOWN = "the learner about 12-16x and sampling 1.3-2x slower than float32"
 
 
 @dataclass(frozen=True)
