@@ -19,8 +19,8 @@ replaces a helper that overruns it, returning 0.0.
 - Helpers exit when their stdin closes (also when the caller dies) and are shut down at exit. One found dead
   (killed while idle) is replaced before it gets a request; one killed under a call scores 0.0 (a warning).
 
-This module imports only the standard library at top level: the helper loads this very file
-standalone (not the ``envs`` package), so keep it that way.
+The helper side is envs/verify_helper.py (loaded standalone by path); the text helpers are envs/math_text.py,
+re-exported here.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ import sys
 import threading
 import time
 from typing import Any
+
+from envs.math_text import gold_latex, has_closed_boxed, last_boxed, nesting_depth
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -56,49 +58,7 @@ MAX_RESPONSE_CHARS: int = 8192
 MAX_NESTING_DEPTH: int = 64
 STARTUP_TIMEOUT_S: float = 120.0
 WORKER_MEMORY_LIMIT_MB: int = 4096  # address-space limit of a helper: big-number bombs fail fast
-
-_BOXED = "\\boxed{"
-
-
-# ---------------------------------------------------------------------------- text helpers
-def last_boxed(text: str) -> str | None:
-    """Content of the last *closed* ``\\boxed{...}`` in ``text`` (balanced braces), else None."""
-    pos = text.rfind(_BOXED)
-    while pos >= 0:
-        depth, start = 1, pos + len(_BOXED)
-        for i in range(start, len(text)):
-            ch = text[i]
-            if ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start:i]
-        pos = text.rfind(_BOXED, 0, pos)
-    return None
-
-
-def has_closed_boxed(text: str) -> bool:
-    """True when ``text`` contains a complete ``\\boxed{...}`` (the end marker of math envs)."""
-    return last_boxed(text) is not None
-
-
-def nesting_depth(text: str) -> int:
-    """Largest nesting depth of (), [] and {} in ``text`` (closers never go below zero)."""
-    depth = best = 0
-    for ch in text:
-        if ch in "([{":
-            depth += 1
-            if depth > best:
-                best = depth
-        elif ch in ")]}" and depth > 0:
-            depth -= 1
-    return best
-
-
-def gold_latex(answer: str) -> str:
-    """The string math-verify parses as gold: ``$answer$`` unless it already has ``$`` or \\boxed."""
-    return answer if ("$" in answer or "\\boxed" in answer) else f"${answer}$"
+HELPER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "verify_helper.py")
 
 
 def _inner_timeout(timeout_s: float) -> int:
@@ -124,7 +84,7 @@ _BOOTSTRAP = (
     "s = u.spec_from_file_location('_treerpo_reward_helper', sys.argv[1])\n"
     "m = u.module_from_spec(s)\n"
     "s.loader.exec_module(m)\n"
-    "m._serve(int(sys.argv[2]))\n"
+    "m.serve(int(sys.argv[2]))\n"
 )
 
 
@@ -133,7 +93,7 @@ class _Worker:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _BOOTSTRAP, os.path.abspath(__file__), str(WORKER_MEMORY_LIMIT_MB)],
+            [sys.executable, "-c", _BOOTSTRAP, HELPER_PATH, str(WORKER_MEMORY_LIMIT_MB)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             bufsize=0,
@@ -353,48 +313,3 @@ def can_parse_answer(answer: str, *, timeout_s: float | None = None) -> bool:
         return bool(_get_pool().call(payload, timeout))
     except _WorkerError:
         return False
-
-
-# ---------------------------------------------------------------------------- helper side
-def _serve(memory_limit_mb: int) -> None:
-    """Main loop of a helper process: one JSON request per stdin line, one JSON answer per line."""
-    import functools
-
-    proto = os.fdopen(os.dup(1), "wb", buffering=0)
-    os.dup2(2, 1)  # stray prints (Python or C) must not corrupt the protocol on stdout
-    sys.stdout = sys.stderr
-    try:
-        import resource
-
-        limit = memory_limit_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    except (ImportError, ValueError, OSError):
-        pass
-    logging.basicConfig(level=logging.ERROR)
-    for name in ("math_verify", "latex2sympy2_extended"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)  # it logs every timeout with the input
-    from math_verify import parse, verify
-
-    @functools.lru_cache(maxsize=4096)
-    def parse_gold(gold: str, t: int) -> tuple[Any, ...]:
-        return tuple(parse(gold, parsing_timeout=t))
-
-    def handle(req: dict[str, Any]) -> Any:
-        t = int(req["t"])
-        if req["op"] == "parse":
-            # math-verify falls back to the raw string when it understands nothing ("???", "\\frac{"):
-            # parseable means at least one mathematical (non-string) object.
-            return any(not isinstance(x, str) for x in parse_gold(req["gold"], t))
-        gold = parse_gold(req["gold"], t)
-        if not gold:
-            return 0.0
-        pred = parse(req["response"], parsing_timeout=t)
-        return 1.0 if pred and verify(list(gold), pred, timeout_seconds=t) else 0.0
-
-    proto.write(b'"ready"\n')
-    for line in sys.stdin.buffer:
-        try:
-            result = handle(json.loads(line))
-        except Exception:  # noqa: BLE001 - any failure of the verifier is "not verified"
-            result = 0.0
-        proto.write((json.dumps(result) + "\n").encode("ascii"))
