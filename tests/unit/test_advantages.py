@@ -190,3 +190,11 @@ def test_group_counts_count_filtered_groups():
 def test_bad_input_names_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tree_advantages(**kwargs)
+
+
+def test_the_public_contract_keeps_its_import_path():
+    """``rllib_treerpo.advantages.tree_advantages`` (README, docs/algorithm.md) is the core's function."""
+    import rllib_treerpo.advantages as public
+    from rllib_treerpo.core import advantages as core
+
+    assert public.tree_advantages is core.tree_advantages and public.node_values is core.node_values
