@@ -77,7 +77,7 @@ def _validate_space(config: TreeRPOConfig, space: Any, source: str) -> dict[str,
             close = difflib.get_close_matches(head, known, n=3)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
             raise ValueError(f"{source}: sweep over unknown config field {head!r}{hint}")
-        if sub and not isinstance(getattr(config, head), dict):
+        if sub and not isinstance(vars(config).get(head), dict):  # the config's fields are its attributes
             raise ValueError(
                 f"{source}: sweep.space.{key}: {head!r} is not a mapping field, so it has no key {sub!r}"
             )

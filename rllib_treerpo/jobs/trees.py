@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import html
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rllib_treerpo.core.advantages import tree_advantages
+from rllib_treerpo.learner.rows import PackSettings
 
 SETTINGS = ("tau", "advantage_std", "value_estimate", "advantage_eps")
 
@@ -40,7 +42,7 @@ def save_trees(folder: Path, iteration: int, trees: list, config: Any) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     record = {
         "iteration": iteration,
-        "settings": {k: getattr(config, k) for k in SETTINGS},
+        "settings": {k: v for k, v in asdict(PackSettings.from_config(config)).items() if k in SETTINGS},
         "trees": [_tree_record(t) for t in trees],
     }
     path = folder / f"iter_{iteration:06d}.json"
