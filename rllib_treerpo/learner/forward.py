@@ -101,7 +101,9 @@ def packed_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor], attent
     if attention == "segments":
         with using_segments(model):
             plan = segment_plan(batch["token_node"], batch["node_parent"])
-            hidden = decoder(**inputs, attention_mask={"full_attention": plan}).last_hidden_state
+            # The plan travels as a model kwarg, which reaches every attention call: a mask argument does
+            # not reach it in every model (Llama's create_causal_mask turns one it does not know into None).
+            hidden = decoder(**inputs, segment_plan=plan).last_hidden_state
     elif attention == "dense":
         mask = tree_attention_mask(batch["token_node"], batch["node_parent"])
         if model.config._attn_implementation != "sdpa":  # eager/flex: the mask is additive

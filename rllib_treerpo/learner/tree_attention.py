@@ -8,9 +8,9 @@ attention work is what the per-row layout does for the trained tokens, the proje
 unique token.
 
 It plugs into transformers as an attention function (registered as ``"treerpo_segments"``): the decoder is
-called with ``attention_mask={"full_attention": SegmentPlan}`` (a dict is passed to the layers untouched)
-while the model's attention implementation is switched to this function; any other mask falls through to sdpa
-unchanged.
+called with ``segment_plan=SegmentPlan`` (model kwargs reach every attention call, whereas a mask argument is
+rebuilt by some models' mask preparation) while the model's attention implementation is switched to this
+function; a call without a plan falls through to sdpa unchanged.
 """
 
 from __future__ import annotations
@@ -147,14 +147,15 @@ def segment_attention(
     """transformers attention function: (B, H, L, D) query, (B, Hkv, L, D) key/value -> (B, L, H, D)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if not isinstance(attention_mask, SegmentPlan):
+    plan = kwargs.pop("segment_plan", None)
+    if plan is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     groups = query.shape[1] // key.shape[1]
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, L, heads, D)
     out = None  # (B, L, H, D) in the dtype attention computes in (bf16 under autocast, like sdpa's output)
-    for bucket in attention_mask.buckets:
+    for bucket in plan.buckets:
         rows = bucket.batch[:, None]
         qg = q[rows, bucket.q_index].transpose(1, 2)  # (G, H, m, D)
         recipes = [(x, rows, bucket.kv_index, groups) for x in (k, v)]

@@ -150,11 +150,17 @@ def test_mask_positions_and_predictors_against_a_brute_force_ancestor_check(seed
             assert p.target_ids[k] == tree.nodes[n].token_ids[j]
 
 
-def tiny_gqa(seed: int = 0, dtype=torch.float64):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def tiny_gqa(seed: int = 0, dtype=torch.float64, arch: str = "qwen2"):
+    """A tiny GQA model with a tied head: Qwen2, or Llama (SmolLM2's architecture, whose decoder prepares the
+    attention mask differently)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    config_class, model_class = {
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "llama": (LlamaConfig, LlamaForCausalLM),
+    }[arch]
     torch.manual_seed(seed)
-    config = Qwen2Config(
+    config = config_class(
         vocab_size=50,
         hidden_size=32,
         num_hidden_layers=2,
@@ -164,7 +170,7 @@ def tiny_gqa(seed: int = 0, dtype=torch.float64):
         max_position_embeddings=256,
         tie_word_embeddings=True,
     )
-    return Qwen2ForCausalLM(config).to(dtype).eval()
+    return model_class(config).to(dtype).eval()
 
 
 def fp64_rmsnorm(self, hidden_states):
@@ -175,18 +181,22 @@ def fp64_rmsnorm(self, hidden_states):
     return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
 @pytest.mark.parametrize("attention", ["segments", "dense"])
 @pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean"])
-def test_packed_equals_per_row_log_probs_and_gradients_fp64(loss_agg, attention, monkeypatch):
-    """fp64, a GQA Qwen2: the same log-probs and the same gradient of every parameter (clipping and KL
-    live)."""
+def test_packed_equals_per_row_log_probs_and_gradients_fp64(loss_agg, attention, arch, monkeypatch):
+    """fp64, a GQA model of each architecture: the same log-probs and the same gradient of every parameter
+    (clipping and KL live). Llama builds its mask with create_causal_mask, which drops a mask it does not
+    know: the segment plan must reach the attention another way, or siblings see each other."""
+    from transformers.models.llama import modeling_llama
     from transformers.models.qwen2 import modeling_qwen2
 
     monkeypatch.setattr(modeling_qwen2.Qwen2RMSNorm, "forward", fp64_rmsnorm)
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", fp64_rmsnorm)
     rng = np.random.default_rng(3)
     trees = [random_tree(rng) for _ in range(4)]
     advantages = [advantages_with_filtered_groups(t, rng) for t in trees]
-    model, ref = tiny_gqa(0), tiny_gqa(1)
+    model, ref = tiny_gqa(0, arch=arch), tiny_gqa(1, arch=arch)
     settings = LossSettings(
         clip_eps_low=0.05, clip_eps_high=0.05, kl_coef=0.3, kl_estimator="k3", tis_cap=None
     )
