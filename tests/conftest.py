@@ -36,13 +36,17 @@ def tiny_lm_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny_lm"), **TEST_ARCHITECTURE)
 
 
+# The one local Ray instance the tests share (tests/cluster puts it back after its multi-node cluster).
+RAY_TEST_SESSION = {"num_cpus": 2, "include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for every test that needs actors (starting Ray costs seconds)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(**RAY_TEST_SESSION)
     yield ray
     ray.shutdown()
 

@@ -39,6 +39,8 @@ class Tree:
     problem_id: str = ""
     answer: str = ""
     nodes: list[Node] = field(default_factory=list)
+    # Who grew it, filled by the env runner: {"env_runner": index, "node_id": Ray node id, "node_ip": ip}.
+    origin: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.prompt_ids = np.asarray(self.prompt_ids, dtype=np.int64)

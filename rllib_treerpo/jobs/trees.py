@@ -57,6 +57,7 @@ def _tree_record(tree) -> dict:
         "prompt": tree.prompt_text,
         "answer": tree.answer,
         "problem_id": tree.problem_id,
+        "origin": tree.origin,
         "nodes": [
             {
                 "parent": n.parent,

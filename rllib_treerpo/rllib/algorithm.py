@@ -26,6 +26,7 @@ from rllib_treerpo.learner.batches import BatchSettings, minibatch_seed, minibat
 from rllib_treerpo.learner.rows import PackSettings, build_training_batch
 from rllib_treerpo.models.model_io import load_tokenizer, pad_token_id
 from rllib_treerpo.rllib.config import TreeRPOConfig
+from rllib_treerpo.rllib.model_files import serve_model_folder
 from rllib_treerpo.rllib.weight_sync import free_sampler_for_update, sync_weights
 
 __all__ = ["TreeRPO", "TreeRPOConfig"]
@@ -43,6 +44,8 @@ class TreeRPO(Algorithm):
     def setup(self, config) -> None:
         # env runners restored since the last iteration (restore_env_runners), logged by the next one
         self._env_runner_restarts = 0
+        # On a cluster: nodes without the model folder get the driver's through the object store.
+        self._model_folder_server = serve_model_folder(config.model_name_or_path)
         super().setup(config)
         # the packs' padding id; the config's model is resolved (validated) before setup
         self._pad_token_id = pad_token_id(load_tokenizer(self.config.model_name_or_path))

@@ -51,6 +51,8 @@ RLLIB_FIELDS = (
     "num_gpus_per_learner",
     "num_gpus_per_env_runner",
     "create_local_env_runner",
+    "custom_resources_per_env_runner",
+    "custom_resources_per_learner",
 )
 
 

@@ -20,6 +20,7 @@ from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME, WEIGHTS_SEQ_
 
 from rllib_treerpo.learner.precision import resolve_config_dtype
 from rllib_treerpo.models.model_io import hf_weights, module_state
+from rllib_treerpo.rllib.model_files import local_model_folder
 
 STATE_COUNTERS = "tree_runner_counters"
 
@@ -54,14 +55,16 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
 
         c = self.config
         self.module = None  # RLlib's module API is not used: trees are grown by the backend
-        self.tokenizer = load_tokenizer(c.model_name_or_path)
+        # On a cluster the folder may exist on the driver's node only: then this node's copy of it.
+        self.model_folder = local_model_folder(c.model_name_or_path, who=f"env runner {self.worker_index}")
+        self.tokenizer = load_tokenizer(self.model_folder)
         # Prompts may be wrapped in the chat template (instruct models); the backend keeps the plain
         # tokenizer.
         self.prompt_tokenizer = prompt_tokenizer(
             self.tokenizer, chat_template=c.chat_template, system_prompt=c.system_prompt
         )
         self.backend = get_backend_class(c.backend).from_pretrained(
-            c.model_name_or_path, self.tokenizer, dtype=resolve_config_dtype(c, None), **c.backend_kwargs()
+            self.model_folder, self.tokenizer, dtype=resolve_config_dtype(c, None), **c.backend_kwargs()
         )
         self.spec = c.tree_spec()
 
@@ -87,6 +90,9 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
         self._num_calls += 1
         self.backend.reset_stats()
         trees = sample_iteration(self.env, self.backend, self.prompt_tokenizer, self.spec, num_prompts, seed)
+        origin = self.origin()
+        for tree in trees:
+            tree.origin = dict(origin)
         stats = self.backend.stats
         self.metrics.log_value("perf/decode_tokens", stats.decode_tokens, reduce="sum")
         self.metrics.log_value("perf/model_tokens", stats.tokens_fed, reduce="sum")
@@ -102,6 +108,16 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
         TreeRPO.training_step); whether the backend freed anything."""
         self._weights_dropped = self.backend.drop_weights()
         return self._weights_dropped
+
+    def origin(self) -> dict:
+        """Which env runner on which Ray node grows trees here (each tree records it)."""
+        import ray
+
+        out = {"env_runner": self.worker_index}
+        if ray.is_initialized():
+            out["node_id"] = ray.get_runtime_context().get_node_id()
+            out["node_ip"] = ray.util.get_node_ip_address()
+        return out
 
     @staticmethod
     def prompts_share(total: int, worker_index: int, num_runners: int) -> int:

@@ -22,6 +22,7 @@ from rllib_treerpo.learner.learner_model import load_trainable
 from rllib_treerpo.learner.precision import cast_floating, resolve_cpu_dtype
 from rllib_treerpo.learner.tensor_state import plain_tensor, state_tensors
 from rllib_treerpo.models.model_io import hf_weights
+from rllib_treerpo.rllib.model_files import local_model_folder
 
 # The model_config keys of the module: TreeRPO's fields of the same names (their defaults where not given).
 MODEL_CONFIG_KEYS = (
@@ -60,7 +61,7 @@ class CausalLMModule(TorchRLModule):
         )
         self.compute_dtype = dtype
         self.model = load_trainable(
-            cfg["model_name_or_path"],
+            local_model_folder(cfg["model_name_or_path"], who="a learner"),  # a driver-only folder too
             dtype,
             mixed_precision=cfg["mixed_precision"],
             gradient_checkpointing=cfg["gradient_checkpointing"],

@@ -1,0 +1,251 @@
+"""TreeRPO on a Ray cluster of three nodes on this machine (ray.cluster_utils.Cluster, as RLlib's node-failure
+tests): env runners placed on worker nodes, trees that say which node grew them, a weight sync that costs one
+transfer per node, a worker node removed at a random moment (its runner's share grown again on the other node,
+a node added back gets a runner), and a model folder that only the driver's node has (a node started in a
+mount namespace where that folder does not exist: docs/cluster.md s.5 says what this proves).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from benchmarks.cluster_lib import (
+    HiddenNode,
+    add_runner_node,
+    can_hide_folders,
+    connect,
+    runner_nodes,
+    start_cluster,
+    timed_sync,
+    wait_for_runners,
+    weights_bytes,
+)
+from rllib_treerpo.rllib.algorithm import TreeRPOConfig
+
+pytestmark = [pytest.mark.cluster, pytest.mark.ray]
+
+SMALL = {
+    "branching": [2, 2],
+    "step_tokens": 4,
+    "prompts_per_iteration": 4,
+    "tau": 0.0,
+    "seed": 0,
+    "env_config": {"num_ops": 1},
+    "num_minibatches": 1,
+    "num_env_runners": 2,
+    "custom_resources_per_env_runner": {"runner_node": 1},
+}
+# Weights of ~0.6 MB: above Ray's 100 KB inline limit, so a sync goes through the object store.
+ARCHITECTURE = {"hidden_size": 128, "num_layers": 1, "num_heads": 2, "intermediate_size": 128}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from rllib_treerpo.models.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("cluster_lm"), **ARCHITECTURE)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node (the driver and its learner) and two worker nodes offering {runner_node: 1}; the shared
+    single-node Ray session of the other tests is put back afterwards."""
+    import ray
+
+    import benchmarks.cluster_lib
+    from tests.conftest import RAY_TEST_SESSION
+
+    # Functions of these modules run in the actors, where tests/ and benchmarks/ are not importable.
+    for module in (sys.modules[__name__], benchmarks.cluster_lib):
+        ray.cloudpickle.register_pickle_by_value(module)
+    had_session = ray.is_initialized()
+    if had_session:
+        ray.shutdown()
+    local, nodes = start_cluster(runner_nodes=2)
+    connect(local)
+    try:
+        yield SimpleNamespace(cluster=local, nodes=nodes)
+    finally:
+        ray.shutdown()
+        local.shutdown()
+        if had_session:
+            ray.init(**RAY_TEST_SESSION)
+
+
+def build(model, **overrides):
+    config = TreeRPOConfig.from_yaml(None, {**SMALL, "model_name_or_path": str(model), **overrides})
+    config.fault_tolerance(delay_between_env_runner_restarts_s=0)
+    return config.build_algo()
+
+
+def assert_one_copy_each(sync: dict, nodes: set) -> None:
+    """The sync's object reached exactly ``nodes``, each once (the other nodes took in nothing)."""
+    size = sync["object_bytes"]
+    got = sync["node_bytes"]
+    assert {n for n, b in got.items() if b > 0} == nodes, sync
+    assert all(size <= got[n] < 1.5 * size for n in nodes), sync
+
+
+def train(algo, iterations):
+    rows = []
+    for _ in range(iterations):
+        r = algo.train()
+        origins = {(t.origin["env_runner"], t.origin["node_id"]) for t in algo.last_trees}
+        rows.append(
+            {
+                "trees": r["tree/trees"],
+                "origins": origins,
+                "failures": r["perf/env_runner_failures"],
+                "restarts": r["perf/env_runner_restarts"],
+                "resampled": r["perf/resampled_trees"],
+            }
+        )
+    return rows
+
+
+def test_runners_on_worker_nodes_grow_the_trees_and_a_sync_is_one_transfer_per_node(cluster, model_dir):
+    import ray
+
+    head = ray.get_runtime_context().get_node_id()
+    workers = {n.node_id for n in cluster.nodes}
+    algo = build(model_dir)
+    try:
+        placed = runner_nodes(algo)
+        assert set(placed.values()) == workers  # one runner on each worker node, none on the head
+        rows = train(algo, 3)
+        assert [r["trees"] for r in rows] == [4, 4, 4] and not any(r["failures"] for r in rows)
+        # Every tree names the runner and the node that grew it: both runners' nodes, as placed.
+        assert all(r["origins"] == set(placed.items()) for r in rows)
+
+        sync, size = timed_sync(algo), weights_bytes(algo)
+        # One object of the weights' size (above Ray's 100 KB inline limit: through the object store), put on
+        # the driver's node and pulled once by each runner's node.
+        assert sync["objects_put"] == 1 and 100_000 < size <= sync["object_bytes"] < 1.1 * size
+        assert_one_copy_each(sync, {head, *workers})
+    finally:
+        algo.stop()
+
+
+def test_a_worker_node_removed_at_a_random_moment_costs_no_trees_and_a_node_added_back_gets_a_runner(
+    cluster, model_dir
+):
+    algo = build(model_dir)
+    try:
+        rows = train(algo, 1)
+        t_iteration = time.perf_counter()
+        rows += train(algo, 1)
+        t_iteration = time.perf_counter() - t_iteration
+        rng = random.Random()
+        victim = rng.choice(sorted(cluster.nodes, key=lambda n: n.node_id))
+        delay = rng.uniform(0, 2 * t_iteration)
+
+        def remove():
+            time.sleep(delay)
+            cluster.cluster.remove_node(victim)
+
+        thread = threading.Thread(target=remove)
+        thread.start()
+        rows += train(algo, 3)
+        thread.join()
+        cluster.nodes.remove(victim)
+        added = add_runner_node(cluster.cluster)  # in the main thread: a node installs signal handlers
+        cluster.nodes.append(added)
+        waited = wait_for_runners(algo)
+        rows += train(algo, 1)  # reports the restart
+
+        context = f"victim removed after {delay:.1f} s, runners back {waited:.1f} s later: {rows}"
+        assert [r["trees"] for r in rows] == [4] * 6, context  # every iteration trains on all its trees
+        assert sum(r["failures"] for r in rows) >= 1, context  # the lost runner is reported
+        assert sum(r["resampled"] for r in rows) >= 2, context  # its share was grown again
+        assert sum(r["restarts"] for r in rows) >= 1, context
+        placed = runner_nodes(algo)
+        assert added.node_id in placed.values() and victim.node_id not in placed.values(), context
+        assert rows[-1]["origins"] == set(placed.items()), context  # the new node grows trees again
+    finally:
+        algo.stop()
+
+
+@pytest.fixture
+def hidden_model(tmp_path, model_dir, cluster):
+    """A copy of the model in a folder that a fourth node (2 CPUs, {hidden: 2}) cannot see."""
+    why = can_hide_folders()
+    if why:
+        pytest.skip(f"cannot start a node that does not see a folder: {why}")
+    driver_only = tmp_path / "driver_only"
+    shutil.copytree(model_dir, driver_only / "model")
+    node = HiddenNode(
+        cluster.cluster.address,
+        hide=driver_only,
+        resources={"hidden": 2},
+        num_cpus=2,
+        env={"TREERPO_NODE_MODELS": tmp_path / "node_models"},
+        log=tmp_path / "hidden_node.log",
+    )
+    try:
+        yield SimpleNamespace(path=driver_only / "model", cache=tmp_path / "node_models")
+    finally:
+        node.stop()
+
+
+def test_a_model_folder_only_the_driver_has_reaches_the_runners_through_the_object_store(hidden_model):
+    import os
+
+    import ray
+
+    from rllib_treerpo.models.model_io import hf_weights
+    from rllib_treerpo.rllib.model_files import server_name
+
+    head = ray.get_runtime_context().get_node_id()
+    original = str(hidden_model.path)
+    algo = build(original, custom_resources_per_env_runner={"hidden": 1})
+    try:
+        seen = algo.env_runner_group.foreach_env_runner(
+            lambda r: (os.path.isdir(original), r.model_folder, ray.get_runtime_context().get_node_id()),
+            local_env_runner=False,
+        )
+        [node] = {n for _, _, n in seen}  # both runners on the node that cannot see the folder
+        assert [s[0] for s in seen] == [False, False]
+        assert all(s[1].startswith(str(hidden_model.cache)) for s in seen)  # its own copy, from the driver
+        server = ray.get_actor(server_name(original))
+        assert ray.get(server.stats.remote())["requests"] == 2
+
+        rows = train(algo, 2)
+        assert [r["trees"] for r in rows] == [4, 4]
+        assert {n for r in rows for _, n in r["origins"]} == {node}
+        sync = timed_sync(algo)  # two runners on one node: one pull there
+        assert sync["objects_put"] == 1
+        assert_one_copy_each(sync, {head, node})
+        learner = {
+            k: v.float()
+            for k, v in hf_weights(
+                algo.learner_group.get_state(components="learner/rl_module")["learner"]["rl_module"][
+                    "default_policy"
+                ]
+            ).items()
+        }
+        for weights in algo.env_runner_group.foreach_env_runner(
+            lambda r: r.backend.weights(), local_env_runner=False
+        ):
+            assert all(torch.equal(weights[k].float(), learner[k]) for k in learner)
+    finally:
+        algo.stop()
+
+
+def test_a_path_neither_this_node_nor_the_driver_has_is_one_line_saying_what_to_share(cluster):
+    from rllib_treerpo.rllib.model_files import local_model_folder
+
+    # What an env runner or learner raises (here in the driver, which asks the same way: no server serves it).
+    with pytest.raises(ValueError) as error:
+        local_model_folder("/nowhere/model", who="env runner 1")
+    message = str(error.value)
+    assert "\n" not in message and "'/nowhere/model': no such folder on node" in message
+    assert "(env runner 1)" in message and "every node" in message and "docs/cluster.md" in message
+    assert local_model_folder("org/model") == "org/model"  # a hub name no driver serves: from_pretrained's
