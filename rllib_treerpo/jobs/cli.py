@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as hf_logging
 
-    from rllib_treerpo.jobs.train import Interrupted
+    from rllib_treerpo.jobs.train import Interrupted, LearnerLost
 
     hf_logging.disable_progress_bar()
     args = build_parser().parse_args(argv)
@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(f"treerpo: {e}", file=sys.stderr)
         return 130
+    except LearnerLost as e:  # a learner's node lost on a cluster: where to resume from
+        print(f"treerpo: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"treerpo: interrupted ({args.command})", file=sys.stderr)
         return 130

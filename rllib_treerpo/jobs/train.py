@@ -37,6 +37,12 @@ class Interrupted(Exception):
     """Ctrl-C: the message says where the run can be resumed from (the CLI prints it as one line)."""
 
 
+class LearnerLost(Exception):
+    """An actor the driver cannot do without (a learner: num_learners >= 1) died mid-run, e.g. with its node:
+    the message says where the run can be resumed from (the CLI prints it as one line). Env runners lost are
+    not this: their shares are grown again on the others (rllib/shares.py)."""
+
+
 def log(msg: str) -> None:
     print(msg, flush=True)
 
@@ -207,6 +213,15 @@ def train(
         _finish(weights, job, pieces, folder, summary, held_out)
     except KeyboardInterrupt:
         raise Interrupted(_interrupted(folder, algo)) from None
+    except Exception as e:
+        from ray.exceptions import RayActorError
+
+        if not isinstance(e, RayActorError):
+            raise
+        lost = _learner_lost(folder, algo, e)
+        _stop_quietly(algo)
+        algo = None  # stopped already
+        raise LearnerLost(lost) from None
     finally:
         if algo is not None:
             algo.stop()
@@ -229,6 +244,28 @@ def _interrupted(folder: RunFolder, algo) -> str:
         f"interrupted{at}: continue from {checkpoint.name} with `treerpo train --resume {folder.path}` (the "
         "iterations after it are redone)"
     )
+
+
+def _learner_lost(folder: RunFolder, algo, error: Exception) -> str:
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    at = f" in iteration {algo.iteration + 1}" if algo is not None else ""
+    checkpoint = folder.latest_checkpoint()
+    how = (
+        f"continue from {checkpoint.name} with `treerpo train --resume {folder.path}` once the cluster has a "
+        "node for it again (the iterations after it are redone)"
+        if checkpoint is not None
+        else f"no checkpoint yet: start again with --overwrite --output {folder.path}"
+    )
+    return f"a learner died{at} (its node was probably lost: {type(error).__name__}: {first}); {how}"
+
+
+def _stop_quietly(algo) -> None:
+    """Stop what is left of the algorithm after a lost actor (its own shutdown may fail on the dead one)."""
+    if algo is not None:
+        try:
+            algo.stop()
+        except Exception as e:  # the run is lost already; the message says how to resume
+            log(f"(stopping the algorithm after the loss: {type(e).__name__}: {e})")
 
 
 def _start(pieces: JobParts, folder: RunFolder, resume: bool, monitor: Monitor):

@@ -1,8 +1,9 @@
 """TreeRPO on a Ray cluster of three nodes on this machine (ray.cluster_utils.Cluster, as RLlib's node-failure
 tests): env runners placed on worker nodes, trees that say which node grew them, a weight sync that costs one
 transfer per node, a worker node removed at a random moment (its runner's share grown again on the other node,
-a node added back gets a runner), and a model folder that only the driver's node has (a node started in a
-mount namespace where that folder does not exist: docs/cluster.md s.5 says what this proves).
+a node added back gets a runner), a model folder that only the driver's node has (a node started in a mount
+namespace where that folder does not exist), and a learner's node lost (the job ends in one line naming the
+checkpoint to resume from; the resume finishes the run). docs/cluster.md: what this proves and what not.
 """
 
 from __future__ import annotations
@@ -249,3 +250,56 @@ def test_a_path_neither_this_node_nor_the_driver_has_is_one_line_saying_what_to_
     assert "\n" not in message and "'/nowhere/model': no such folder on node" in message
     assert "(env runner 1)" in message and "every node" in message and "docs/cluster.md" in message
     assert local_model_folder("org/model") == "org/model"  # a hub name no driver serves: from_pretrained's
+
+
+def test_a_learners_node_lost_ends_the_job_in_one_line_naming_the_resume_and_the_resume_finishes(
+    cluster, model_dir, tmp_path
+):
+    """num_learners 1 on a node of its own (custom_resources_per_learner); the local env runner samples."""
+    import json
+
+    from rllib_treerpo.jobs.config import load_run_config
+    from rllib_treerpo.jobs.train import LearnerLost, train
+
+    def run(resume: bool):
+        config, job, _ = load_run_config(
+            None,
+            {
+                **SMALL,
+                "model_name_or_path": str(model_dir),
+                "num_env_runners": 0,
+                "custom_resources_per_env_runner": {},
+                "num_learners": 1,
+                "custom_resources_per_learner": {"learner_node": 1},
+                "iterations": 2,
+                "checkpoint_every": 1,
+                "eval_problems": 0,
+            },
+        )
+        return train(config, job, tmp_path / "run", resume=resume)
+
+    learner_node = add_runner_node(cluster.cluster, learner_node=1)
+    latest = tmp_path / "run" / "checkpoints" / "latest"  # written once the checkpoint is whole
+
+    def remove_after_the_first_checkpoint():
+        deadline = time.monotonic() + 180
+        while not latest.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cluster.cluster.remove_node(learner_node)
+
+    thread = threading.Thread(target=remove_after_the_first_checkpoint)
+    thread.start()
+    try:
+        with pytest.raises(LearnerLost) as lost:
+            run(resume=False)
+    finally:
+        thread.join()
+    message = str(lost.value)
+    assert "\n" not in message and message.startswith("a learner died in iteration 2"), message
+    assert f"continue from iter_000001 with `treerpo train --resume {tmp_path / 'run'}`" in message, message
+
+    add_runner_node(cluster.cluster, learner_node=1)  # the cluster has a node for it again
+    summary = run(resume=True)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["iterations"] == 2 and [r["iteration"] for r in rows] == [1, 2]
+    assert all(r["tree/trees"] == 4 for r in rows)
