@@ -11,11 +11,13 @@ allowed).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,9 +27,42 @@ OBJECT_STORE = 200 * MIB  # per node: a few copies of the largest model the benc
 HEAD_SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 
 
+@contextlib.contextmanager
+def local_cluster(runner_nodes: int = 2, runner_cpus: float = 1, log_to_driver: bool = False, **resources):
+    """:func:`start_cluster`, connected, in a Ray temp folder of its own; yields (cluster, worker nodes).
+
+    Why a folder of its own: ray.cluster_utils.Cluster (like `ray start`) writes its address to
+    ``<RAY_TMPDIR or /tmp>/ray/ray_current_cluster``, where every plain ``ray.init()`` on the machine looks
+    first: other jobs of the machine would join this cluster (and fail: "When connecting to an existing
+    cluster, num_cpus ... must not be provided"), and after a kill -9 they would try a dead address. Worker
+    processes and `ray start` (:class:`HiddenNode`) inherit RAY_TMPDIR."""
+    import ray
+
+    import benchmarks.cluster_lib
+
+    previous = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rayc-", dir="/tmp")  # short: socket paths < 108
+    cluster = None
+    try:
+        cluster, nodes = start_cluster(runner_nodes, runner_cpus, **resources)
+        connect(cluster, log_to_driver)
+        # Functions of this module run in the actors, where benchmarks/ is not importable.
+        ray.cloudpickle.register_pickle_by_value(benchmarks.cluster_lib)
+        yield cluster, nodes
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
+        if previous is None:
+            del os.environ["RAY_TMPDIR"]
+        else:
+            os.environ["RAY_TMPDIR"] = previous
+
+
 def start_cluster(runner_nodes: int = 2, runner_cpus: float = 1, **resources: float):
     """A head node (1 CPU) and ``runner_nodes`` worker nodes with {runner_node: 1, **resources}; returns the
-    Cluster and the worker nodes. Connect with :func:`connect`."""
+    Cluster and the worker nodes. Connect with :func:`connect`; :func:`local_cluster` does both, isolated."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(
@@ -81,10 +116,44 @@ def runner_nodes(algo) -> dict[int, str]:
     return dict(pairs)
 
 
+class RemoveDuring:
+    """Removes ``node`` from ``cluster`` (every process of it killed) at a random moment of iteration
+    ``iteration`` (1-based): ``delay_s`` (drawn from [0, ``within_s``)) after the training loop announces it
+    with :meth:`starting`. ``during`` is the iteration announced last when the node went."""
+
+    def __init__(self, cluster, node, iteration: int, within_s: float, rng):
+        import threading
+
+        self.cluster, self.node, self.iteration = cluster, node, iteration
+        self.delay_s = rng.uniform(0, within_s)
+        self.current, self.during = 0, None
+        self._go, self.removed = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._remove, daemon=True)
+        self._thread.start()
+
+    def starting(self, iteration: int) -> None:
+        self.current = iteration
+        if iteration == self.iteration:
+            self._go.set()
+
+    def _remove(self) -> None:
+        self._go.wait()
+        time.sleep(self.delay_s)
+        self.during = self.current
+        self.cluster.remove_node(self.node)
+        self.removed.set()
+
+    def join(self) -> None:
+        self._go.set()  # a loop that ended first: removed now
+        self._thread.join()
+
+
 def wait_for_runners(algo, timeout_s: float = 120.0) -> float:
-    """Until every remote env runner is back in service (restarted by Ray, restored by RLlib); the seconds."""
+    """Until every remote env runner is back in service (restarted by Ray, restored by RLlib); the seconds.
+    A ping first: a runner lost since its last call is only known once a call to it fails."""
     group = algo.env_runner_group
     start = time.monotonic()
+    group.foreach_env_runner(lambda r: None, local_env_runner=False)
     while len(group.healthy_env_runner_ids()) < group.num_remote_workers():
         if time.monotonic() - start > timeout_s:
             raise TimeoutError(f"env runners not back after {timeout_s:.0f} s")
@@ -103,6 +172,19 @@ def created_bytes() -> dict[str, int]:
         reply = node_stats(n["NodeManagerAddress"], n["NodeManagerPort"], include_memory_info=False)
         out[n["NodeID"]] = int(reply.store_stats.cumulative_created_bytes)
     return out
+
+
+def settled_created_bytes(timeout_s: float = 5.0) -> dict[str, int]:
+    """:func:`created_bytes` once two reads 0.2 s apart agree (the raylets update their counters
+    asynchronously)."""
+    last, deadline = created_bytes(), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = created_bytes()
+        if now == last:
+            break
+        last = now
+    return last
 
 
 def timed_sync(algo) -> dict:
@@ -124,7 +206,11 @@ def timed_sync(algo) -> dict:
         refs.append(put(value, **kwargs))
         return refs[-1]
 
-    before = created_bytes()
+    # No set_state of an earlier sync in flight: RLlib drops a sync to a runner that still has one (one
+    # request in flight per runner and tag) and collects finished ones only at its next sync.
+    group.foreach_env_runner(lambda r: None, local_env_runner=False)
+    group.fetch_ready_async_reqs(tags="set_state", timeout_seconds=None)
+    before = settled_created_bytes()
     ray.put = recording_put
     try:
         start = time.perf_counter()
@@ -134,7 +220,7 @@ def timed_sync(algo) -> dict:
         seconds = time.perf_counter() - start
     finally:
         ray.put = put
-    after = created_bytes()
+    after = settled_created_bytes()
     sizes = [int(where["object_size"]) for where in get_object_locations(refs).values()]
     return {
         "seconds": seconds,

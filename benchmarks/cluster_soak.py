@@ -2,9 +2,10 @@
 
 Each run is a child process with its own cluster (benchmarks/cluster_lib.py: a head node with the driver and
 its learner, two worker nodes with one env runner each, placed by ``custom_resources_per_env_runner``).
-TreeRPO (tiny random model) trains ``--iterations`` iterations; after the first, a thread removes one worker
-node (``Cluster.remove_node``: every process of the node killed) at a moment drawn uniformly over the next
-``iterations - 2`` iterations' expected time; a new worker node is added at the next iteration boundary.
+TreeRPO (tiny random model) trains ``--iterations`` iterations; a thread removes one worker node
+(``Cluster.remove_node``: every process of the node killed) during an iteration drawn from 2 to iterations-1,
+at a moment drawn within the first iteration's duration from its start; a new worker node is added at the
+next iteration boundary.
 Reported per run: the iteration the removal hit, iterations finished, trees per iteration, runner losses and
 restarts in the metrics, seconds per iteration before and after the removal, whether the added node runs an
 env runner at the end.
@@ -27,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -54,26 +54,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _cluster(runner_nodes: int, **resources):
-    import ray
-
-    import benchmarks.cluster_lib
-    from benchmarks.cluster_lib import connect, start_cluster
-
-    cluster, nodes = start_cluster(runner_nodes, **resources)
-    connect(cluster, log_to_driver=True)
-    ray.cloudpickle.register_pickle_by_value(benchmarks.cluster_lib)  # its lambdas run in the runners
-    return cluster, nodes
-
-
 # --- one soak run (child process)
 # -----------------------------------------------------------------------------
 def one_run(args: argparse.Namespace) -> dict:
-    from benchmarks.cluster_lib import add_runner_node, runner_nodes, wait_for_runners
+    from benchmarks.cluster_lib import local_cluster
+
+    with local_cluster(RUNNERS, log_to_driver=True) as (cluster, nodes):
+        return soak(args, cluster, nodes)
+
+
+def soak(args: argparse.Namespace, cluster, nodes: list) -> dict:
     from rllib_treerpo.rllib.config import TreeRPOConfig
 
     rng = random.Random(args.seed * 1000 + args.child)
-    cluster, nodes = _cluster(RUNNERS)
     config = TreeRPOConfig.from_yaml(
         None,
         {
@@ -89,45 +82,52 @@ def one_run(args: argparse.Namespace) -> dict:
     )
     config.fault_tolerance(delay_between_env_runner_restarts_s=0)
     algo = config.build_algo()
-    rows, times, state = [], [], {"iteration": 1}
+    try:
+        return iterate(args, algo, cluster, nodes, rng)
+    finally:
+        algo.stop()
+
+
+def iterate(args: argparse.Namespace, algo, cluster, nodes: list, rng: random.Random) -> dict:
+    """Iteration 1; the node removal drawn over iterations 2 .. iterations - 1 (a random iteration, a random
+    moment of it); a new node added at the first iteration boundary after the removal."""
+    from benchmarks.cluster_lib import RemoveDuring, add_runner_node, runner_nodes, wait_for_runners
+
+    rows, times = [], []
     t0 = time.perf_counter()
     rows.append(algo.train())
     times.append(time.perf_counter() - t0)
     victim = rng.choice(sorted(nodes, key=lambda n: n.node_id))
-    delay = rng.uniform(0, max(1, args.iterations - 2) * times[0])
-    removal = {"node": victim.node_id[:8], "delay_s": round(delay, 2)}
-    removed = threading.Event()
-
-    def remove():
-        time.sleep(delay)
-        removal["during_iteration"] = state["iteration"] + 1
-        cluster.remove_node(victim)
-        removed.set()
-
-    thread = threading.Thread(target=remove, daemon=True)
-    thread.start()
+    at = rng.randint(2, max(2, args.iterations - 1))
+    remover = RemoveDuring(cluster, victim, at, 0.9 * times[0], rng)
     added = None
-    for it in range(1, args.iterations):
-        if removed.is_set() and added is None:  # a node joins again, at an iteration boundary
+    for it in range(2, args.iterations + 1):
+        if remover.removed.is_set() and added is None:  # a node joins again, at an iteration boundary
             added = add_runner_node(cluster)
-            removal["added_before_iteration"] = it + 1
-        state["iteration"] = it
+            added_before = it
+        remover.starting(it)
         t0 = time.perf_counter()
         rows.append(algo.train())
         times.append(time.perf_counter() - t0)
-    thread.join()
+    remover.join()
     if added is None:
-        added = add_runner_node(cluster)
+        added, added_before = add_runner_node(cluster), None
+    removal = {
+        "node": victim.node_id[:8],
+        "drawn_iteration": at,
+        "delay_s": round(remover.delay_s, 2),
+        "during_iteration": remover.during,
+        "added_before_iteration": added_before,
+    }
     result = summarise(rows, times, removal, args.prompts)
     result["runners_back_after_s"] = round(wait_for_runners(algo), 1)
     result["added_node_runs_a_runner"] = added.node_id in runner_nodes(algo).values()
     result["restarts_after_last_iteration"] = getattr(algo, "_env_runner_restarts", 0)
-    algo.stop()
     return result
 
 
 def summarise(rows: list[dict], times: list[float], removal: dict, prompts: int) -> dict:
-    hit = removal.get("during_iteration", len(rows))
+    hit = removal.get("during_iteration") or len(rows)
     before, after = times[: hit - 1], times[hit:]
     return {
         "removal": removal,
@@ -153,55 +153,59 @@ def sync_settings(args: argparse.Namespace) -> list[tuple[int, int]]:
 def sync_run(args: argparse.Namespace) -> list[dict]:
     """Worker node A offers {runner_node: 4, node_a: 4}, B {runner_node: 4}: runners on 1 node ask node_a,
     on 2 nodes a share of runner_node that fits half of them on each."""
+    from benchmarks.cluster_lib import local_cluster
+
+    with local_cluster(0, log_to_driver=True) as (cluster, _):
+        most = max(args.sync_runners)
+        cluster.add_node(num_cpus=most, resources={"runner_node": most, "node_a": most})
+        cluster.add_node(num_cpus=most, resources={"runner_node": most})
+        cluster.wait_for_nodes()
+        return [sync_setting(args, nodes, runners, most) for nodes, runners in sync_settings(args)]
+
+
+def sync_setting(args: argparse.Namespace, nodes: int, runners: int, most: int) -> dict:
     import ray
 
     from benchmarks.cluster_lib import runner_nodes, timed_sync, weights_bytes
     from rllib_treerpo.rllib.config import TreeRPOConfig
 
-    most = max(args.sync_runners)
-    cluster, _ = _cluster(0)
-    cluster.add_node(num_cpus=most, resources={"runner_node": most, "node_a": most})
-    cluster.add_node(num_cpus=most, resources={"runner_node": most})
-    cluster.wait_for_nodes()
     head = ray.get_runtime_context().get_node_id()
-    out = []
-    for nodes, runners in sync_settings(args):
-        per_node = -(-runners // nodes)
-        resources = {"node_a": most / runners} if nodes == 1 else {"runner_node": most / per_node}
-        config = TreeRPOConfig.from_yaml(
-            None,
-            {
-                "model_name_or_path": args.model,
-                "env_config": {"num_ops": 1},
-                "branching": [2],
-                "step_tokens": 4,
-                "prompts_per_iteration": runners,
-                "num_env_runners": runners,
-                "custom_resources_per_env_runner": resources,
-                "dtype": "float32",
-            },
-        )
-        algo = config.build_algo()
+    per_node = -(-runners // nodes)
+    resources = {"node_a": most / runners} if nodes == 1 else {"runner_node": most / per_node}
+    config = TreeRPOConfig.from_yaml(
+        None,
+        {
+            "model_name_or_path": args.model,
+            "env_config": {"num_ops": 1},
+            "branching": [2],
+            "step_tokens": 4,
+            "prompts_per_iteration": runners,
+            "num_env_runners": runners,
+            "custom_resources_per_env_runner": resources,
+            "dtype": "float32",
+        },
+    )
+    algo = config.build_algo()
+    try:
         placed = runner_nodes(algo)
         timed_sync(algo)  # untimed: the first sync of a fresh setting
         syncs = [timed_sync(algo) for _ in range(args.syncs)]
         last = syncs[-1]["node_bytes"]
-        out.append(
-            {
-                "nodes": len(set(placed.values())),
-                "runners": runners,
-                "weights_bytes": weights_bytes(algo),
-                "object_bytes": syncs[-1]["object_bytes"],
-                "objects_put": syncs[-1]["objects_put"],
-                "seconds": round(statistics.median(s["seconds"] for s in syncs), 3),
-                "bytes_driver_node": last.get(head, 0),
-                "bytes_runner_nodes": sorted((b for n, b in last.items() if n != head), reverse=True),
-                "bytes_moved": sum(b for n, b in last.items() if n != head),
-            }
-        )
-        print(f"sync {json.dumps(out[-1])}", flush=True)
+        row = {
+            "nodes": len(set(placed.values())),
+            "runners": runners,
+            "weights_bytes": weights_bytes(algo),
+            "object_bytes": syncs[-1]["object_bytes"],
+            "objects_put": syncs[-1]["objects_put"],
+            "seconds": round(statistics.median(s["seconds"] for s in syncs), 3),
+            "bytes_driver_node": last.get(head, 0),
+            "bytes_runner_nodes": sorted((b for n, b in last.items() if n != head), reverse=True),
+            "bytes_moved": sum(b for n, b in last.items() if n != head),
+        }
+    finally:
         algo.stop()
-    return out
+    print(f"sync {json.dumps(row)}", flush=True)
+    return row
 
 
 # --- the soak (parent)

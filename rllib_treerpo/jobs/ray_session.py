@@ -76,20 +76,31 @@ _reaper: subprocess.Popen | None = None
 def start_ray(**init_kwargs: Any) -> bool:
     """``ray.init`` with the job defaults (no dashboard, ERROR logging, at least 2 CPUs; ``init_kwargs``
     override them) plus a reaper of the session's processes for when the driver dies without
-    ``ray.shutdown()``. Returns False (and does nothing) when Ray is already initialised in this process."""
+    ``ray.shutdown()``. Returns False (and does nothing) when Ray is already initialised in this process.
+
+    A running cluster that ``ray.init()`` finds (``RAY_ADDRESS``, or `ray start` on this node) is joined as it
+    is: its nodes bring their own CPUs and GPUs (docs/cluster.md)."""
     import ray
 
     if ray.is_initialized():
         return False
-    kwargs = {
-        "include_dashboard": False,
-        "logging_level": "ERROR",
-        "num_cpus": max(2, os.cpu_count() or 2),
-        **init_kwargs,
-    }
+    kwargs = {"include_dashboard": False, "logging_level": "ERROR"}
+    if existing_cluster(init_kwargs.get("address")) is None:
+        kwargs["num_cpus"] = max(2, os.cpu_count() or 2)
+    kwargs.update(init_kwargs)
     ray.init(**kwargs)
     start_reaper(session_pids())
     return True
+
+
+def existing_cluster(address: str | None = None) -> str | None:
+    """The address of the running cluster ``ray.init(address)`` would join, None when it would start one."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        return canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError):
+        return None
 
 
 def session_pids() -> list[int]:

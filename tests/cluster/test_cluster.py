@@ -20,11 +20,12 @@ import torch
 
 from benchmarks.cluster_lib import (
     HiddenNode,
+    RemoveDuring,
     add_runner_node,
     can_hide_folders,
     connect,
+    local_cluster,
     runner_nodes,
-    start_cluster,
     timed_sync,
     wait_for_runners,
     weights_bytes,
@@ -57,26 +58,21 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head node (the driver and its learner) and two worker nodes offering {runner_node: 1}; the shared
-    single-node Ray session of the other tests is put back afterwards."""
+    """A head node (the driver and its learner) and two worker nodes offering {runner_node: 1}, in a Ray temp
+    folder of their own; the shared single-node Ray session of the other tests is put back afterwards."""
     import ray
 
-    import benchmarks.cluster_lib
     from tests.conftest import RAY_TEST_SESSION
 
-    # Functions of these modules run in the actors, where tests/ and benchmarks/ are not importable.
-    for module in (sys.modules[__name__], benchmarks.cluster_lib):
-        ray.cloudpickle.register_pickle_by_value(module)
+    # The test's functions run in the actors, where tests/ is not importable.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     had_session = ray.is_initialized()
     if had_session:
         ray.shutdown()
-    local, nodes = start_cluster(runner_nodes=2)
-    connect(local)
     try:
-        yield SimpleNamespace(cluster=local, nodes=nodes)
+        with local_cluster(runner_nodes=2) as (local, nodes):
+            yield SimpleNamespace(cluster=local, nodes=nodes)
     finally:
-        ray.shutdown()
-        local.shutdown()
         if had_session:
             ray.init(**RAY_TEST_SESSION)
 
@@ -146,24 +142,23 @@ def test_a_worker_node_removed_at_a_random_moment_costs_no_trees_and_a_node_adde
         t_iteration = time.perf_counter() - t_iteration
         rng = random.Random()
         victim = rng.choice(sorted(cluster.nodes, key=lambda n: n.node_id))
-        delay = rng.uniform(0, 2 * t_iteration)
-
-        def remove():
-            time.sleep(delay)
-            cluster.cluster.remove_node(victim)
-
-        thread = threading.Thread(target=remove)
-        thread.start()
-        rows += train(algo, 3)
-        thread.join()
+        # At a random moment of iteration 3 or 4; iterations up to 6 find the runner lost.
+        removal = RemoveDuring(cluster.cluster, victim, rng.choice([3, 4]), 0.9 * t_iteration, rng)
+        for iteration in range(3, 7):
+            removal.starting(iteration)
+            rows += train(algo, 1)
+        removal.join()
         cluster.nodes.remove(victim)
         added = add_runner_node(cluster.cluster)  # in the main thread: a node installs signal handlers
         cluster.nodes.append(added)
         waited = wait_for_runners(algo)
         rows += train(algo, 1)  # reports the restart
 
-        context = f"victim removed after {delay:.1f} s, runners back {waited:.1f} s later: {rows}"
-        assert [r["trees"] for r in rows] == [4] * 6, context  # every iteration trains on all its trees
+        context = (
+            f"removed in iteration {removal.during} ({removal.delay_s:.1f} s into iteration "
+            f"{removal.iteration}), runners back {waited:.1f} s later: {rows}"
+        )
+        assert [r["trees"] for r in rows] == [4] * 7, context  # every iteration trains on all its trees
         assert sum(r["failures"] for r in rows) >= 1, context  # the lost runner is reported
         assert sum(r["resampled"] for r in rows) >= 2, context  # its share was grown again
         assert sum(r["restarts"] for r in rows) >= 1, context
@@ -303,3 +298,20 @@ def test_a_learners_node_lost_ends_the_job_in_one_line_naming_the_resume_and_the
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert summary["iterations"] == 2 and [r["iteration"] for r in rows] == [1, 2]
     assert all(r["tree/trees"] == 4 for r in rows)
+
+
+def test_the_job_joins_a_running_cluster_with_its_nodes(cluster):
+    """`treerpo train` on a node of a running cluster (here the address Ray recorded for it): start_ray joins
+    it instead of starting a Ray of its own, and passes no CPU count (refused when joining)."""
+    import ray
+
+    from rllib_treerpo.jobs.ray_session import existing_cluster, start_ray
+
+    assert existing_cluster() == cluster.cluster.address
+    ray.shutdown()
+    try:
+        assert start_ray(log_to_driver=False)
+        assert ray.get_runtime_context().gcs_address == cluster.cluster.address
+    finally:
+        ray.shutdown()
+        connect(cluster.cluster)
