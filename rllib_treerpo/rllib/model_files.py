@@ -91,7 +91,7 @@ def serve_model_folder(model_name_or_path: str | None) -> Any:
             max_concurrency=8,  # runners of many nodes asking at once
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
         )
-        .remote(model_name_or_path)
+        .remote(str(Path(model_name_or_path).expanduser().resolve()))  # the actor's cwd is not the driver's
     )
 
 
