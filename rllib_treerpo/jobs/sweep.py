@@ -261,6 +261,9 @@ def _trial_row(i: int, result, spec: SweepSpec) -> tuple[dict[str, Any], float |
     history = result.metrics_dataframe
     values = []
     if history is not None and spec.metric in history.columns:
+        if spec.metric.startswith("evaluation/") and "evaluation/iteration" in history.columns:
+            # the starting policy's evaluation (iteration 0) is every trial's: not a trial's best
+            history = history[history["evaluation/iteration"] > 0]
         values = [v for v in (_number(x) for x in history[spec.metric].tolist()) if v is not None]
     last = _number(_lookup(metrics, spec.metric))
     best = (max(values) if spec.mode == "max" else min(values)) if values else last
