@@ -156,10 +156,10 @@ def load_sweep(
     spec.iterations = raw.get("iterations", job.iterations)
     if not _is_pos_int(spec.iterations):
         raise ValueError(f"{source}: sweep.iterations must be a positive integer, got {spec.iterations!r}")
-    _check_held_out_metric(spec, job, source)
     spec.scheduler = raw.get("scheduler")
     if spec.scheduler not in (None, "asha", "fifo"):
         raise ValueError(f"{source}: sweep.scheduler must be asha, fifo or null, got {spec.scheduler!r}")
+    _check_held_out_metric(spec, job, source)
     spec.max_concurrent_trials = raw.get("max_concurrent_trials")
     if spec.max_concurrent_trials is not None and not _is_pos_int(spec.max_concurrent_trials):
         raise ValueError(f"{source}: sweep.max_concurrent_trials must be a positive integer or null")
@@ -175,6 +175,12 @@ def _check_held_out_metric(spec: SweepSpec, job: JobConfig, source: str) -> None
         raise ValueError(
             f"{source}: sweep.metric {spec.metric!r} is a held-out metric, but eval_every is 0 (no "
             "evaluation along training); set eval_every (and eval_every_problems, eval_samples)"
+        )
+    if spec.scheduler == "asha" and spec.grace_period < job.eval_every:
+        raise ValueError(
+            f"{source}: sweep.grace_period {spec.grace_period} < eval_every {job.eval_every}: ASHA would "
+            f"stop trials on the starting policy's {spec.metric!r} (every trial's); set grace_period >= "
+            "eval_every"
         )
     if spec.iterations % job.eval_every:
         raise ValueError(

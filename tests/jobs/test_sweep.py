@@ -69,6 +69,10 @@ def test_sweep_over_unknown_field_is_one_line_before_ray(tmp_path, no_ray, capsy
         ({"space": {"tau": {"choice": [0.1]}}, "mode": "best"}, "sweep.mode must be max or min"),
         ({"space": {"tau": {"choice": [0.1]}}, "scheduler": "pbt"}, "sweep.scheduler"),
         (
+            {"space": {"tau": {"choice": [0.1]}}, "iterations": 20, "scheduler": "asha", "grace_period": 2},
+            "sweep.grace_period 2 < eval_every 10",
+        ),
+        (
             {"space": {"tau": {"choice": [0.1]}}, "iterations": 12},
             "sweep.iterations 12 is not a multiple of eval_every 10: .* iteration 10",
         ),
