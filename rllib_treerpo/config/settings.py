@@ -138,9 +138,11 @@ class TreeRPOSettings:
     )
     logits_chunk: int | None = setting(
         256,
-        "Most loss tokens whose full-vocabulary logits exist at once in the learner: the LM head and its "
-        "log-softmax run in chunks of this many, each recomputed in the backward (memory bound for large "
-        "vocabularies; null: all of a forward's at once).",
+        "Most loss tokens whose full-vocabulary logits exist at once in the learner when a forward's fp32 "
+        "logits would exceed 64 MiB (SmolLM2's 49k vocabulary: above 341 loss tokens; "
+        "learner/forward.py): the LM head and its log-softmax then run in chunks of this many, each "
+        "recomputed in the backward (memory bound for large vocabularies); below that, one block. null: all "
+        "of a forward's at once.",
         optional(positive_int),
     )
     # --- model and generation ---
