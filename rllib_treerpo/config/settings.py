@@ -384,7 +384,7 @@ class JobSettings:
         mapping,
     )
     warmstart: dict = setting(
-        {"steps": 1200, "batch_size": 64, "lr": 0.003, "error_rate": 0.2, "demos": 20000},
+        {"steps": 1500, "batch_size": 128, "lr": 0.002, "error_rate": 0.2, "demos": 20000},
         "Supervised warm start of the tiny model on the env's demonstrations: any of "
         "steps, batch_size, lr, error_rate, demos, seed.",
         mapping,

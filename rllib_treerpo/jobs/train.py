@@ -30,6 +30,7 @@ from rllib_treerpo.jobs.config import JobConfig, flat_config
 from rllib_treerpo.jobs.monitor import HeldOut, Monitor
 from rllib_treerpo.jobs.run_folder import RunFolder
 from rllib_treerpo.learner.memory import trim_heap
+from rllib_treerpo.models.warmstart import copy_record
 from rllib_treerpo.rllib.config import TreeRPOConfig
 
 
@@ -202,6 +203,7 @@ def train(
         resolved = pieces.resolved()
         folder.path.mkdir(parents=True, exist_ok=True)
         (folder.path / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        copy_record(config.model_name_or_path, folder.path)  # how the warm start was built, if recorded
         summary = folder.summary() if resume else {}
         summary["algorithm"] = pieces.label
         held_out = HeldOut(config, job, job.eval_problems) if job.eval_problems else None
