@@ -1,18 +1,26 @@
-"""What the learner pays: the same trained nodes of the same sampled trees, one row per node vs tree-packed.
+"""What the learner pays: the same trained nodes of the same sampled trees, one row per node vs tree-packed,
+and the packed learner against the bare compute on its tokens.
 
-Two tree shapes on a tiny random Qwen2 (CPU, fp32): (a) the default tree of configs/tiny_arith.yaml ([4,4,4] x
-16 tokens, 32 prompts) and (b) the paper's [8,8,8] x 384 tokens (1 prompt by default), EOS off so every tree
-is full. For each, the trees are sampled once; then, each in a fresh process (peak memory is per process), the
-forward + backward of the policy loss (and of the reference model's forward when --kl > 0) over all trained
-nodes, in micro-batches of --forward-tokens tokens, in the per-row layout and the packed one. Peak memory
-twice: the process's resident memory (RSS, what the machine pays; it also holds what glibc's allocator keeps
-after frees, which varies by up to ~15% from run to run) and the peak of live tensor bytes (one more pass
-under the torch profiler: the CPU's max_memory_allocated, independent of the allocator). Prints a table and
-one JSON line per shape, the paper shape's last: {"rows_tokens", "packed_tokens", "rows_seconds",
-"packed_seconds", "rows_peak_mb", "packed_peak_mb", "rows_tensor_peak_mb", "packed_tensor_peak_mb",
-"max_logprob_diff", "max_grad_rel_diff", "shape"}.
+Three tree shapes on a tiny random Qwen2 (CPU, fp32): (a) the default tree of configs/tiny_arith.yaml ([4,4,4]
+x 16 tokens, 32 prompts), (b) the paper's [8,8,8] x 384 tokens (1 prompt by default) and (c) the GRPO recipe's
+group (configs/tiny_arith_grpo.yaml: [16] x 48 tokens, 32 prompts), EOS off so every tree is full. For each,
+the trees are sampled once; then, each layout in a fresh process (peak memory is per process), one learner
+step over all trained nodes as one minibatch: in micro-batches of --forward-tokens tokens the forward +
+backward of the policy loss (and the reference model's forward when --kl > 0), then the AdamW step; in the
+per-row layout and the packed one. In the packed process, interleaved with it, the bare compute on the same
+packed rows: the same model's plain forward (causal attention over each row, the full logits), a cross-entropy
+of the same targets, backward and the AdamW step, none of the learner's machinery; ``overhead`` = packed
+seconds / bare seconds (CPU seconds: this process's, steady on a shared machine). Peak memory twice: the
+process's resident memory (RSS, what the machine pays; it also holds what glibc's allocator keeps after
+frees, which varies by up to ~15% from run to run) and the peak of live tensor bytes (one more pass under the
+torch profiler: the CPU's max_memory_allocated, independent of the allocator). Prints a table and one JSON
+line per shape: {"rows_tokens", "packed_tokens", "rows_seconds", "packed_seconds", "bare_seconds",
+"overhead", "packed_cpu_seconds", "bare_cpu_seconds", "rows_peak_mb", "packed_peak_mb", "bare_peak_mb",
+"rows_tensor_peak_mb", "packed_tensor_peak_mb", "bare_tensor_peak_mb", "max_logprob_diff",
+"max_grad_rel_diff", "shape"} (rows_* null with --layouts packed).
 
-    python -m benchmarks.learner [--paper-prompts 1] [--kl 0.0] [--threads 2] [--repeats 2]
+    python -m benchmarks.learner [--shapes default,paper,grpo] [--layouts rows,packed] [--paper-prompts 1] \
+        [--kl 0.0] [--threads 2] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from rllib_treerpo.learner.precision import hardware_keys
 SHAPES = {
     "default": {"branching": (4, 4, 4), "step_tokens": 16, "prompts": 32},
     "paper": {"branching": (8, 8, 8), "step_tokens": 384, "prompts": 1},
+    "grpo": {"branching": (16,), "step_tokens": 48, "prompts": 32},
 }
 
 
@@ -99,13 +108,14 @@ def _rss_mb() -> float:
 
 
 def measure(path: Path, layout: str, args) -> dict:
-    """In this process: forward + backward over every trained node; seconds, peak RSS, log-probs,
-    gradients."""
+    """In this process: the learner step over every trained node (and, packed, the bare compute on the same
+    rows, interleaved); seconds, CPU seconds, peak RSS, peak tensor bytes, log-probs, gradients."""
     import numpy as np
     import torch
 
     from rllib_treerpo.learner.batches import collate_minibatch, micro_batches
     from rllib_treerpo.learner.packing import pack_trees
+    from rllib_treerpo.learner.update import adamw
 
     torch.set_num_threads(args.threads)
     trees, advantages = pickle.loads(path.read_bytes())
@@ -115,16 +125,13 @@ def measure(path: Path, layout: str, args) -> dict:
     batch = {k: torch.as_tensor(v) for k, v in collate_minibatch(packs, "token_mean", 0).items()}
     parts = micro_batches(batch, args.forward_tokens)
     settings = _settings(args)
-    times, peaks = [], []
-    for _ in range(args.repeats):
-        model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        with PeakRSS() as rss:
-            _forward_backward(model, ref, parts, settings)
-        times.append(time.perf_counter() - start)
-        peaks.append(rss.above_start)
+    # gradients and log-probs at the initial weights, compared across layouts
     model.zero_grad(set_to_none=True)
-    tensor_peak = _tensor_peak_mb(lambda: _forward_backward(model, ref, parts, settings))
+    _forward_backward(model, ref, parts, settings)
+    grads = {n: q.grad.double().norm().item() for n, q in model.named_parameters()}
+    grad_vectors = {
+        n: q.grad.flatten()[:: max(1, q.grad.numel() // 2000)].tolist() for n, q in model.named_parameters()
+    }
     # per loss token, sorted by (tree, node, token): comparable across layouts
     order = np.lexsort(
         (
@@ -134,20 +141,65 @@ def measure(path: Path, layout: str, args) -> dict:
         )
     )
     flat = _in_pack_order(packs, batch, model) if args.check else np.zeros(0)
-    return {
+    optimizer = adamw(model.parameters(), lr=1e-6, weight_decay=0.0)  # tiny steps: the weights stay near
+    work = {"learner": lambda: _learner_step(model, ref, parts, settings, optimizer)}
+    if layout == "packed":
+        work["bare"] = lambda: _bare_step(model, parts, optimizer)
+    times = {name: [] for name in work}
+    cpu = {name: [] for name in work}
+    peaks = {name: [] for name in work}
+    for _ in range(args.repeats):
+        for name, step in work.items():  # interleaved: both see the same machine load
+            model.zero_grad(set_to_none=True)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            with PeakRSS() as rss:
+                step()
+            times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - cpu_start)
+            peaks[name].append(rss.above_start)
+    out = {
         "tokens": int(sum(len(p.input_ids) for p in packs)),
-        "seconds": min(times),
-        "peak_mb": max(peaks),
-        "tensor_peak_mb": tensor_peak,
         "packs": len(packs),
         "forwards": len(parts),
         "logprobs": flat[order].tolist() if len(flat) else [],
-        "grads": {n: q.grad.double().norm().item() for n, q in model.named_parameters()},
-        "grad_vectors": {
-            n: q.grad.flatten()[:: max(1, q.grad.numel() // 2000)].tolist()
-            for n, q in model.named_parameters()
-        },
+        "grads": grads,
+        "grad_vectors": grad_vectors,
     }
+    for name, step in work.items():
+        model.zero_grad(set_to_none=True)
+        prefix = "" if name == "learner" else "bare_"
+        out[f"{prefix}seconds"] = min(times[name])
+        out[f"{prefix}cpu_seconds"] = min(cpu[name])
+        out[f"{prefix}peak_mb"] = max(peaks[name])
+        out[f"{prefix}tensor_peak_mb"] = _tensor_peak_mb(step)
+    return out
+
+
+def _learner_step(model, ref, parts, settings, optimizer) -> None:
+    """The learner's work on one minibatch (update.policy_update's): the micro-batches' forward + backward,
+    then the optimizer step (with the clipping when the settings have it)."""
+    import torch
+
+    _forward_backward(model, ref, parts, settings)
+    if settings.grad_clip:
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()), settings.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _bare_step(model, parts, optimizer) -> None:
+    """The bare compute on the same rows: the model's plain causal forward over each micro-batch's packed rows
+    (all positions' logits), the weighted cross-entropy of the same targets, backward; one AdamW step."""
+    import torch
+
+    for part in parts:
+        logits = model(input_ids=part["input_ids"], use_cache=False).logits
+        index = part["target_pos"][..., None].expand(-1, -1, logits.shape[-1])
+        logprobs = torch.log_softmax(logits.gather(1, index), -1)
+        picked = logprobs.gather(-1, part["target_ids"][..., None])[..., 0]
+        (-(picked * part["loss_weight"]).sum()).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _settings(args):
@@ -224,80 +276,88 @@ def _in_pack_order(packs, batch, model):
 
 
 def run_shape(shape: str, args) -> dict:
-    """Sample the shape's trees, measure both layouts in fresh processes, print the table; the JSON line."""
-    import numpy as np
-
+    """Sample the shape's trees, measure each layout in a fresh process, print the table; the JSON line."""
     prompts = args.paper_prompts if shape == "paper" else SHAPES[shape]["prompts"]
+    layouts = [x for x in ("rows", "packed") if x in args.layouts.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trees.pkl"
         sample(shape, prompts, path)
         flags = [
-            "--kl",
-            str(args.kl),
-            "--threads",
-            str(args.threads),
-            "--repeats",
-            str(args.repeats),
-            "--forward-tokens",
-            str(args.forward_tokens),
-            "--pack-tokens",
-            str(args.pack_tokens),
-            "--attention",
-            args.attention,
-            "--check" if args.check else "--no-check",
+            *("--kl", str(args.kl), "--threads", str(args.threads), "--repeats", str(args.repeats)),
+            *("--forward-tokens", str(args.forward_tokens), "--pack-tokens", str(args.pack_tokens)),
+            *("--attention", args.attention, "--check" if args.check else "--no-check"),
         ]
         r = {}
-        for layout in ("rows", "packed"):
+        for layout in layouts:
             cmd = [sys.executable, "-m", "benchmarks.learner", "--measure", str(path), layout, *flags]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             r[layout] = json.loads(out.strip().splitlines()[-1])
-    rows, packed = r["rows"], r["packed"]
-    diff = (
-        float(np.abs(np.subtract(rows["logprobs"], packed["logprobs"])).max()) if args.check else float("nan")
+    print(
+        f"\n{shape}: {SHAPES[shape]['branching']} x {SHAPES[shape]['step_tokens']} tokens, {prompts} "
+        f"prompt(s), kl {args.kl}, {args.attention} attention, forward budget {args.forward_tokens} tokens, "
+        f"pack budget {args.pack_tokens}"
     )
+    print(
+        "| layout | packs | forwards | tokens fed | seconds (step) | CPU seconds | peak RSS MB above start "
+        "| peak tensor MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    rows_of_table = [(name, m, "") for name, m in r.items()]
+    if "packed" in r:
+        rows_of_table.append(("bare (packed rows)", r["packed"], "bare_"))
+    for name, m, key in rows_of_table:
+        print(
+            f"| {name} | {m['packs']} | {m['forwards']} | {m['tokens']:,} | {m[key + 'seconds']:.2f} "
+            f"| {m[key + 'cpu_seconds']:.2f} | {m[key + 'peak_mb']:.0f} | {m[key + 'tensor_peak_mb']:.0f} |"
+        )
+    line = {"shape": shape}
+    if "packed" in r:
+        line.update(_packed_keys(r["packed"]))
+    if "rows" in r:
+        line.update(_rows_keys(r["rows"], r.get("packed"), args))
+    return line
+
+
+def _packed_keys(packed: dict) -> dict:
+    overhead = packed["cpu_seconds"] / max(packed["bare_cpu_seconds"], 1e-9)
+    print(
+        f"packed/bare: overhead {overhead:.3f} (CPU seconds; wall "
+        f"{packed['seconds'] / max(packed['bare_seconds'], 1e-9):.3f}), peak memory "
+        f"{packed['peak_mb'] / max(packed['bare_peak_mb'], 1):.3f} (RSS), "
+        f"{packed['tensor_peak_mb'] / max(packed['bare_tensor_peak_mb'], 1):.3f} (tensors)"
+    )
+    keys = ("seconds", "cpu_seconds", "peak_mb", "tensor_peak_mb")
+    return {
+        "packed_tokens": packed["tokens"],
+        **{f"packed_{k}": round(packed[k], 3) for k in keys},
+        **{f"bare_{k}": round(packed[f"bare_{k}"], 3) for k in keys},
+        "overhead": round(overhead, 3),
+    }
+
+
+def _rows_keys(rows: dict, packed: dict | None, args) -> dict:
+    import numpy as np
+
+    keys = ("seconds", "cpu_seconds", "peak_mb", "tensor_peak_mb")
+    line = {"rows_tokens": rows["tokens"], **{f"rows_{k}": round(rows[k], 3) for k in keys}}
+    if packed is None:
+        return line
+    diff = float("nan")
+    if args.check:
+        diff = float(np.abs(np.subtract(rows["logprobs"], packed["logprobs"])).max())
     rel = max(
         float(np.abs(np.subtract(rows["grad_vectors"][n], packed["grad_vectors"][n])).max())
         / max(rows["grads"][n], 1e-30)
         for n in rows["grads"]
     )
     print(
-        f"\n{shape}: {SHAPES[shape]['branching']} x {SHAPES[shape]['step_tokens']} tokens, {prompts} "
-        "prompt(s), "
-        f"kl {args.kl}, {args.attention} attention, forward budget {args.forward_tokens} tokens, pack budget "
-        f"{args.pack_tokens}"
-    )
-    print(
-        "| layout | packs | forwards | tokens fed | seconds (fwd+bwd) | peak RSS MB above start | peak "
-        "tensor MB |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for name, m in r.items():
-        print(
-            f"| {name} | {m['packs']} | {m['forwards']} | {m['tokens']:,} | {m['seconds']:.2f} | "
-            f"{m['peak_mb']:.0f} "
-            f"| {m['tensor_peak_mb']:.0f} |"
-        )
-    print(
         f"packed/rows: tokens {packed['tokens'] / rows['tokens']:.3f}, seconds "
-        f"{packed['seconds'] / rows['seconds']:.3f}, "
-        f"peak memory {packed['peak_mb'] / max(rows['peak_mb'], 1):.3f} (RSS), "
+        f"{packed['seconds'] / rows['seconds']:.3f}, peak memory "
+        f"{packed['peak_mb'] / max(rows['peak_mb'], 1):.3f} (RSS), "
         f"{packed['tensor_peak_mb'] / max(rows['tensor_peak_mb'], 1):.3f} (tensors); max |log-prob diff| "
-        f"{diff:.2e}, max "
-        f"relative gradient diff {rel:.2e}"
+        f"{diff:.2e}, max relative gradient diff {rel:.2e}"
     )
-    return {
-        "rows_tokens": rows["tokens"],
-        "packed_tokens": packed["tokens"],
-        "rows_seconds": round(rows["seconds"], 3),
-        "packed_seconds": round(packed["seconds"], 3),
-        "rows_peak_mb": round(rows["peak_mb"], 1),
-        "packed_peak_mb": round(packed["peak_mb"], 1),
-        "rows_tensor_peak_mb": round(rows["tensor_peak_mb"], 1),
-        "packed_tensor_peak_mb": round(packed["tensor_peak_mb"], 1),
-        "max_logprob_diff": diff,
-        "max_grad_rel_diff": rel,
-        "shape": shape,
-    }
+    return {**line, "max_logprob_diff": diff, "max_grad_rel_diff": rel}
 
 
 def main(argv=None) -> None:
@@ -308,7 +368,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--forward-tokens", type=int, default=16384)
     p.add_argument("--pack-tokens", type=int, default=8192)
-    p.add_argument("--shapes", default="default,paper")
+    p.add_argument("--shapes", default="default,paper,grpo")
+    p.add_argument("--layouts", default="rows,packed", help="rows,packed or packed (the overhead only)")
     p.add_argument("--attention", default="segments", choices=("segments", "dense"), help="packed attention")
     p.add_argument(
         "--check",

@@ -2,7 +2,8 @@
 Ray session; `slow` tests run only with ``pytest --run-slow``.
 
 Built models are cached in a temporary folder for the session ($TREERPO_CACHE, set before anything imports the
-package or starts Ray, so Ray's workers see it too): tests never read or fill the user's ~/.cache.
+package or starts Ray, so Ray's workers see it too): tests never read or fill the user's ~/.cache. The
+embedded default is the shipped warm start ($TREERPO_BUILD_WARMSTART cleared: no test builds it).
 """
 
 import os
@@ -11,6 +12,7 @@ import tempfile
 import pytest
 
 os.environ["TREERPO_CACHE"] = tempfile.mkdtemp(prefix="treerpo-test-cache-")
+os.environ.pop("TREERPO_BUILD_WARMSTART", None)
 
 
 def pytest_addoption(parser):
@@ -37,7 +39,12 @@ def tiny_lm_dir(tmp_path_factory):
 
 
 # The one local Ray instance the tests share (tests/cluster puts it back after its multi-node cluster).
-RAY_TEST_SESSION = {"num_cpus": 2, "include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}
+RAY_TEST_SESSION = {
+    "num_cpus": 2,
+    "include_dashboard": False,
+    "logging_level": "ERROR",
+    "log_to_driver": False,
+}
 
 
 @pytest.fixture(scope="session")
@@ -53,19 +60,15 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def embedded_default():
-    """The embedded default model (what ``model_name_or_path: null`` resolves to) pre-built in the session's
-    cache: a random tiny model of the default architecture instead of the 2.5-minute warm start (tests check
-    plumbing, not accuracy). Returns its folder."""
-    from rllib_treerpo.config.settings import JOB_FIELDS
-    from rllib_treerpo.models.tiny import save_tiny_model
-    from rllib_treerpo.models.warmstart import embedded_model_folder
+    """The embedded default model (what ``model_name_or_path: null`` resolves to): the shipped warm start,
+    used as is (no SFT run). Returns its folder."""
+    from rllib_treerpo.models.warmstart import REBUILD, fingerprint, shipped_model
     from rllib_treerpo.rllib.algorithm import TreeRPOConfig
 
     config = TreeRPOConfig()
-    folder = embedded_model_folder(config.env, config.env_config)
-    if not (folder / "config.json").exists():
-        save_tiny_model(folder, **JOB_FIELDS["tiny_model"].default)
-    return str(folder)
+    folder = shipped_model(fingerprint(config.env, config.env_config))
+    assert folder is not None, f"the shipped warm start does not match the defaults: rebuild it ({REBUILD})"
+    return folder
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -19,12 +19,9 @@ of the module that implements the choice.
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
 from typing import Any
 
 from rllib_treerpo.config.checks import (
-    Check,
     env_id,
     finite,
     learning_rate,
@@ -40,6 +37,9 @@ from rllib_treerpo.config.checks import (
     true_or_false,
     unit_interval,
 )
+
+# re-exported: the declaration machinery is imported from here by the rest of the package
+from rllib_treerpo.config.declare import Field, declared, default_value, set_defaults, setting  # noqa: F401
 from rllib_treerpo.core.advantages import ADVANTAGE_STD, VALUE_ESTIMATES
 from rllib_treerpo.core.losses import KL_ESTIMATORS, LOSS_AGGS
 from rllib_treerpo.generation import BACKENDS
@@ -47,43 +47,6 @@ from rllib_treerpo.learner.forward import ATTENTIONS
 from rllib_treerpo.learner.precision import DTYPE_CHOICES
 
 ALGORITHMS = ("TreeRPO", "PPO")  # what `treerpo train` runs (the job field `algorithm`)
-
-
-@dataclass(frozen=True)
-class Field:
-    """One setting's default, meaning and check (the check returns why a value is bad, or None)."""
-
-    default: Any
-    doc: str
-    check: Check
-
-    def fresh_default(self) -> Any:
-        """A copy of the default: lists and mappings are never shared between configs."""
-        return copy.deepcopy(self.default)
-
-
-def setting(default: Any, doc: str, check: Check) -> Any:
-    """Declares a setting in a settings class body: ``tau: float = setting(0.1, "...", non_negative)``."""
-    return Field(default, doc, check)
-
-
-def declared(cls: type) -> dict[str, Field]:
-    """The settings a class declares, in declaration order (base classes first)."""
-    out: dict[str, Field] = {}
-    for klass in reversed(cls.__mro__):
-        out.update({name: v for name, v in vars(klass).items() if isinstance(v, Field)})
-    return out
-
-
-def default_value(field: Field) -> Any:
-    """A fresh copy of a field's default."""
-    return field.fresh_default()
-
-
-def set_defaults(obj: Any, settings_class: type) -> None:
-    """Sets every setting ``settings_class`` declares on ``obj`` to its default (fresh copies)."""
-    for name, field in declared(settings_class).items():
-        setattr(obj, name, field.fresh_default())
 
 
 class TreeRPOSettings:
@@ -175,9 +138,11 @@ class TreeRPOSettings:
     )
     logits_chunk: int | None = setting(
         256,
-        "Most loss tokens whose full-vocabulary logits exist at once in the learner: the LM head and its "
-        "log-softmax run in chunks of this many, each recomputed in the backward (memory bound for large "
-        "vocabularies; null: all of a forward's at once).",
+        "Most loss tokens whose full-vocabulary logits exist at once in the learner when a forward's fp32 "
+        "logits would exceed 64 MiB (SmolLM2's 49k vocabulary: above 341 loss tokens; "
+        "learner/forward.py): the LM head and its log-softmax then run in chunks of this many, each "
+        "recomputed in the backward (memory bound for large vocabularies); below that, one block. null: all "
+        "of a forward's at once.",
         optional(positive_int),
     )
     # --- model and generation ---
@@ -332,6 +297,48 @@ class RLlibSettings:
     delay_between_env_runner_restarts_s: float = setting(
         1.0, "Seconds a runner that raised waits before it exits and is restarted.", finite(non_negative)
     )
+    # RLlib's evaluation settings, read by TreeRPO.evaluate (rllib/evaluation.py): one episode = one held-out
+    # problem. In a `treerpo train` / `treerpo sweep` file the job fields eval_every, eval_every_problems,
+    # eval_samples and eval_env_config set them (jobs/config.py).
+    evaluation_interval: int | None = setting(
+        None,
+        "Evaluate on held-out problems every this many iterations (null: never). Every result from then on "
+        "carries the latest under evaluation/: evaluation/pass@1 (Tune's metric for sweeps), "
+        "evaluation/pass@K (K = evaluation_samples), evaluation/greedy_accuracy, "
+        "evaluation/mean_response_tokens, evaluation/mean_reward, evaluation/iteration (when measured), "
+        "evaluation/seconds.",
+        optional(positive_int),
+    )
+    evaluation_duration: int = setting(
+        50, "Held-out problems per evaluation (the first ones of the held-out env).", positive_int
+    )
+    evaluation_duration_unit: str = setting(
+        "episodes", "What evaluation_duration counts: episodes (= held-out problems).", one_of("episodes")
+    )
+    evaluation_num_env_runners: int = setting(
+        0,
+        "Dedicated evaluation env runners (each holds a copy of the policy); 0: the training env runners "
+        "evaluate, between iterations.",
+        non_negative_int,
+    )
+    evaluation_parallel_to_training: bool = setting(
+        False,
+        "Evaluate while training: not implemented for TreeRPO (evaluation follows the iteration's weight "
+        "sync).",
+        one_of(False),
+    )
+    evaluation_samples: int = setting(
+        16,
+        "TreeRPO's addition to RLlib's evaluation: sampled responses per held-out problem for pass@1 and "
+        "pass@K (plus one greedy); config.evaluation(evaluation_samples=...) or inside evaluation_config.",
+        positive_int,
+    )
+    evaluation_config: dict | None = setting(
+        {"env_config": {"split": "test"}},
+        "Overrides for evaluation: env_config (merged over env_config: the held-out split), "
+        "evaluation_samples, temperature, ...",
+        optional(mapping),
+    )
 
 
 class JobSettings:
@@ -359,7 +366,10 @@ class JobSettings:
     eval_every: int = setting(
         10,
         "Evaluate the policy on eval_every_problems held-out problems every this many iterations (and at "
-        "iteration 0), so the curve shows whether it learns while it runs; 0 disables.",
+        "iteration 0), so the curve shows whether it learns while it runs; 0 disables. Sets RLlib's "
+        "evaluation_interval (and eval_every_problems, eval_samples, eval_env_config its "
+        "evaluation_duration, evaluation_samples, evaluation_config): `treerpo sweep` trials report the "
+        "same evaluation/*.",
         non_negative_int,
     )
     eval_every_problems: int = setting(
@@ -386,7 +396,7 @@ class JobSettings:
         mapping,
     )
     warmstart: dict = setting(
-        {"steps": 1200, "batch_size": 64, "lr": 0.003, "error_rate": 0.2, "demos": 20000},
+        {"steps": 1500, "batch_size": 128, "lr": 0.002, "error_rate": 0.2, "demos": 20000},
         "Supervised warm start of the tiny model on the env's demonstrations: any of "
         "steps, batch_size, lr, error_rate, demos, seed.",
         mapping,

@@ -13,7 +13,7 @@ from typing import Any
 
 from rllib_treerpo.config.checks import check_fields
 from rllib_treerpo.config.config_files import coerce_numbers, load_config
-from rllib_treerpo.config.settings import JOB_FIELDS, JobSettings, set_defaults
+from rllib_treerpo.config.settings import FIELDS, JOB_FIELDS, RLLIB_FIELD_CHECKS, JobSettings, set_defaults
 from rllib_treerpo.learner.precision import resolve_config_dtype
 from rllib_treerpo.rllib.config import TreeRPOConfig
 
@@ -79,9 +79,42 @@ def load_run_config(
         path, overrides, lambda values, source: config.update_from_flat_dict(values, source=source)
     )
     job_config = JobConfig(**job)
+    apply_job_evaluation(config, job_config)
     config.check_values(job_config.algorithm)
     resolve_config_dtype(config, announce)
     return config, job_config, sections
+
+
+# RLlib's evaluation settings that a config file sets through the job's fields (one vocabulary for
+# `treerpo train` and `treerpo sweep`; Python and tune.run users set RLlib's names).
+JOB_EVALUATION_FIELDS = {
+    "evaluation_interval": "eval_every",
+    "evaluation_duration": "eval_every_problems",
+    "evaluation_samples": "eval_samples",
+    "evaluation_config": "eval_env_config",
+}
+
+
+def apply_job_evaluation(config: TreeRPOConfig, job: JobConfig) -> None:
+    """The held-out evaluation along training (eval_every, eval_every_problems, eval_samples,
+    eval_env_config) as RLlib's evaluation settings, which TreeRPO's Algorithm honours (so a sweep's trials
+    report ``evaluation/pass@1``). An RLlib evaluation field given in the file that disagrees is one line
+    naming the job field to set instead."""
+    wanted = {
+        "evaluation_interval": job.eval_every or None,
+        "evaluation_duration": job.eval_every_problems,
+        "evaluation_samples": job.eval_samples,
+        "evaluation_config": {"env_config": dict(job.eval_env_config)},
+    }
+    fields = {**FIELDS, **RLLIB_FIELD_CHECKS}
+    for name, value in wanted.items():
+        given = getattr(config, name)
+        if given != fields[name].default and given != value:
+            raise ValueError(
+                f"config field {name!r} = {given!r}: in a config file the held-out evaluation along training "
+                f"is set by the job field {JOB_EVALUATION_FIELDS[name]!r} (it sets {name}; docs/fields.md)"
+            )
+        setattr(config, name, value)
 
 
 def flat_config(config: TreeRPOConfig, job: JobConfig) -> dict[str, Any]:

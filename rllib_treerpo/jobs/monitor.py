@@ -3,7 +3,10 @@ TensorBoard.
 
 Every ``eval_every`` iterations (and at iteration 0) the learners' current policy is evaluated on the first
 ``eval_every_problems`` held-out problems (pass@1 over ``eval_samples`` samples, and greedy accuracy); the
-numbers go into metrics.jsonl under ``eval/*``, into the progress line and into learning_curve.png. Every
+numbers go into metrics.jsonl under ``eval/*``, into the progress line and into learning_curve.png. For
+TreeRPO they are the Algorithm's own evaluation (RLlib's evaluation_interval, set from these job fields:
+rllib/evaluation.py), read from ``algo.train()``'s results, so the job and a Tune sweep see the same numbers;
+RLlib's PPO is evaluated here, by :class:`HeldOut` on the learners' weights. Every
 metrics row is also written as TensorBoard scalars under ``tb/`` (tensorboardX comes with ray[rllib]), so
 ``tensorboard --logdir runs`` shows runs like any RLlib or Tune run.
 """
@@ -11,6 +14,7 @@ metrics row is also written as TensorBoard scalars under ``tb/`` (tensorboardX c
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +77,18 @@ class HeldOut:
 class Monitor:
     """Evaluation along training, TensorBoard scalars and the progress line's held-out part."""
 
-    def __init__(self, out: Path, job: JobConfig, held_out: HeldOut | None) -> None:
+    def __init__(
+        self,
+        out: Path,
+        job: JobConfig,
+        held_out: HeldOut | None,
+        evaluate: Callable[[Any, dict | None], dict] | None = None,
+    ) -> None:
+        """``evaluate(algo, result)``: the held-out summary of the algorithm's current policy (``result``: the
+        iteration's results, which may carry it; None at iteration 0); None: ``held_out`` on the learners'
+        weights."""
         self.job, self.held_out, self.latest = job, held_out, None
+        self._evaluate = evaluate
         try:
             from tensorboardX import SummaryWriter
 
@@ -85,14 +99,20 @@ class Monitor:
     def due(self, iteration: int) -> bool:
         every = self.job.eval_every
         return bool(
-            self.held_out is not None
+            (self._evaluate is not None or self.held_out is not None)
             and every
             and (iteration % every == 0 or iteration == self.job.iterations)
         )
 
-    def evaluate(self, weights: dict | None) -> dict[str, float]:
-        """``eval/*`` metrics of the weights on the first eval_every_problems held-out problems."""
-        summary, _ = self.held_out(weights, self.job.eval_every_problems)
+    def evaluate(self, algo: Any, result: dict | None = None) -> dict[str, float]:
+        """``eval/*`` metrics of the algorithm's policy on the first eval_every_problems held-out problems."""
+        if self._evaluate is not None:
+            summary = self._evaluate(algo, result)
+        else:
+            from rllib_treerpo.rllib.rl_module import learner_policy_weights
+
+            weights = learner_policy_weights(algo) if algo.iteration else None  # None: the model as loaded
+            summary, _ = self.held_out(weights, self.job.eval_every_problems)
         self.latest = {f"eval/{k}": float(summary[k]) for k in EVAL_KEYS if k in summary}
         return self.latest
 

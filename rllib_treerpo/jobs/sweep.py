@@ -8,7 +8,9 @@ CONFIG is a TreeRPO YAML (flat config fields, as for `treerpo train`) plus a ``s
         lr: {loguniform: [1.0e-5, 1.0e-3]}    # sampled per trial; also uniform: [lo, hi], randint: [lo, hi]
         branching: {choice: [[4], [2, 2]]}    # one of the values, sampled per trial
         env_config.num_ops: {grid_search: [1, 2]}   # a key inside a mapping field
-      metric: reward/mean                     # any training result key (default reward/mean)
+      metric: evaluation/pass@1               # any result key; default: held-out pass@1 (reward/mean when
+                                              # eval_every is 0); evaluation/* needs iterations to be a
+                                              # multiple of eval_every
       mode: max                               # max or min
       num_samples: 1                          # repetitions of the grid (samples of the random domains)
       iterations: 5                           # training iterations per trial (default: the iterations field)
@@ -16,9 +18,13 @@ CONFIG is a TreeRPO YAML (flat config fields, as for `treerpo train`) plus a ``s
       grace_period: 1                         # ASHA: iterations before a trial can be stopped
       max_concurrent_trials: 2                # optional cap (default: as many as the CPUs allow)
 
-Every swept field is checked before Ray starts: an unknown field, a job-only field, a malformed domain or a
-value the field rejects is a ValueError naming it. With ``model_name_or_path: null`` the tiny model is built
-and warm-started once (cached), exactly as `treerpo train` does, and every trial starts from it.
+Trials evaluate on held-out problems as `treerpo train` does along training (the job fields eval_every,
+eval_every_problems, eval_samples, eval_env_config become RLlib's evaluation settings, which TreeRPO honours:
+rllib/evaluation.py); every result carries the latest evaluation under ``evaluation/``, so the metric and
+ASHA can be held-out pass@1. Every swept field is checked before Ray starts: an unknown field, a job-only
+field, a malformed domain or a value the field rejects is a ValueError naming it. With
+``model_name_or_path: null`` the tiny model is built and warm-started once (cached), exactly as
+`treerpo train` does, and every trial starts from it.
 
 Trials run the registered "TreeRPO" trainable (``tune.Tuner("TreeRPO", param_space=config.to_dict() with the
 space merged)``), stop at ``iterations``, and checkpoint every ``checkpoint_every`` iterations and at the end,
@@ -28,7 +34,9 @@ checkpoint, errored ones are retried).
 Output folder:
   sweep_config.yaml  the CONFIG as given (plus --set overrides)
   tune/              Tune's experiment folder (trial folders, checkpoints, experiment state)
-  trials.csv         one row per trial: swept values, last and best metric, iterations, seconds, status
+  trials.csv         one row per trial: swept values, last and best metric, the last held-out pass@1, greedy
+                     accuracy, response tokens and the iteration they were measured at, the last train
+                     reward, iterations, seconds, status
                      (done; stopped: early by ASHA; unfinished: the sweep was interrupted; error)
   best_config.yaml   the best trial's config as flat TreeRPOConfig fields (`treerpo train best_config.yaml`)
   summary.json       metric, mode, best value, parameters and checkpoint (`treerpo eval --model` takes it),
@@ -60,6 +68,13 @@ from rllib_treerpo.rllib.config import TreeRPOConfig
 __all__ = ["run_sweep"]
 
 EXPERIMENT = "tune"
+# trials.csv's held-out columns: name -> key under the results' `evaluation` (rllib/evaluation.py)
+HELD_OUT = (
+    ("pass@1", "pass@1"),
+    ("greedy", "greedy_accuracy"),
+    ("response tokens", "mean_response_tokens"),
+    ("iteration", "iteration"),
+)
 
 
 def run_sweep(
@@ -246,6 +261,9 @@ def _trial_row(i: int, result, spec: SweepSpec) -> tuple[dict[str, Any], float |
     history = result.metrics_dataframe
     values = []
     if history is not None and spec.metric in history.columns:
+        if spec.metric.startswith("evaluation/") and "evaluation/iteration" in history.columns:
+            # the starting policy's evaluation (iteration 0) is every trial's: not a trial's best
+            history = history[history["evaluation/iteration"] > 0]
         values = [v for v in (_number(x) for x in history[spec.metric].tolist()) if v is not None]
     last = _number(_lookup(metrics, spec.metric))
     best = (max(values) if spec.mode == "max" else min(values)) if values else last
@@ -256,6 +274,9 @@ def _trial_row(i: int, result, spec: SweepSpec) -> tuple[dict[str, Any], float |
         {
             f"{spec.metric} (last)": last,
             f"{spec.metric} (best)": best,
+            # the held-out evaluation of the trial's last result (empty when the trials do not evaluate)
+            **{f"held-out {name}": _number(_lookup(metrics, f"evaluation/{key}")) for name, key in HELD_OUT},
+            "reward/mean (last)": _number(_lookup(metrics, "reward/mean")),
             "iterations": iterations,
             "seconds": round(float(metrics.get("time_total_s") or 0.0), 1),
             "status": "error" if result.error else "done" if iterations >= spec.iterations else "stopped",

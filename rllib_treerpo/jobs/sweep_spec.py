@@ -18,6 +18,8 @@ from rllib_treerpo.rllib.config import TreeRPOConfig
 
 __all__ = ["SweepSpec", "expected_trials", "load_sweep", "search_space"]
 
+HELD_OUT_METRIC = "evaluation/pass@1"  # TreeRPO's evaluation results (rllib/evaluation.py)
+EVALUATION_PREFIX = "evaluation/"
 DOMAINS = ("grid_search", "choice", "uniform", "loguniform", "randint")
 SWEEP_KEYS = (
     "space",
@@ -138,9 +140,11 @@ def load_sweep(
             "trials only (GRPO is TreeRPO with branching [G]: sweep branching)"
         )
     spec = SweepSpec(space=_validate_space(config, raw.get("space"), source))
-    spec.metric = raw.get("metric", spec.metric)
+    # Held-out pass@1 when the trials evaluate (eval_every: RLlib's evaluation_interval), else the training
+    # reward.
+    spec.metric = raw.get("metric", HELD_OUT_METRIC if job.eval_every else spec.metric)
     if not isinstance(spec.metric, str) or not spec.metric:
-        raise ValueError(f"{source}: sweep.metric must be a result key such as reward/mean")
+        raise ValueError(f"{source}: sweep.metric must be a result key such as {HELD_OUT_METRIC}")
     spec.mode = raw.get("mode", spec.mode)
     if spec.mode not in ("max", "min"):
         raise ValueError(f"{source}: sweep.mode must be max or min, got {spec.mode!r}")
@@ -155,10 +159,35 @@ def load_sweep(
     spec.scheduler = raw.get("scheduler")
     if spec.scheduler not in (None, "asha", "fifo"):
         raise ValueError(f"{source}: sweep.scheduler must be asha, fifo or null, got {spec.scheduler!r}")
+    _check_held_out_metric(spec, job, source)
     spec.max_concurrent_trials = raw.get("max_concurrent_trials")
     if spec.max_concurrent_trials is not None and not _is_pos_int(spec.max_concurrent_trials):
         raise ValueError(f"{source}: sweep.max_concurrent_trials must be a positive integer or null")
     return config, job, spec
+
+
+def _check_held_out_metric(spec: SweepSpec, job: JobConfig, source: str) -> None:
+    """A held-out metric (``evaluation/...``) needs the trials to evaluate, and the last iteration to be an
+    evaluated one: the trials' last result would otherwise carry an older evaluation."""
+    if not spec.metric.startswith(EVALUATION_PREFIX):
+        return
+    if not job.eval_every:
+        raise ValueError(
+            f"{source}: sweep.metric {spec.metric!r} is a held-out metric, but eval_every is 0 (no "
+            "evaluation along training); set eval_every (and eval_every_problems, eval_samples)"
+        )
+    if spec.scheduler == "asha" and spec.grace_period < job.eval_every:
+        raise ValueError(
+            f"{source}: sweep.grace_period {spec.grace_period} < eval_every {job.eval_every}: ASHA would "
+            f"stop trials on the starting policy's {spec.metric!r} (every trial's); set grace_period >= "
+            "eval_every"
+        )
+    if spec.iterations % job.eval_every:
+        raise ValueError(
+            f"{source}: sweep.iterations {spec.iterations} is not a multiple of eval_every {job.eval_every}: "
+            f"the trials' last {spec.metric!r} would be that of iteration "
+            f"{spec.iterations - spec.iterations % job.eval_every}"
+        )
 
 
 def _domain(kind: str, args: Any):

@@ -30,6 +30,7 @@ from rllib_treerpo.jobs.config import JobConfig, flat_config
 from rllib_treerpo.jobs.monitor import HeldOut, Monitor
 from rllib_treerpo.jobs.run_folder import RunFolder
 from rllib_treerpo.learner.memory import trim_heap
+from rllib_treerpo.models.warmstart import copy_record
 from rllib_treerpo.rllib.config import TreeRPOConfig
 
 
@@ -115,7 +116,8 @@ class JobParts:
     the field); build_algo: () -> a built RLlib Algorithm; metrics_row: result dict -> metrics.jsonl row;
     progress: row -> the algorithm-specific middle of the progress line; resolved: () -> config.yaml's content
     (once the model is resolved); totals: summary key -> metrics key summed over iterations; label:
-    summary["algorithm"].
+    summary["algorithm"]; evaluate: (algo, result or None) -> the held-out summary along training, when the
+    algorithm evaluates itself (None: the job's HeldOut on the learners' weights).
     """
 
     preflight: Callable[[], None]
@@ -125,6 +127,7 @@ class JobParts:
     resolved: Callable[[], dict]
     totals: dict[str, str] = field(default_factory=dict)
     label: str = "TreeRPO"
+    evaluate: Callable[[Any, dict | None], dict] | None = None
 
 
 def _rate(per_second: float) -> str:
@@ -157,6 +160,15 @@ def treerpo_parts(config: TreeRPOConfig, job: JobConfig) -> JobParts:
             )
         return line
 
+    def evaluate(algo, result: dict | None) -> dict:
+        """The Algorithm's evaluation (RLlib's evaluation_interval = eval_every: rllib/evaluation.py): the
+        iteration's results carry it when it was due; otherwise (iteration 0, the last iteration) it runs
+        now."""
+        carried = (result or {}).get("evaluation")
+        if carried and carried.get("iteration") == algo.iteration:
+            return carried
+        return algo.evaluate()
+
     return JobParts(
         preflight=lambda: config.preflight(job.eval_env_config, job.tiny_model),
         build_algo=config.build_algo,
@@ -169,6 +181,7 @@ def treerpo_parts(config: TreeRPOConfig, job: JobConfig) -> JobParts:
             "env_runner_restarts": "perf/env_runner_restarts",
             "resampled_trees": "perf/resampled_trees",
         },
+        evaluate=evaluate if config.evaluation_interval else None,
     )
 
 
@@ -196,6 +209,7 @@ def train(
         resolved = pieces.resolved()
         folder.path.mkdir(parents=True, exist_ok=True)
         (folder.path / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        copy_record(config.model_name_or_path, folder.path)  # how the warm start was built, if recorded
         summary = folder.summary() if resume else {}
         summary["algorithm"] = pieces.label
         held_out = HeldOut(config, job, job.eval_problems) if job.eval_problems else None
@@ -203,7 +217,7 @@ def train(
             start = time.perf_counter()
             summary["eval_before"] = write_eval(folder, "before", *held_out(), time.perf_counter() - start)
             folder.write_summary(summary)
-        monitor = Monitor(folder.path, job, held_out)
+        monitor = Monitor(folder.path, job, held_out, pieces.evaluate)
         algo = _start(pieces, folder, resume, monitor)
         _iterate(algo, pieces, job, folder, monitor)
         weights = _export(algo, config, resolved, folder)
@@ -280,8 +294,8 @@ def _start(pieces: JobParts, folder: RunFolder, resume: bool, monitor: Monitor):
         algo.restore_from_path(str(path))
         log(f"resumed from {path} at iteration {algo.iteration}")
     folder.truncate(algo.iteration)
-    if algo.iteration == 0 and monitor.held_out is not None and monitor.job.eval_every:
-        row = {"iteration": 0, **monitor.evaluate(None)}  # the start of the held-out curve
+    if algo.iteration == 0 and monitor.due(0):
+        row = {"iteration": 0, **monitor.evaluate(algo)}  # the start of the held-out curve
         folder.append(row)
         monitor.record(row)
     return algo
@@ -292,7 +306,6 @@ def _iterate(algo, pieces: JobParts, job: JobConfig, folder: RunFolder, monitor:
     due, saved trees, a progress line and the plot each."""
     from rllib_treerpo.jobs.plots import plot_learning_curve
     from rllib_treerpo.jobs.trees import save_trees
-    from rllib_treerpo.rllib.rl_module import learner_policy_weights
 
     times = []
     while algo.iteration < job.iterations:
@@ -301,7 +314,7 @@ def _iterate(algo, pieces: JobParts, job: JobConfig, folder: RunFolder, monitor:
         it = algo.iteration
         row = pieces.metrics_row(result)
         if monitor.due(it):
-            row.update(monitor.evaluate(learner_policy_weights(algo)))
+            row.update(monitor.evaluate(algo, result))
         times.append(time.perf_counter() - t0)
         row["time_s"] = round(times[-1], 3)
         folder.append(row)

@@ -2,9 +2,10 @@
 
 One pass: the decoder over the packed tokens with the tree structure (segment attention, tree_attention.py, or
 a dense tree mask), the final hidden states gathered at the positions that predict the loss tokens, then the
-LM head there only, ``logits_chunk`` positions at a time (:func:`head_target_stats`: no (B, M, V) logits
-block). :func:`target_stats` is that pass under the config's precision (precision.compute_context): what the
-RLlib module, the reference model and the Ray-free update (update.py) all call.
+LM head there only (:func:`head_target_stats`): in one block where the fp32 (M, V) logits are small, else
+``logits_chunk`` positions at a time, each recomputed in the backward. :func:`target_stats` is that pass
+under the config's precision (precision.compute_context): what the RLlib module, the reference model and the
+Ray-free update (update.py) all call.
 
 Log-probs are tempered (logits / temperature) so that rho = pi_theta / pi_old compares the distribution the
 sampler drew from. :func:`token_logprobs` and :func:`token_entropy` are the same quantities from
@@ -23,6 +24,13 @@ from rllib_treerpo.learner.precision import compute_context, resolve_config_dtyp
 from rllib_treerpo.learner.tree_attention import segment_plan, using_segments
 
 ATTENTIONS = ("segments", "dense")
+
+# Most bytes of one forward's fp32 logits block (positions x vocabulary) computed at once: above it the LM
+# head runs in ``logits_chunk`` chunks, each recomputed in the backward (one head matmul more). 64 MiB is 341
+# positions of SmolLM2's 49,152-token vocabulary: its learner chunks as before; a 99-token vocabulary never
+# chunks (there the chunks and their recomputation cost time and save nothing). The softmax and its gradient
+# hold about two more blocks of the same size while a block's backward runs.
+LOGITS_BLOCK_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -123,25 +131,36 @@ def packed_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], attent
     return model.get_output_embeddings()(packed_hidden(model, batch, attention))
 
 
+def logits_chunk_size(
+    positions: int, vocab: int, chunk: int | None, bound_bytes: int = LOGITS_BLOCK_BYTES
+) -> int:
+    """Positions per LM-head call: all of them while their fp32 logits (positions x vocab x 4 bytes) fit in
+    ``bound_bytes``, else ``chunk`` (None: all of them whatever the size)."""
+    if chunk is None or positions * vocab * 4 <= bound_bytes:
+        return max(positions, 1)
+    return max(chunk, 1)
+
+
 def head_target_stats(
     head: torch.nn.Module,
     hidden: torch.Tensor,
     target_ids: torch.Tensor,
     temperature: float,
     chunk: int | None,
+    bound_bytes: int = LOGITS_BLOCK_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob (differentiable) and entropy (detached) of each target from the hidden state at its predicting
     position, through the LM ``head``: (..., H), (...) -> (...), (...). The same tempered quantities as
     :func:`target_logprobs` and :func:`distribution_entropy` of ``head(hidden)``.
 
-    The full-vocabulary logits (large for a 150k vocabulary, more with the softmax and its gradient) exist for
-    at most ``chunk`` positions at a time, in the forward and in the backward: with gradients on and more than
-    one chunk, each chunk is checkpointed (its logits are recomputed for its backward, one head matmul more).
-    ``None``: one chunk of every position.
+    When the fp32 logits of all positions would exceed ``bound_bytes`` (large for a 150k vocabulary, more with
+    the softmax and its gradient), they exist for at most ``chunk`` positions at a time, in the forward and in
+    the backward: with gradients on and more than one chunk, each chunk is checkpointed (its logits are
+    recomputed for its backward, one head matmul more). Below the bound (or ``chunk`` None): one block.
     """
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = target_ids.reshape(-1)
-    size = max(chunk or flat_targets.numel(), 1)
+    size = logits_chunk_size(flat_targets.numel(), _vocab_size(head), chunk, bound_bytes)
     # One chunk holds its logits once either way (the head is the forward's last op): no recomputation then.
     recompute = torch.is_grad_enabled() and flat_hidden.requires_grad and flat_targets.numel() > size
     logprobs = []
@@ -159,6 +178,11 @@ def head_target_stats(
         empty = flat_hidden.new_zeros(target_ids.shape, dtype=dtype)
         return empty, empty
     return torch.cat(logprobs).reshape(target_ids.shape), torch.cat(entropies).reshape(target_ids.shape)
+
+
+def _vocab_size(head: torch.nn.Module) -> int:
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if weight is not None else int(head.out_features)
 
 
 def _head_chunk(

@@ -54,6 +54,9 @@ class Bucket:
 class SegmentPlan:
     buckets: list[Bucket]
     length: int  # L, the pack width
+    # (B * L,) for each token, its row in the buckets' valid queries concatenated in bucket order: every token
+    # is the query of exactly one bucket (padding in the last), so one gather assembles the attention output
+    placement: torch.Tensor
 
 
 def segment_plan(token_node: torch.Tensor, node_parent: torch.Tensor) -> SegmentPlan:
@@ -82,7 +85,18 @@ def segment_plan(token_node: torch.Tensor, node_parent: torch.Tensor) -> Segment
         own = torch.from_numpy(cols).to(device)[:, None]
         ones = torch.ones(len(rows), 1, 1, 1, dtype=torch.bool, device=device)
         buckets.append(Bucket(torch.from_numpy(rows).to(device), own, own >= 0, own, ones))
-    return SegmentPlan(buckets, tn.shape[1])
+    return SegmentPlan(buckets, tn.shape[1], _placement(buckets, tn.shape[0], tn.shape[1]))
+
+
+def _placement(buckets: list[Bucket], rows: int, length: int) -> torch.Tensor:
+    """The inverse of the buckets' query order (:attr:`SegmentPlan.placement`)."""
+    flat = [(b.batch[:, None] * length + b.q_index)[b.q_valid] for b in buckets]
+    order = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.int64)
+    if order.numel() != rows * length:
+        raise AssertionError(f"segment plan covers {order.numel()} of {rows * length} tokens")
+    placement = torch.empty_like(order)
+    placement[order] = torch.arange(order.numel(), device=order.device)
+    return placement
 
 
 def _bucket(members: list, device: torch.device) -> Bucket:
@@ -154,7 +168,7 @@ def segment_attention(
         )
     groups = query.shape[1] // key.shape[1]
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, L, heads, D)
-    out = None  # (B, L, H, D) in the dtype attention computes in (bf16 under autocast, like sdpa's output)
+    outputs = []  # each bucket's valid queries' (n, H, D), in the dtype attention computes in
     for bucket in plan.buckets:
         rows = bucket.batch[:, None]
         qg = q[rows, bucket.q_index].transpose(1, 2)  # (G, H, m, D)
@@ -169,13 +183,11 @@ def segment_attention(
                 scale=scaling,
                 dropout_p=dropout if module.training else 0.0,
             )
-        if out is None:
-            out = og.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
-        valid = bucket.q_valid
-        out = out.index_put((rows.expand_as(valid)[valid], bucket.q_index[valid]), og.transpose(1, 2)[valid])
-    if out is None:
-        out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
-    return out, None
+        outputs.append(og.transpose(1, 2)[bucket.q_valid])
+    b, heads, length, dim = query.shape
+    if not outputs:
+        return query.new_zeros(b, length, heads, dim), None
+    return torch.cat(outputs)[plan.placement].view(b, length, heads, dim), None
 
 
 def register() -> None:

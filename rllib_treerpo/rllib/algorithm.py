@@ -1,7 +1,8 @@
 """TreeRPO: the algorithm on RLlib's new API stack, like RLlib's PPO (its config: rllib/config.py).
 
 training_step reads like the loop it is (docs/algorithm.md s.1-s.4): sample trees -> advantages and rows ->
-learner update -> weight sync, each stage timed through the MetricsLogger.
+learner update -> weight sync, each stage timed through the MetricsLogger. RLlib's evaluation settings
+(``evaluation_interval``, ...) evaluate on held-out problems after it (rllib/evaluation.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ray.rllib.utils.annotations import override
 from ray.rllib.utils.metrics import (
     ENV_RUNNER_RESULTS,
     ENV_RUNNER_SAMPLING_TIMER,
+    EVALUATION_RESULTS,
     LEARNER_RESULTS,
     LEARNER_UPDATE_TIMER,
     NUM_ENV_STEPS_SAMPLED_LIFETIME,
@@ -44,11 +46,46 @@ class TreeRPO(Algorithm):
     def setup(self, config) -> None:
         # env runners restored since the last iteration (restore_env_runners), logged by the next one
         self._env_runner_restarts = 0
+        self._evaluation: dict | None = None  # the latest held-out evaluation, carried by every result
+        self._stepping = False
         # On a cluster: nodes without the model folder get the driver's through the object store.
         self._model_folder_server = serve_model_folder(config.model_name_or_path)
         super().setup(config)
         # the packs' padding id; the config's model is resolved (validated) before setup
         self._pad_token_id = pad_token_id(load_tokenizer(self.config.model_name_or_path))
+
+    @classmethod
+    @override(Algorithm)
+    def _should_create_evaluation_env_runners(cls, eval_config) -> bool:
+        """An evaluation env runner group only for dedicated runners: with evaluation_num_env_runners 0 the
+        training runners evaluate (RLlib would build a local evaluation runner: one more model copy)."""
+        return eval_config.evaluation_num_env_runners > 0
+
+    @override(Algorithm)
+    def step(self) -> dict:
+        """RLlib's step (training_step, then evaluate() every evaluation_interval iterations). With an
+        interval, the first step also evaluates the starting policy (iteration 0: the curve's start), and
+        every result carries the latest evaluation (``evaluation/iteration`` says which), so Tune's metric
+        ``evaluation/pass@1`` exists in every result and ASHA and the best-trial choice can read it."""
+        if self.config.evaluation_interval and self._evaluation is None:
+            self.evaluate()
+        self._stepping = True  # evaluate() inside the step measures this iteration's weights (iteration + 1)
+        try:
+            results = super().step()
+        finally:
+            self._stepping = False
+        if self._evaluation is not None and EVALUATION_RESULTS not in results:
+            results[EVALUATION_RESULTS] = dict(self._evaluation)
+        return results
+
+    @override(Algorithm)
+    def evaluate(self, parallel_train_future=None) -> dict:
+        """The held-out evaluation of the current policy (rllib/evaluation.py): pass@1, pass@K, greedy
+        accuracy, mean response tokens, seconds, iteration; also what the next results carry."""
+        from rllib_treerpo.rllib.evaluation import evaluate_held_out
+
+        self._evaluation = evaluate_held_out(self, self.iteration + int(self._stepping))
+        return dict(self._evaluation)
 
     @override(Algorithm)
     def training_step(self) -> None:

@@ -51,6 +51,7 @@ RLLIB_FIELDS = (
     "num_gpus_per_learner",
     "num_gpus_per_env_runner",
     "create_local_env_runner",
+    "evaluation_num_env_runners",
     "custom_resources_per_env_runner",
     "custom_resources_per_learner",
 )
@@ -129,6 +130,33 @@ class TreeRPOConfig(AlgorithmConfig, TreeRPOSettings):
         for name, value in given.items():
             setattr(self, name, value)
         return self
+
+    @override(AlgorithmConfig)
+    def evaluation(self, *, evaluation_samples: int = NotProvided, **kwargs) -> TreeRPOConfig:
+        """RLlib's evaluation settings (``evaluation_interval``, ``evaluation_duration`` in held-out problems,
+        ``evaluation_num_env_runners``, ``evaluation_config``) plus TreeRPO's ``evaluation_samples`` (sampled
+        responses per held-out problem); what TreeRPO.evaluate reads (rllib/evaluation.py)."""
+        super().evaluation(**kwargs)
+        if evaluation_samples is not NotProvided:
+            self.evaluation_samples = evaluation_samples
+        return self
+
+    @override(AlgorithmConfig)
+    def get_evaluation_config_object(self) -> TreeRPOConfig | None:
+        """RLlib's evaluation config (this config updated with ``evaluation_config``), except: its env_config
+        is the training env_config with the overrides' merged over it (RLlib replaces it whole, which would
+        lose e.g. the task's difficulty), and dedicated evaluation runners are remote only. With evaluation
+        off it evaluates nothing and keeps the training env, so an override for a split the env lacks
+        cannot fail a run that never evaluates."""
+        eval_config = super().get_evaluation_config_object()
+        if eval_config is None:
+            return None
+        overrides = self.evaluation_config if isinstance(self.evaluation_config, dict) else {}
+        evaluating = bool(self.evaluation_interval or self.evaluation_num_env_runners)
+        env_overrides = overrides.get("env_config") or {} if evaluating else {}
+        eval_config.env_config = {**self.env_config, **env_overrides}
+        eval_config.create_local_env_runner = eval_config.num_env_runners == 0
+        return eval_config
 
     # --- checks ---------------------------------------------------------------------------------------------
     def check_values(self, algorithm: str = "TreeRPO") -> None:

@@ -103,6 +103,38 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
             self.backend.release()
         return trees
 
+    def evaluate_problems(self, settings: dict, start: int, stop: int) -> list[dict]:
+        """Held-out problems ``start..stop-1`` (one Evaluator batch) with this runner's current weights: the
+        per-problem rows (rllib/evaluation.py; ``settings`` from its evaluation_settings). The held-out env
+        is built once per env_config; this runner's training env and sampling counters are untouched."""
+        from envs import make_reasoning_env
+        from rllib_treerpo.sampling.evaluation import Evaluator
+
+        key = repr(sorted(settings["env_config"].items()))
+        if getattr(self, "_held_out", (None, None))[0] != key:
+            env = make_reasoning_env(self.config.env, settings["env_config"], field="evaluation_config")
+            self._held_out = (key, env)
+        env = self._held_out[1]
+        limit = getattr(env, "num_problems", None)
+        stop = min(stop, limit) if isinstance(limit, int) else stop
+        if start >= stop:
+            return []
+        evaluator = Evaluator(
+            env,
+            self.backend,
+            self.prompt_tokenizer,
+            problems=stop,
+            start_problem=start,
+            samples=settings["samples"],
+            max_new_tokens=settings["max_new_tokens"],
+            temperature=settings["temperature"],
+            seed=settings["seed"],
+        )
+        _, rows = evaluator()
+        if self.config.release_after_sampling:
+            self.backend.release()
+        return rows
+
     def drop_weights(self) -> bool:
         """Free the sampler's weights until the next weight sync (when the learner updates in this process:
         TreeRPO.training_step); whether the backend freed anything."""

@@ -22,10 +22,12 @@ from rllib_treerpo.sampling.sampler import TreeSpec, grow_trees
 
 @dataclass
 class Evaluator:
-    """Evaluate on problems 0..problems-1 of ``env`` (``reset(options={"problem_index": i})``).
+    """Evaluate on problems start_problem..problems-1 of ``env`` (``reset(options={"problem_index": i})``).
 
     ``tokenizer`` formats and tokenizes prompts (a PromptTokenizer for chat templates); ``max_new_tokens`` is
-    the response budget (a training config's ``TreeSpec.response_tokens``).
+    the response budget (a training config's ``TreeSpec.response_tokens``). Problems are generated in
+    batches of ``batch_problems`` seeded by ``seed`` + the batch's first index: a batch is the unit of work
+    (:func:`problem_batches`), so evaluating the batches on several runners gives what one evaluator gives.
     """
 
     env: Any
@@ -38,6 +40,7 @@ class Evaluator:
     greedy: bool = True
     seed: int = 0
     batch_problems: int = 50
+    start_problem: int = 0  # the first problem: a multiple of batch_problems, so batches (and seeds) align
 
     @classmethod
     def from_model(
@@ -80,8 +83,12 @@ class Evaluator:
             self.backend.load_weights(weights)
         sampled_spec = TreeSpec((self.samples,), self.max_new_tokens, temperature=self.temperature)
         greedy_spec = TreeSpec((1,), self.max_new_tokens, temperature=0.0, seed=0)
+        if self.start_problem % self.batch_problems:
+            raise ValueError(
+                f"start_problem {self.start_problem}: not a multiple of batch_problems {self.batch_problems}"
+            )
         rows: list[dict] = []
-        for start in range(0, self.problems, self.batch_problems):
+        for start in range(self.start_problem, self.problems, self.batch_problems):
             idx = range(start, min(self.problems, start + self.batch_problems))
             roots = []
             for i in idx:
@@ -101,8 +108,13 @@ class Evaluator:
             ]
             self.backend.clear_cache()
             if progress is not None:
-                progress(len(rows), self.problems)
+                progress(len(rows), self.problems - self.start_problem)
         return summarize(rows), rows
+
+
+def problem_batches(problems: int, batch_problems: int = 50) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each batch an :class:`Evaluator` on ``problems`` problems generates."""
+    return [(s, min(problems, s + batch_problems)) for s in range(0, problems, batch_problems)]
 
 
 def _problem_row(index: int, tree, greedy_tree) -> dict:

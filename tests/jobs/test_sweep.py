@@ -68,11 +68,28 @@ def test_sweep_over_unknown_field_is_one_line_before_ray(tmp_path, no_ray, capsy
         ({"space": {"tau": {"choice": [0.1]}}, "metrc": "x"}, "unknown sweep key 'metrc'.*'metric'"),
         ({"space": {"tau": {"choice": [0.1]}}, "mode": "best"}, "sweep.mode must be max or min"),
         ({"space": {"tau": {"choice": [0.1]}}, "scheduler": "pbt"}, "sweep.scheduler"),
+        (
+            {"space": {"tau": {"choice": [0.1]}}, "iterations": 20, "scheduler": "asha", "grace_period": 2},
+            "sweep.grace_period 2 < eval_every 10",
+        ),
+        (
+            {"space": {"tau": {"choice": [0.1]}}, "iterations": 12},
+            "sweep.iterations 12 is not a multiple of eval_every 10: .* iteration 10",
+        ),
     ],
 )
 def test_bad_sweep_sections_are_named(tmp_path, no_ray, sweep, match):
     with pytest.raises(ValueError, match=match):
         run_sweep(write(tmp_path, sweep), tmp_path / "out")
+
+
+def test_held_out_metric_needs_evaluation(tmp_path, no_ray):
+    path = write(tmp_path, {"space": {"tau": {"choice": [0.1]}}, "metric": "evaluation/pass@1"}, eval_every=0)
+    with pytest.raises(ValueError, match="held-out metric, but eval_every is 0"):
+        run_sweep(path, tmp_path / "out")
+    path = write(tmp_path, {"space": {"tau": {"choice": [0.1]}}}, evaluation_interval=3)
+    with pytest.raises(ValueError, match="'evaluation_interval' = 3: .*job field 'eval_every'"):
+        run_sweep(path, tmp_path / "out")
 
 
 def test_config_without_sweep_section(tmp_path, no_ray):
@@ -99,7 +116,9 @@ def test_search_space_merges_domains_into_the_config(tmp_path):
     assert space["tau"] == {"grid_search": [0.0, 0.1]}
     assert space["env_config"]["num_ops"].categories == [1, 2]
     assert space["lr"].lower == 1e-5 and space["branching"] == [2, 2]
-    assert spec.metric == "reward/mean" and spec.mode == "max" and spec.iterations == job.iterations
+    # the default metric is held-out pass@1 (the trials evaluate every eval_every iterations)
+    assert spec.metric == "evaluation/pass@1" and spec.mode == "max" and spec.iterations == job.iterations
+    assert space["evaluation_interval"] == job.eval_every
 
 
 def test_two_trial_sweep_writes_results_and_resumes(tiny_lm_dir, tmp_path, ray_session):
@@ -107,11 +126,14 @@ def test_two_trial_sweep_writes_results_and_resumes(tiny_lm_dir, tmp_path, ray_s
         tmp_path,
         {
             "space": {"tau": {"grid_search": [0.0, 0.1]}, "lr": {"loguniform": [1e-4, 1e-3]}},
-            "metric": "reward/mean",
+            "metric": "evaluation/pass@1",
             "mode": "max",
             "iterations": 1,
         },
         model_name_or_path=tiny_lm_dir,
+        eval_every=1,
+        eval_every_problems=4,
+        eval_samples=2,
     )
     out = tmp_path / "out"
     summary = run_sweep(path, out, verbose=0)
@@ -124,6 +146,10 @@ def test_two_trial_sweep_writes_results_and_resumes(tiny_lm_dir, tmp_path, ray_s
         1e-4 <= float(r["lr"]) <= 1e-3 and r["iterations"] == "1" and r["status"] == "done" for r in rows
     )
     assert all(0.0 <= float(r["reward/mean (last)"]) <= 1.0 for r in rows)
+    # the held-out columns: the trials' evaluation of their last iteration, which the metric selects on
+    assert all(r["held-out iteration"] == "1.0" and 0 <= float(r["held-out greedy"]) <= 1 for r in rows)
+    assert all(r["held-out pass@1"] == r["evaluation/pass@1 (last)"] for r in rows)
+    assert summary["best_metric"] == max(float(r["held-out pass@1"]) for r in rows)
     best = TreeRPOConfig.from_yaml(out / "best_config.yaml")  # a config `treerpo train` accepts
     assert best.tau in (0.0, 0.1) and best.tau == summary["best_params"]["tau"]
     assert best.branching == [2, 2] and best.model_name_or_path == tiny_lm_dir

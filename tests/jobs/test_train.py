@@ -165,6 +165,8 @@ def test_train_without_a_config_runs_and_show_draws_its_trees(
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1, 2] and all("eval/pass@1" in r for r in rows)
     assert "held-out pass@1" in capsys.readouterr().out  # the progress line shows the latest held-out numbers
+    record = json.loads((out / "warmstart_build.json").read_text())  # how the run's warm start was built
+    assert record == json.loads(open(f"{embedded_default}/build.json").read())
 
     assert main(["show", str(out), "--iteration", "2", "--tree", "1"]) == 0
     page = out / "show" / "iter_000002_tree1.html"
