@@ -269,6 +269,7 @@ def test_a_learners_node_lost_ends_the_job_in_one_line_naming_the_resume_and_the
                 "iterations": 2,
                 "checkpoint_every": 1,
                 "eval_problems": 0,
+                "eval_every": 0,  # no held-out evaluation along the way (iteration 0 included)
             },
         )
         return train(config, job, tmp_path / "run", resume=resume)
