@@ -15,7 +15,7 @@ A trim is not free: the pages it returns fault in again when the next phase allo
 (glibc's ``mallinfo2``, a few microseconds). Measured at the learner's trim points: the tiny model's heap
 (the GRPO recipe, configs/tiny_arith_grpo.yaml) holds up to 240 MB free there (median 180), and trimming it
 cost 15% of its learner CPU time for 4% of its peak resident memory; SmolLM2-135M's (configs/smollm2_cpu.yaml)
-holds 630-2300 MB, and without the trims its update's peak grew by 0.4 GB per iteration (docs/real_models.md).
+holds 460-2400 MB, and without the trims its update's peak grew by 0.4 GB per iteration (docs/real_models.md).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import ctypes
 from typing import Any
 
 # Free heap bytes below which a trim is skipped: between the tiny model's most (240 MB) and SmolLM2's least
-# (630 MB) at the learner's trim points.
-TRIM_MIN_BYTES = 384 * 2**20
+# (460 MB) at the learner's trim points.
+TRIM_MIN_BYTES = 320 * 2**20
 
 _libc: Any = None
 
