@@ -270,18 +270,9 @@ class RLlibSettings:
     num_gpus_per_learner: float = setting(0, "GPUs per learner.", finite(non_negative))
     num_gpus_per_env_runner: float = setting(0, "GPUs per remote env runner.", finite(non_negative))
     num_cpus_per_env_runner: float = setting(1, "CPUs per remote env runner.", finite(non_negative))
-    # Placement on a Ray cluster: nodes started with `ray start --resources='{"runner_node": 1}'`.
-    custom_resources_per_env_runner: dict = setting(
-        {},
-        "Ray custom resources each remote env runner needs, e.g. {runner_node: 1}: the runners go to the "
-        "nodes that offer them (docs/cluster.md).",
-        mapping,
-    )
-    custom_resources_per_learner: dict = setting(
-        {},
-        "Ray custom resources each learner actor (num_learners >= 1) needs, e.g. {learner_node: 1}.",
-        mapping,
-    )
+    # On a Ray cluster: e.g. {runner_node: 1}, nodes started with that resource (docs/cluster.md).
+    custom_resources_per_env_runner: dict = setting({}, "Ray custom resources per env runner.", mapping)
+    custom_resources_per_learner: dict = setting({}, "Ray custom resources per learner actor.", mapping)
     # null: a local env runner only when it is the one that samples (num_env_runners 0). Beside remote runners
     # it would hold one more copy of the model on the driver and load every weight sync; restarted runners
     # take their state from the learners instead (Algorithm.restore_env_runners).
