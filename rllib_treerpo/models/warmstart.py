@@ -223,7 +223,7 @@ def build(
         "fingerprint": fingerprint(env, env_config, tiny_model, warmstart),
         "settings": settings,
         **_machine(),
-        "sft_seconds": round(seconds, 1),
+        "sft_seconds": round(seconds, 3),
         "final_loss": round(loss, 4),
         "held_out": _held_out(tmp, env, env_config, log, held_out_problems),
         "weights_sha256": hashlib.sha256((tmp / "model.safetensors").read_bytes()).hexdigest(),

@@ -76,7 +76,8 @@ def test_other_settings_build_into_the_cache_once_with_a_record(monkeypatch, tmp
     record = warmstart.read_record(folder)
     assert record["fingerprint"] == warmstart.fingerprint(ENV, {}, **SMALL) != warmstart.fingerprint(ENV, {})
     assert record["settings"]["warmstart"]["steps"] == 3 and record["settings"]["tiny"]["hidden_size"] == 32
-    assert record["held_out"]["problems"] == 4 and record["sft_seconds"] > 0
+    # a 3-step SFT can take a few milliseconds: the record keeps them (rounded to ms)
+    assert record["held_out"]["problems"] == 4 and record["sft_seconds"] >= 0.001
     assert record["weights_sha256"] == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
     assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # no temporary folder left
 
