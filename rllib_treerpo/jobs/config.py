@@ -79,8 +79,8 @@ def load_run_config(
         path, overrides, lambda values, source: config.update_from_flat_dict(values, source=source)
     )
     job_config = JobConfig(**job)
-    apply_job_evaluation(config, job_config)
-    config.check_values(job_config.algorithm)
+    config.check_values(job_config.algorithm)  # a bad value names itself (evaluation_duration: auto)
+    apply_job_evaluation(config, job_config)  # the job's checked eval_* fields: valid RLlib values
     resolve_config_dtype(config, announce)
     return config, job_config, sections
 

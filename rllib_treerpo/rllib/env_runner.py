@@ -37,6 +37,7 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
         self._num_calls = 0
         self._weights_seq_no = 0
         self._weights_dropped = False
+        self._held_out: tuple[str, object] | None = None  # (env_config key, the held-out env) for evaluation
         self.make_env()
         self.make_module()
 
@@ -111,7 +112,7 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
         from rllib_treerpo.sampling.evaluation import Evaluator
 
         key = repr(sorted(settings["env_config"].items()))
-        if getattr(self, "_held_out", (None, None))[0] != key:
+        if self._held_out is None or self._held_out[0] != key:
             env = make_reasoning_env(self.config.env, settings["env_config"], field="evaluation_config")
             self._held_out = (key, env)
         env = self._held_out[1]
