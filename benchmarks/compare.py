@@ -15,11 +15,14 @@ benchmarks/compare_lib.py. Difficulties: easy = 3 operations on 1-9 (the default
   .venv/bin/python -m benchmarks.compare --ablate   # TreeRPO ablations: depth, branching, tau, std, KL
 
 Options: --budget TOKENS, --seeds N, --difficulties easy,hard, --algorithms TreeRPO,GRPO,PPO, --evals N,
---eval-problems N, --eval-samples K, --model PATH (skip the warm start), --set [ALGORITHM:]field=value,
---output DIR (default runs/compare or runs/ablate), --resume (reuse finished runs from DIR/runs.jsonl).
+--eval-problems N, --eval-samples K (before RL and the end point), --curve-samples K (the curve's other
+points), --model PATH (skip the warm start), --set [ALGORITHM:]field=value, --output DIR (default runs/compare
+or runs/ablate), --resume (reuse finished runs from DIR/runs.jsonl; a run is stored when it finishes).
 Writes results.md, results.json ({difficulty: {algorithm: {accuracy_mean, accuracy_std, greedy_mean, ...,
-response_tokens_mean, generated_tokens, prompts, wall_seconds}}}), curves_<difficulty>.png, runs.jsonl, and
-prints one JSON line last.
+response_tokens_mean, generated_tokens, prompts, tokens_per_prompt, wall_seconds,
+accuracy_at_equal_seconds_mean, ...}}, settings: {...}}), curves_<difficulty>.png (accuracy against generated
+tokens, training seconds and prompts), runs.jsonl, and prints one JSON line last. Training seconds are
+wall-clock seconds inside algo.train() in this process: OMP_NUM_THREADS fixes torch's threads (recorded).
 """
 
 from __future__ import annotations
@@ -56,6 +59,29 @@ ABLATIONS = {
 }
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def settings(args, sets: dict, wall: float) -> dict:
+    """What the numbers of a benchmark depend on besides the code: budget, evaluation, threads, hardware."""
+    return {
+        "budget": args.budget,
+        "seeds": args.seeds,
+        "eval_problems": args.eval_problems,
+        "eval_samples": args.eval_samples,
+        "curve_samples": args.curve_samples,
+        "evals": args.evals,
+        "torch_threads": torch_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "wall_seconds": wall,
+        "sets": sets,
+        **hardware_keys(),
+    }
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="reduced run: easy only, 1 seed, 50k tokens")
@@ -71,7 +97,16 @@ def parse_args(argv):
         "--eval-problems", type=int, default=None, help="held-out problems (default 200; quick 100)"
     )
     p.add_argument(
-        "--eval-samples", type=int, default=None, help="samples per problem for pass@1 (default 4)"
+        "--eval-samples",
+        type=int,
+        default=None,
+        help="samples per problem for pass@1 before RL and at the end point (default 16; quick 2)",
+    )
+    p.add_argument(
+        "--curve-samples",
+        type=int,
+        default=None,
+        help="samples per problem at the curve's intermediate points (default 4; quick 2)",
     )
     p.add_argument("--model", help="start every run from this model folder (no warm start)")
     p.add_argument("--set", action="append", default=[], metavar="[ALGO:]FIELD=VALUE")
@@ -85,7 +120,8 @@ def parse_args(argv):
     a.algorithms = a.algorithms.split(",")
     a.evals = a.evals or (2 if quick else 4)
     a.eval_problems = a.eval_problems or (100 if quick else 200)
-    a.eval_samples = a.eval_samples or (2 if quick else 4)
+    a.eval_samples = a.eval_samples or (2 if quick else 16)
+    a.curve_samples = a.curve_samples or min(a.eval_samples, 2 if quick else 4)
     a.output = Path(
         a.output or ("runs/ablate" if ablate else "runs/compare_quick" if quick else "runs/compare")
     )
@@ -127,14 +163,18 @@ def run_difficulty(args, difficulty: str, variants: dict[str, tuple[str, dict]],
     """Every (variant, seed) of one difficulty; variants: label -> (algorithm, overrides)."""
     model = args.model or lib.warm_model(difficulty, sets.get("*", {}))
     spec = lib.DIFFICULTIES[difficulty]
-    evaluator = lib.evaluator(
-        model,
-        spec["env_config"],
-        problems=args.eval_problems,
-        samples=args.eval_samples,
-        max_tokens=spec["eval_tokens"],
-    )
-    before = evaluator()
+    evaluators = {
+        k: lib.evaluator(
+            model,
+            spec["env_config"],
+            problems=args.eval_problems,
+            samples=k,
+            max_tokens=spec["eval_tokens"],
+            env=lib.env_of(difficulty),
+        )
+        for k in {args.eval_samples, args.curve_samples}
+    }
+    before = evaluators[args.eval_samples]()
     lib.log(
         f"[{difficulty}] model {model}: before RL pass@1 {before['pass@1']:.3f}  greedy "
         f"{before['greedy']:.3f}"
@@ -154,7 +194,7 @@ def run_difficulty(args, difficulty: str, variants: dict[str, tuple[str, dict]],
                 "model": model,
                 "values": values,
                 "evals": args.evals,
-                "eval": [args.eval_problems, args.eval_samples],
+                "eval": [args.eval_problems, args.eval_samples, args.curve_samples],
             }
             train = functools.partial(
                 lib.run,
@@ -162,14 +202,16 @@ def run_difficulty(args, difficulty: str, variants: dict[str, tuple[str, dict]],
                 values,
                 model,
                 seed,
-                evaluator,
+                evaluators[args.curve_samples],
                 budget=args.budget,
                 num_evals=args.evals,
                 before=before,
+                evaluate_final=evaluators[args.eval_samples],
             )
             runs[label].append(store.get_or_run(key, train))
     equal_prompts = min(sum(r["points"][-1]["prompts"] for r in rs) / len(rs) for rs in runs.values())
-    results = {label: lib.aggregate(rs, equal_prompts) for label, rs in runs.items()}
+    equal_seconds = min(sum(r["train_seconds"] for r in rs) / len(rs) for rs in runs.values())
+    results = {label: lib.aggregate(rs, equal_prompts, equal_seconds) for label, rs in runs.items()}
     return before, runs, results
 
 
@@ -205,8 +247,11 @@ def main(argv=None) -> dict:
             "",
             f"Budget {args.budget / 1e3:.0f}k generated tokens per run, {args.seeds} seed(s) each; "
             f"held-out test split, {args.eval_problems} problems, pass@1 = mean over "
-            f"{args.eval_samples} samples at T=1; mean ± std over seeds. 'pass@1 at equal prompts' "
-            "interpolates each curve at the fewest training prompts any row saw.",
+            f"{args.eval_samples} samples at T=1 before RL and at the end point ({args.curve_samples} at "
+            "the curve's other points); mean ± std over seeds. 'train s' = wall-clock seconds inside "
+            "algo.train() (evaluations excluded), torch threads "
+            f"{torch_threads()}. 'at equal train s' / 'at equal prompts' interpolate each curve linearly at "
+            "the smallest mean training seconds / prompts any row reached.",
             "",
         ],
     )
@@ -220,14 +265,7 @@ def main(argv=None) -> dict:
         lib.save_json(args.output / "results.json", results)
         (args.output / "results.md").write_text("\n".join(md))
     wall = round(time.perf_counter() - start, 1)
-    results["settings"] = {
-        "budget": args.budget,
-        "seeds": args.seeds,
-        "eval_problems": args.eval_problems,
-        "eval_samples": args.eval_samples,
-        "wall_seconds": wall,
-        "sets": sets,
-    }
+    results["settings"] = settings(args, sets, wall)
     lib.save_json(args.output / "results.json", results)
     md.append(f"Wall time of the whole benchmark: {wall / 60:.1f} min.\n")
     (args.output / "results.md").write_text("\n".join(md))

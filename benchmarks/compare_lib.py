@@ -53,7 +53,8 @@ def load_settings(algorithm: str, difficulty: str, overrides: dict) -> dict:
     ``overrides``."""
     values = yaml.safe_load(CONFIGS[algorithm].read_text())
     d = DIFFICULTIES[difficulty]
-    values.update({"env_config": dict(d["env_config"]), **copy.deepcopy(d[algorithm])})
+    values.update({"env_config": dict(d["env_config"]), **copy.deepcopy(d.get("config", {}))})
+    values.update(copy.deepcopy(d[algorithm]))
     values.update(copy.deepcopy(overrides))
     values.update({"eval_problems": 0, "checkpoint_every": 0})  # compare.py evaluates by itself
     return values
@@ -94,18 +95,25 @@ def warm_model(difficulty: str, overrides: dict) -> str:
     return config.model_name_or_path
 
 
-def evaluator(model_path: str, env_config: dict, *, problems: int, samples: int, max_tokens: int):
-    """Held-out evaluation on the difficulty's test split; call it with a weights dict (or None: the base
-    model).
+def env_of(difficulty: str) -> str:
+    """The gymnasium id of a difficulty's env (the configs' arithmetic task unless it names one)."""
+    return DIFFICULTIES[difficulty].get("config", {}).get("env", "treerpo/Arithmetic-v0")
 
-    Returns pass@1 (mean over K samples at T=1), greedy accuracy and response length."""
-    from envs.arithmetic import ArithmeticEnv
+
+def evaluator(
+    model_path: str, env_config: dict, *, problems: int, samples: int, max_tokens: int, env: str | None = None
+):
+    """Held-out evaluation on the env's test split; call it with a weights dict (or None: the base model).
+
+    Returns pass@1 (mean over K samples at T=1), greedy accuracy, response length and the samples per
+    problem."""
+    from envs import make_reasoning_env
     from rllib_treerpo.models.model_io import load_causal_lm
     from rllib_treerpo.sampling.evaluation import Evaluator
 
     evaluate = Evaluator.from_model(
         model_path,
-        ArithmeticEnv(**{**env_config, "split": "test"}),
+        make_reasoning_env(env or "treerpo/Arithmetic-v0", {**env_config, "split": "test"}),
         problems=problems,
         samples=samples,
         max_new_tokens=max_tokens,
@@ -120,6 +128,7 @@ def evaluator(model_path: str, env_config: dict, *, problems: int, samples: int,
             "pass@1": summary["pass@1"],
             "greedy": summary["greedy_accuracy"],
             "response_tokens": summary["mean_response_tokens"],
+            "samples": samples,
         }
 
     return call
@@ -165,9 +174,11 @@ def run(
     budget: float,
     num_evals: int,
     before: dict,
+    evaluate_final=None,
 ) -> dict:
     """Train until ``budget`` generated tokens, evaluating at every budget/num_evals tokens (and at the
-    end)."""
+    end, with ``evaluate_final`` when given: the curve's points may use fewer samples than the end point).
+    ``seconds`` of a point = wall-clock seconds inside ``algo.train()`` so far (evaluations excluded)."""
     from rllib_treerpo.rllib.rl_module import learner_policy_weights
 
     algo, to_row = build(algorithm, values, model_path, seed)
@@ -183,7 +194,8 @@ def run(
             tokens, prompts = tokens + new_tokens, prompts + new_prompts
             rows.append(row)
             if tokens >= next_eval or tokens >= budget:
-                point = evaluate(learner_policy_weights(algo))
+                last = tokens >= budget and evaluate_final is not None
+                point = (evaluate_final if last else evaluate)(learner_policy_weights(algo))
                 points.append(
                     {
                         "tokens": tokens,
@@ -219,8 +231,9 @@ def interpolate(points: list[dict], x_key: str, x: float, y_key: str) -> float:
     return float(np.interp(x, xs, ys))
 
 
-def aggregate(runs: list[dict], equal_prompts: float) -> dict:
-    """Mean and std over seeds of the final point, and of the curve interpolated at ``equal_prompts``."""
+def aggregate(runs: list[dict], equal_prompts: float, equal_seconds: float | None = None) -> dict:
+    """Mean and std over seeds of the final point, and of the curve interpolated at ``equal_prompts`` and at
+    ``equal_seconds`` of training (the equal-time view)."""
     finals = [r["points"][-1] for r in runs]
 
     def ms(values):
@@ -229,71 +242,98 @@ def aggregate(runs: list[dict], equal_prompts: float) -> dict:
     acc, greedy = ms([f["pass@1"] for f in finals]), ms([f["greedy"] for f in finals])
     at_p = ms([interpolate(r["points"], "prompts", equal_prompts, "pass@1") for r in runs])
     greedy_at_p = ms([interpolate(r["points"], "prompts", equal_prompts, "greedy") for r in runs])
+    equal_seconds = equal_seconds if equal_seconds is not None else min(r["train_seconds"] for r in runs)
+    at_s = ms([interpolate(r["points"], "seconds", equal_seconds, "pass@1") for r in runs])
+    greedy_at_s = ms([interpolate(r["points"], "seconds", equal_seconds, "greedy") for r in runs])
+    tokens = float(np.mean([f["tokens"] for f in finals]))
+    prompts = float(np.mean([f["prompts"] for f in finals]))
     return {
         "accuracy_mean": acc[0],
         "accuracy_std": acc[1],
         "greedy_mean": greedy[0],
         "greedy_std": greedy[1],
         "response_tokens_mean": float(np.mean([f["response_tokens"] for f in finals])),
-        "generated_tokens": float(np.mean([f["tokens"] for f in finals])),
-        "prompts": float(np.mean([f["prompts"] for f in finals])),
+        "final_eval_samples": finals[0].get("samples"),
+        "generated_tokens": tokens,
+        "prompts": prompts,
+        "tokens_per_prompt": tokens / max(prompts, 1.0),
         "iterations": float(np.mean([f["iteration"] for f in finals])),
         "wall_seconds": float(np.mean([r["train_seconds"] for r in runs])),
+        "wall_seconds_std": float(np.std([r["train_seconds"] for r in runs])),
         "equal_prompts": equal_prompts,
         "accuracy_at_equal_prompts_mean": at_p[0],
         "accuracy_at_equal_prompts_std": at_p[1],
         "greedy_at_equal_prompts_mean": greedy_at_p[0],
+        "equal_seconds": equal_seconds,
+        "accuracy_at_equal_seconds_mean": at_s[0],
+        "accuracy_at_equal_seconds_std": at_s[1],
+        "greedy_at_equal_seconds_mean": greedy_at_s[0],
+        "greedy_at_equal_seconds_std": greedy_at_s[1],
         "seeds": [r["seed"] for r in runs],
         "per_seed_accuracy": [f["pass@1"] for f in finals],
         "per_seed_greedy": [f["greedy"] for f in finals],
+        "per_seed_train_seconds": [r["train_seconds"] for r in runs],
     }
 
 
 def markdown_table(title: str, before: dict, results: dict[str, dict]) -> str:
+    """One row per algorithm: the end point at equal generated tokens, its training seconds and tokens per
+    prompt, and pass@1 interpolated at equal training seconds and at equal prompts."""
     lines = [
         f"### {title}",
         "",
-        "| algorithm | pass@1 (T=1) | greedy | response tokens | generated tokens | prompts seen | "
-        "iterations "
-        "| train s | pass@1 at equal prompts |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| algorithm | pass@1 (T=1) | greedy | response tokens | generated tokens | train s "
+        "| tokens / prompt | prompts seen | iterations | pass@1 at equal train s | greedy at equal train s "
+        "| pass@1 at equal prompts |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| before RL | {before['pass@1']:.3f} | {before['greedy']:.3f} | {before['response_tokens']:.1f} "
-        "| 0 | 0 | 0 | 0 | |",
+        "| 0 | 0 | | 0 | 0 | | | |",
     ]
     for name, r in results.items():
         lines.append(
             f"| {name} | {r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f} | {r['greedy_mean']:.3f} ± "
             f"{r['greedy_std']:.3f} | {r['response_tokens_mean']:.1f} | {r['generated_tokens'] / 1e3:.0f}k | "
-            f"{r['prompts']:.0f} | {r['iterations']:.1f} | {r['wall_seconds']:.0f} | "
+            f"{r['wall_seconds']:.0f} ± {r['wall_seconds_std']:.0f} | {r['tokens_per_prompt']:.0f} | "
+            f"{r['prompts']:.0f} | {r['iterations']:.1f} | "
+            f"{r['accuracy_at_equal_seconds_mean']:.3f} ± {r['accuracy_at_equal_seconds_std']:.3f} "
+            f"(@{r['equal_seconds']:.0f} s) | {r['greedy_at_equal_seconds_mean']:.3f} ± "
+            f"{r['greedy_at_equal_seconds_std']:.3f} | "
             f"{r['accuracy_at_equal_prompts_mean']:.3f} ± {r['accuracy_at_equal_prompts_std']:.3f} "
             f"(@{r['equal_prompts']:.0f}) |"
         )
     return "\n".join(lines) + "\n"
 
 
+X_AXES = {
+    "tokens": "generated tokens",
+    "seconds": "training wall-clock seconds",
+    "prompts": "training prompts seen",
+}
+
+
 def plot_curves(runs_by_algo: dict[str, list[dict]], title: str, path: Path) -> None:
-    """pass@1 and greedy accuracy against generated tokens and against prompts; mean over seeds, min-max
-    shaded."""
+    """pass@1 and greedy accuracy against generated tokens, training seconds and prompts; mean over seeds,
+    min-max shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
     for name, runs in runs_by_algo.items():
         n = min(len(r["points"]) for r in runs)
         for row, y_key in enumerate(("pass@1", "greedy")):
             ys = np.array([[p[y_key] for p in r["points"][:n]] for r in runs])
-            for col, x_key in enumerate(("tokens", "prompts")):
+            for col, x_key in enumerate(X_AXES):
                 xs = np.mean([[p[x_key] for p in r["points"][:n]] for r in runs], axis=0)
                 ax = axes[row, col]
                 (line,) = ax.plot(xs, ys.mean(0), marker=".", label=name)
                 ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
-                ax.set_xlabel("generated tokens" if x_key == "tokens" else "training prompts seen")
+                ax.set_xlabel(X_AXES[x_key])
                 ax.set_ylabel(f"held-out {y_key}" + (" (T=1)" if y_key == "pass@1" else ""))
                 ax.grid(alpha=0.3)
-                if x_key == "prompts":
-                    ax.set_xscale("symlog", linthresh=32)
+                if x_key in ("prompts", "seconds"):
+                    ax.set_xscale("symlog", linthresh=32 if x_key == "prompts" else 10)
     axes[0, 0].legend()
     fig.suptitle(title)
     fig.tight_layout()

@@ -4,6 +4,8 @@ Importing this package registers the Gymnasium ids:
 
 - ``treerpo/Arithmetic-v0``: 3 left-to-right +/- operations on operands 1-9 (the default task);
 - ``treerpo/ArithmeticHard-v0``: 6 operations on operands 1-20;
+- ``treerpo/PlanArithmetic-v0``: two chains (2 and 5 operations on 1-9), the first answer line picks one
+  (envs/plan_arithmetic.py: the task where step credit is a real question, docs/compare.md);
 - ``treerpo/MathProblems-v0``: problems from a dataset; needs ``dataset=`` (a ``datasets.Dataset``
   or a local .jsonl/.json/.parquet/.csv path or a hub name);
 - ``treerpo/ReasoningGym-v0``: any reasoning-gym task; needs ``task=`` (e.g. ``"chain_sum"``; optional
@@ -27,11 +29,13 @@ import gymnasium
 from envs.arithmetic import ArithmeticEnv
 from envs.base import ReasoningEnv
 from envs.math_problems import MathProblemsEnv
+from envs.plan_arithmetic import PlanArithmeticEnv
 from envs.rewards import math_reward
 
 __all__ = [
     "ArithmeticEnv",
     "MathProblemsEnv",
+    "PlanArithmeticEnv",
     "REGISTERED_IDS",
     "ReasoningEnv",
     "make_reasoning_env",
@@ -41,6 +45,7 @@ __all__ = [
 REGISTERED_IDS: dict[str, tuple[str, dict]] = {
     "treerpo/Arithmetic-v0": ("envs.arithmetic:ArithmeticEnv", {}),
     "treerpo/ArithmeticHard-v0": ("envs.arithmetic:ArithmeticEnv", {"num_ops": 6, "operand_max": 20}),
+    "treerpo/PlanArithmetic-v0": ("envs.plan_arithmetic:PlanArithmeticEnv", {}),
     "treerpo/MathProblems-v0": ("envs.math_problems:MathProblemsEnv", {}),
     "treerpo/ReasoningGym-v0": ("envs.reasoning_gym:ReasoningGymEnv", {}),
 }

@@ -44,6 +44,7 @@ REGISTERED = [
     "treerpo/ArithmeticHard-v0",
     "treerpo/MathProblems-v0",
     "treerpo/ReasoningGym-v0",
+    "treerpo/PlanArithmetic-v0",
 ]
 
 
