@@ -41,6 +41,21 @@ DIFFICULTIES = {
         "GRPO": {"step_tokens": 72, "minibatch_size": 92},
         "PPO": {"branching": [1, 1, 1, 1, 1, 1]},
     },
+    # envs/plan_arithmetic.py: the first answer line picks the short (2 operations) or the long (5) chain;
+    # the warm start picks at random and solves ~30-50% (docs/compare.md, "A task built to need step credit").
+    # Answers: ~25 tokens (short) to ~52 (long), at most ~63: a 66-token budget, 3 x 22-token tree steps,
+    # one 66-token GRPO step, PPO one line per step (plan line, 5 operations, answer: 7 lines of <= 12).
+    "plan": {
+        "config": {
+            "env": "treerpo/PlanArithmetic-v0",
+            "warmstart": {"steps": 1200, "batch_size": 64, "lr": 0.002, "error_rate": 0.2, "demos": 20000},
+        },
+        "env_config": {},
+        "eval_tokens": 66,
+        "TreeRPO": {"step_tokens": 22},
+        "GRPO": {"step_tokens": 66},
+        "PPO": {"branching": [1, 1, 1, 1, 1, 1, 1]},
+    },
 }
 
 
