@@ -65,6 +65,27 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
+def markdown_why(results: dict[str, dict]) -> str:
+    """What explains the rows of markdown_table: per-iteration means over seeds (n/a: the algorithm has no
+    such quantity, e.g. PPO has no groups)."""
+
+    def cell(r, key, fmt):
+        return format(r[key], fmt) if key in r else "n/a"
+
+    lines = [
+        "| algorithm | groups dropped (tau) | trees all wrong | optimizer steps / iteration | train reward "
+        "| sampling s | learning s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {cell(r, 'frac_groups_filtered', '.2f')} | {cell(r, 'frac_trees_all_wrong', '.2f')} "
+            f"| {cell(r, 'optimizer_steps_per_iteration', '.1f')} | {cell(r, 'train_reward', '.3f')} "
+            f"| {cell(r, 'sample_seconds', '.0f')} | {cell(r, 'learn_seconds', '.0f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def settings(args, sets: dict, wall: float) -> dict:
     """What the numbers of a benchmark depend on besides the code: budget, evaluation, threads, hardware."""
     return {
@@ -258,9 +279,14 @@ def main(argv=None) -> dict:
     for difficulty in args.difficulties:
         before, runs, res = run_difficulty(args, difficulty, variants, sets, store)
         results[difficulty] = {"before": before, **res}
+        results.setdefault("curves", {})[difficulty] = {
+            label: [{k: r[k] for k in ("seed", "train_seconds", "points")} for r in rs]
+            for label, rs in runs.items()
+        }
         md.append(
             lib.markdown_table(f"{difficulty} ({lib.DIFFICULTIES[difficulty]['env_config']})", before, res)
         )
+        md.append(markdown_why(res))
         lib.plot_curves(runs, f"{title}: {difficulty}", args.output / f"curves_{difficulty}.png")
         lib.save_json(args.output / "results.json", results)
         (args.output / "results.md").write_text("\n".join(md))

@@ -288,7 +288,28 @@ def aggregate(runs: list[dict], equal_prompts: float, equal_seconds: float | Non
         "per_seed_accuracy": [f["pass@1"] for f in finals],
         "per_seed_greedy": [f["greedy"] for f in finals],
         "per_seed_train_seconds": [r["train_seconds"] for r in runs],
+        **training_stats(runs),
     }
+
+
+def training_stats(runs: list[dict]) -> dict:
+    """Means over seeds and iterations of what explains a curve: groups dropped by tau (TreeRPO/GRPO), trees
+    whose leaves all failed, optimizer steps per iteration, and the seconds of sampling and learning."""
+    keys = {
+        "frac_groups_filtered": "tree/frac_groups_filtered",
+        "frac_trees_all_wrong": "reward/frac_trees_all_wrong",
+        "optimizer_steps_per_iteration": "loss/optimizer_steps",
+        "train_reward": "reward/mean",
+    }
+    out = {}
+    for name, key in keys.items():
+        values = [row[key] for r in runs for row in r.get("metrics", []) if key in row]
+        if values:
+            out[name] = float(np.mean(values))
+    for name in ("sample_seconds", "learn_seconds"):
+        totals = [sum(row.get(f"perf/{name}", 0.0) for row in r.get("metrics", [])) for r in runs]
+        out[name] = float(np.mean(totals))
+    return out
 
 
 def markdown_table(title: str, before: dict, results: dict[str, dict]) -> str:

@@ -2,6 +2,7 @@
 
 import pytest
 
+from benchmarks import compare
 from benchmarks import compare_lib as lib
 
 
@@ -48,3 +49,19 @@ def test_table_and_plot_carry_both_axes(tmp_path):
     path = tmp_path / "c.png"
     lib.plot_curves(runs, "t", path)
     assert path.stat().st_size > 10_000
+
+
+def test_training_stats_explain_the_rows():
+    tree = run(0, [0, 10], [0.2, 0.4], 50.0)
+    tree["metrics"] = [
+        {"tree/frac_groups_filtered": 0.2, "loss/optimizer_steps": 4, "perf/sample_seconds": 3.0},
+        {"tree/frac_groups_filtered": 0.4, "loss/optimizer_steps": 4, "perf/sample_seconds": 5.0},
+    ]
+    ppo = run(0, [0, 10], [0.2, 0.4], 30.0)
+    ppo["metrics"] = [{"loss/policy_loss": 0.1, "perf/sample_seconds": 7.0}]
+    stats = {k: lib.aggregate([r], equal_prompts=1.0) for k, r in (("T", tree), ("P", ppo))}
+    assert stats["T"]["frac_groups_filtered"] == pytest.approx(0.3)
+    assert stats["T"]["sample_seconds"] == pytest.approx(8.0) and stats["T"]["learn_seconds"] == 0.0
+    assert "frac_groups_filtered" not in stats["P"]
+    table = compare.markdown_why(stats)
+    assert "| T | 0.30 | n/a | 4.0 |" in table and "| P | n/a | n/a | n/a |" in table
