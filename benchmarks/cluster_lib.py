@@ -191,13 +191,13 @@ def timed_sync(algo) -> dict:
     """One weight sync from the learners to every remote env runner (rllib/weight_sync.py), waited for.
 
     Returns the seconds until every runner has set the weights, how many objects the sync put and their
-    bytes (what ``ray.put`` returned during the sync: RLlib's EnvRunnerGroup.sync_weights puts the state
+    bytes (what ``ray.put`` returned during the sync: the state is put
     once), and the bytes each node's object store took in meanwhile: the put on the driver's node, one pull
     on each node whose runners read it (however many runners it has)."""
     import ray
     from ray.experimental import get_object_locations
 
-    from rllib_treerpo.rllib.weight_sync import sync_weights
+    from rllib_treerpo.rllib.weight_sync import WeightSync
 
     group = algo.env_runner_group
     refs, put = [], ray.put
@@ -206,15 +206,13 @@ def timed_sync(algo) -> dict:
         refs.append(put(value, **kwargs))
         return refs[-1]
 
-    # No set_state of an earlier sync in flight: RLlib drops a sync to a runner that still has one (one
-    # request in flight per runner and tag) and collects finished ones only at its next sync.
+    # Nothing else queued on the runners: the time below is the sync's alone.
     group.foreach_env_runner(lambda r: None, local_env_runner=False)
-    group.fetch_ready_async_reqs(tags="set_state", timeout_seconds=None)
     before = settled_created_bytes()
     ray.put = recording_put
     try:
         start = time.perf_counter()
-        sync_weights(algo.learner_group, group, algo.config)
+        WeightSync()(algo.learner_group, group, algo.config, version=algo.iteration)
         # An actor runs its calls in order: this answers once every runner has set the synced weights.
         group.foreach_env_runner(lambda r: r._weights_seq_no, local_env_runner=False)
         seconds = time.perf_counter() - start

@@ -1,8 +1,7 @@
 """Every setting, declared once with its type, default, meaning and check. Pure (no Ray).
 
-The defaults are the embedded CPU default that `make train` runs (configs/tiny_arith.yaml): the tiny model on
-3-step arithmetic, a [4, 4, 4] tree of 16-token steps. The paper's settings (D=3, N=8, 384-token steps, its
-model, bf16, GPUs) are configs/paper_qwen25_math_1p5b_treerpo.yaml.
+The defaults are the embedded CPU default that `make train` runs (configs/tiny_arith.yaml); the paper's
+settings are configs/paper_qwen25_math_1p5b_treerpo.yaml.
 
 - :class:`TreeRPOSettings`: TreeRPO's own algorithm settings (docs/algorithm.md), read by the sampler, the
   advantages and the learner. :class:`rllib_treerpo.rllib.TreeRPOConfig` inherits them beside RLlib's
@@ -76,6 +75,13 @@ class TreeRPOSettings:
     top_k: int = setting(0, "Top-k sampling; 0 disables it.", non_negative_int)
     prompts_per_iteration: int = setting(
         32, "Prompts (trees) sampled per training iteration across all env runners.", positive_int
+    )
+    max_staleness: int = setting(
+        0,
+        "0: sample, then learn, then sync (the env runners wait while the learner trains). k >= 1: the "
+        "remote env runners grow the next k iterations' trees with the weights they hold while the learner "
+        "trains; a tree is trained on only if it is at most k weight versions old (docs/algorithm.md s.7).",
+        non_negative_int,
     )
     # --- values and advantages (docs/algorithm.md s.2, s.3) ---
     tau: float = setting(0.1, "Drop a sibling group whose value std (ddof=1) is below tau.", non_negative)
@@ -273,9 +279,7 @@ class RLlibSettings:
     # On a Ray cluster: e.g. {runner_node: 1}, nodes started with that resource (docs/cluster.md).
     custom_resources_per_env_runner: dict = setting({}, "Ray custom resources per env runner.", mapping)
     custom_resources_per_learner: dict = setting({}, "Ray custom resources per learner actor.", mapping)
-    # null: a local env runner only when it is the one that samples (num_env_runners 0). Beside remote runners
-    # it would hold one more copy of the model on the driver and load every weight sync; restarted runners
-    # take their state from the learners instead (Algorithm.restore_env_runners).
+    # Beside remote runners a local one would hold one more model copy on the driver and load every sync.
     create_local_env_runner: bool | None = setting(
         None,
         "A local env runner on the driver; null: only when num_env_runners is 0.",
@@ -283,8 +287,7 @@ class RLlibSettings:
     )
     restart_failed_env_runners: bool = setting(True, "Ray restarts a lost env runner.", true_or_false)
     max_num_env_runner_restarts: int = setting(1000, "Restarts allowed per env runner.", non_negative_int)
-    # RLlib's 60 s stalls the iteration that waits for a runner that raised; a killed one is restarted at
-    # once.
+    # RLlib's 60 s stalls the iteration that waits for a runner that raised (a killed one restarts at once).
     delay_between_env_runner_restarts_s: float = setting(
         1.0, "Seconds a runner that raised waits before it exits and is restarted.", finite(non_negative)
     )
@@ -303,9 +306,7 @@ class RLlibSettings:
     evaluation_duration: int = setting(
         50, "Held-out problems per evaluation (the first ones of the held-out env).", positive_int
     )
-    evaluation_duration_unit: str = setting(
-        "episodes", "What evaluation_duration counts: episodes (= held-out problems).", one_of("episodes")
-    )
+    evaluation_duration_unit: str = setting("episodes", "episodes (= held-out problems).", one_of("episodes"))
     evaluation_num_env_runners: int = setting(
         0,
         "Dedicated evaluation env runners (each holds a copy of the policy); 0: the training env runners "

@@ -41,6 +41,9 @@ class Tree:
     nodes: list[Node] = field(default_factory=list)
     # Who grew it, filled by the env runner: {"env_runner": index, "node_id": Ray node id, "node_ip": ip}.
     origin: dict = field(default_factory=dict)
+    # The policy version that sampled it: training iterations behind the weights it was grown with (0: the
+    # starting weights). The learner trains it only while it is at most max_staleness versions old.
+    weights_version: int = 0
 
     def __post_init__(self) -> None:
         self.prompt_ids = np.asarray(self.prompt_ids, dtype=np.int64)

@@ -152,6 +152,13 @@ def treerpo_parts(config: TreeRPOConfig, job: JobConfig) -> JobParts:
             line += f"  WARNING: no training step ({why}; reward {row.get('reward/mean', 0):.2f})"
         elif row.get("reward/std") == 0:  # trained, but every advantage is 0 (tau 0 keeps equal groups)
             line += f"  WARNING: every leaf reward was {row.get('reward/mean', 0):.2f}: no learning signal"
+        if config.max_staleness:  # who waited for whom, and how old the trained trees were
+            waits = (row.get("perf/learner_wait_seconds", 0), row.get("perf/sampler_wait_seconds", 0))
+            line += f"  waited: learner {waits[0]:.1f}s runners {waits[1]:.1f}s"
+            line += f"  stale {row.get('perf/staleness_mean', 0):.1f}"
+        if row.get("perf/dropped_stale_trees"):
+            dropped = row["perf/dropped_stale_trees"]
+            line += f"  dropped {dropped:.0f} trees older than max_staleness (grown again)"
         if row.get("perf/env_runner_failures") or row.get("perf/env_runner_restarts"):
             line += (
                 f"  env runner lost {row.get('perf/env_runner_failures', 0):.0f}, restarted "
@@ -180,6 +187,7 @@ def treerpo_parts(config: TreeRPOConfig, job: JobConfig) -> JobParts:
             "env_runner_failures": "perf/env_runner_failures",
             "env_runner_restarts": "perf/env_runner_restarts",
             "resampled_trees": "perf/resampled_trees",
+            "dropped_stale_trees": "perf/dropped_stale_trees",
         },
         evaluate=evaluate if config.evaluation_interval else None,
     )

@@ -58,6 +58,7 @@ def _tree_record(tree) -> dict:
         "answer": tree.answer,
         "problem_id": tree.problem_id,
         "origin": tree.origin,
+        "weights_version": tree.weights_version,
         "nodes": [
             {
                 "parent": n.parent,

@@ -1,7 +1,8 @@
 """TreeRPO: the algorithm on RLlib's new API stack, like RLlib's PPO (its config: rllib/config.py).
 
 training_step reads like the loop it is (docs/algorithm.md s.1-s.4): sample trees -> advantages and rows ->
-learner update -> weight sync, each stage timed through the MetricsLogger. RLlib's evaluation settings
+learner update -> weight sync, each stage timed through the MetricsLogger. With ``max_staleness`` >= 1 the env
+runners grow the next iterations' trees during the update (rllib/pipeline.py). RLlib's evaluation settings
 (``evaluation_interval``, ...) evaluate on held-out problems after it (rllib/evaluation.py).
 """
 
@@ -29,7 +30,8 @@ from rllib_treerpo.learner.rows import PackSettings, build_training_batch
 from rllib_treerpo.models.model_io import load_tokenizer, pad_token_id
 from rllib_treerpo.rllib.config import TreeRPOConfig
 from rllib_treerpo.rllib.model_files import serve_model_folder
-from rllib_treerpo.rllib.weight_sync import free_sampler_for_update, sync_weights
+from rllib_treerpo.rllib.pipeline import SamplePipeline, drop_stale, staleness
+from rllib_treerpo.rllib.weight_sync import WeightSync, free_sampler_for_update
 
 __all__ = ["TreeRPO", "TreeRPOConfig"]
 
@@ -48,6 +50,8 @@ class TreeRPO(Algorithm):
         self._env_runner_restarts = 0
         self._evaluation: dict | None = None  # the latest held-out evaluation, carried by every result
         self._stepping = False
+        self._pipeline = SamplePipeline()  # shares grown ahead (max_staleness >= 1)
+        self._sync_weights = WeightSync()
         # On a cluster: nodes without the model folder get the driver's through the object store.
         self._model_folder_server = serve_model_folder(config.model_name_or_path)
         super().setup(config)
@@ -97,6 +101,10 @@ class TreeRPO(Algorithm):
         sample_seconds, cpu_seconds = time.perf_counter() - start, {"sample_cpu": time.process_time() - cpu}
 
         self.last_trees = trees  # the job saves a few for `treerpo show`
+        # The runners grow the next iterations' trees with the weights they hold while the learner trains.
+        for ahead in range(self.iteration + 1, self.iteration + 1 + c.max_staleness):
+            if ahead not in self._pipeline.iterations_ahead():
+                self._pipeline.submit(self.env_runner_group, c, ahead)
         free_sampler_for_update(self.env_runner_group, c)
         packs, tree_metrics = build_training_batch(trees, PackSettings.from_config(c))
         for key, value in tree_metrics.items():
@@ -113,15 +121,12 @@ class TreeRPO(Algorithm):
         self.metrics.log_value("loss/optimizer_steps", float(steps), window=1)
 
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
-            sync_weights(self.learner_group, self.env_runner_group, c)
+            self._sync_weights(self.learner_group, self.env_runner_group, c, version=self.iteration + 1)
 
-        for key, value in {"sample": sample_seconds, "learn": learn_seconds, **cpu_seconds}.items():
-            self.metrics.log_value(f"perf/{key}_seconds", value, window=1)  # *_cpu: this process's CPU time
-        self.metrics.log_value(
-            "perf/decode_tokens_per_s",
-            tree_metrics["tree/generated_tokens"] / max(sample_seconds, 1e-9),
-            window=1,
-        )
+        # sample: what the learner waited for trees (also perf/learner_wait_seconds); *_cpu: this process
+        timed = {"sample": sample_seconds, "learner_wait": sample_seconds, "learn": learn_seconds}
+        for key, value in {**timed, **cpu_seconds}.items():
+            self.metrics.log_value(f"perf/{key}_seconds", value, window=1)
         self.metrics.log_value("perf/learner_tokens_per_s", fed / max(learn_seconds, 1e-9), window=1)
         self.metrics.log_value(
             "perf/generated_tokens_lifetime", tree_metrics["tree/generated_tokens"], reduce="lifetime_sum"
@@ -155,11 +160,20 @@ class TreeRPO(Algorithm):
 
     def _sample_trees(self):
         """Each env runner grows its share of prompts_per_iteration trees (in parallel when remote); a share
-        lost with its runner is grown again on a healthy one with the same seed (rllib/shares.py)."""
+        lost with its runner is grown again on a healthy one with the same seed (rllib/shares.py). Shares
+        grown ahead (max_staleness >= 1) are collected first; those too old are dropped and grown again with
+        the current weights (rllib/pipeline.py)."""
         from rllib_treerpo.rllib.shares import sample_shares
 
-        group = self.env_runner_group
-        sampled = sample_shares(group, self.config, self.iteration, lambda: self.restore_env_runners(group))
+        c, group, version = self.config, self.env_runner_group, self.iteration
+        ahead = self._pipeline.collect(group, self.iteration)
+        done, dropped = drop_stale(ahead.done, version, c.max_staleness)
+        if dropped:  # a runner missed a sync: it gets the current weights before it grows its share again
+            self._sync_weights(self.learner_group, group, c, version=version, wait=True)
+        sampled = sample_shares(group, c, self.iteration, lambda: self.restore_env_runners(group), done)
+        sampled.failures += len({runner for runner, _ in ahead.lost.values()})
+        sampled.resampled_trees += sum(prompts for _, prompts in ahead.lost.values())
+        self._log_pipeline(sampled, dropped, version)
         restarts = self._env_runner_restarts
         self._env_runner_restarts = 0
         for name, value in (("env_runner_failures", sampled.failures), ("env_runner_restarts", restarts)):
@@ -170,11 +184,46 @@ class TreeRPO(Algorithm):
             self.metrics.log_value("perf/env_runners_healthy", float(sampled.healthy_runners), window=1)
         return sampled.trees, sampled.runner_metrics
 
+    def _log_pipeline(self, sampled, dropped: int, version: int) -> None:
+        """Who waited for whom, and how old the trees are (perf/*: docs/fields.md, max_staleness)."""
+        ages = staleness(sampled.trees, version) or [0]
+        generated = sum(len(n.token_ids) for t in sampled.trees for n in t.nodes[1:])
+        values = {
+            "sampler_wait_seconds": sum(sampled.wait_seconds) / max(len(sampled.wait_seconds), 1),
+            "staleness_mean": sum(ages) / len(ages),
+            "staleness_max": max(ages),
+            "dropped_stale_trees": dropped,
+            # the runners' own decode rate: their generated tokens over the longest share's sampling time
+            "decode_tokens_per_s": generated / max(max(sampled.sample_seconds, default=0.0), 1e-9),
+        }
+        for key, value in values.items():
+            self.metrics.log_value(f"perf/{key}", float(value), window=1)
+        self.metrics.log_value("perf/dropped_stale_trees_lifetime", float(dropped), reduce="lifetime_sum")
+
     @override(Algorithm)
     def restore_env_runners(self, env_runner_group) -> list[int]:
-        """RLlib's restore (ping restarted runners, set their state: weights and weights version), counted for
-        ``perf/env_runner_restarts``."""
+        """RLlib's restore (ping restarted runners, set their state: the learners' weights), counted for
+        ``perf/env_runner_restarts``; the restored runners learn the weights' version (RLlib sends none). It
+        runs outside the update, when the learners hold version ``iteration``."""
         restored = super().restore_env_runners(env_runner_group)
         if env_runner_group is self.env_runner_group:
             self._env_runner_restarts += len(restored)
+        if restored:
+            version = self.iteration
+            env_runner_group.foreach_env_runner(
+                lambda runner: runner.set_weights_version(version),
+                remote_worker_ids=restored,
+                local_env_runner=False,
+            )
         return restored
+
+    @override(Algorithm)
+    def set_state(self, state) -> None:
+        """RLlib's restore of a checkpoint (it syncs the restored weights to the runners), plus their version;
+        shares in flight were grown for another run's weights: dropped (rllib/pipeline.py)."""
+        super().set_state(state)
+        self._pipeline.discard()
+        version = self.iteration
+        self.env_runner_group.foreach_env_runner(
+            lambda runner: runner.set_weights_version(version), local_env_runner=True
+        )

@@ -89,6 +89,7 @@ class TreeRPOConfig(AlgorithmConfig, TreeRPOSettings):
         top_p: float = NotProvided,
         top_k: int = NotProvided,
         prompts_per_iteration: int = NotProvided,
+        max_staleness: int = NotProvided,
         tau: float = NotProvided,
         advantage_std: str = NotProvided,
         value_estimate: str = NotProvided,
@@ -177,6 +178,11 @@ class TreeRPOConfig(AlgorithmConfig, TreeRPOSettings):
                 f"config field 'tis_cap' = {self.tis_cap!r}: needs one optimizer step per iteration "
                 "(num_minibatches: 1, num_epochs: 1): the learner's log-probs of the sampling policy are "
                 "only known before the iteration's first step"
+            )
+        if self.max_staleness and self.num_env_runners == 0 and not self.in_evaluation:
+            raise ValueError(
+                f"config field 'max_staleness' = {self.max_staleness!r}: sampling ahead of the learner needs "
+                "remote env runners (num_env_runners >= 1); with 0 the driver samples between updates"
             )
         if self.backend == "vllm":
             self._check_vllm_values()

@@ -10,6 +10,7 @@ sample in parallel; with num_env_runners = 0 the local runner samples.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection
 
 from ray.rllib.core import COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
@@ -23,6 +24,9 @@ from rllib_treerpo.models.model_io import hf_weights, module_state
 from rllib_treerpo.rllib.model_files import local_model_folder
 
 STATE_COUNTERS = "tree_runner_counters"
+# The policy version of the weights a runner holds (training iterations behind them), sent with every weight
+# sync beside RLlib's WEIGHTS_SEQ_NO (which counts optimizer updates): each tree it grows carries it.
+WEIGHTS_VERSION = "treerpo_weights_version"
 
 
 class TreeEnvRunner(EnvRunner, Checkpointable):
@@ -37,6 +41,9 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
         self._num_calls = 0
         self._weights_seq_no = 0
         self._weights_dropped = False
+        self._weights_version = 0  # the model folder's weights: the learners' starting point
+        self._last_sample_end: float | None = None
+        self.last_wait_seconds = 0.0  # idle before the last sample(): waiting for work or weights
         self._held_out: tuple[str, object] | None = None  # (env_config key, the held-out env) for evaluation
         self.make_env()
         self.make_module()
@@ -83,6 +90,9 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
         calls."""
         from rllib_treerpo.sampling.sampler import sample_iteration, sampling_seed
 
+        started = time.perf_counter()
+        if self._last_sample_end is not None:
+            self.last_wait_seconds = started - self._last_sample_end
         c = self.config
         if num_prompts is None:
             num_prompts = self.prompts_share(c.prompts_per_iteration, self.worker_index, c.num_env_runners)
@@ -94,6 +104,7 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
         origin = self.origin()
         for tree in trees:
             tree.origin = dict(origin)
+            tree.weights_version = self._weights_version
         stats = self.backend.stats
         self.metrics.log_value("perf/decode_tokens", stats.decode_tokens, reduce="sum")
         self.metrics.log_value("perf/model_tokens", stats.tokens_fed, reduce="sum")
@@ -102,6 +113,7 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
         self.metrics.log_value(NUM_ENV_STEPS_SAMPLED_LIFETIME, nodes, reduce="lifetime_sum")
         if c.release_after_sampling:  # e.g. a sleeping vLLM engine leaves the GPU to a learner on it
             self.backend.release()
+        self._last_sample_end = time.perf_counter()
         return trees
 
     def evaluate_problems(self, settings: dict, start: int, stop: int) -> list[dict]:
@@ -135,6 +147,10 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
         if self.config.release_after_sampling:
             self.backend.release()
         return rows
+
+    def set_weights_version(self, version: int) -> None:
+        """The version of the weights this runner holds (after RLlib's restore, which sends none)."""
+        self._weights_version = int(version)
 
     def drop_weights(self) -> bool:
         """Free the sampler's weights until the next weight sync (when the learner updates in this process:
@@ -194,6 +210,7 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
             except NotImplementedError:  # vllm: the weights live in the engine; the learner holds the same
                 pass
             state[WEIGHTS_SEQ_NO] = self._weights_seq_no
+            state[WEIGHTS_VERSION] = self._weights_version
         return state
 
     @override(Checkpointable)
@@ -212,6 +229,8 @@ class TreeEnvRunner(EnvRunner, Checkpointable):
                 self._weights_dropped = False
             if seq_no > 0:
                 self._weights_seq_no = seq_no
+        if WEIGHTS_VERSION in state:
+            self._weights_version = int(state[WEIGHTS_VERSION])
         if NUM_ENV_STEPS_SAMPLED_LIFETIME in state:
             self.num_env_steps_sampled_lifetime = state[NUM_ENV_STEPS_SAMPLED_LIFETIME]
         if STATE_COUNTERS in state:

@@ -50,13 +50,13 @@ def _batch_call(settings: dict, start: int, stop: int):
 def evaluate_held_out(algo: Any, iteration: int) -> dict[str, float]:
     """The held-out summary of the policy the env runners hold now (see the module docstring), plus
     ``seconds`` and ``iteration`` (the training iterations behind these weights)."""
-    from rllib_treerpo.rllib.weight_sync import sync_weights
+    from rllib_treerpo.rllib.weight_sync import WeightSync
 
     eval_config = algo.evaluation_config
     start = time.perf_counter()
     group = algo.eval_env_runner_group
     if group is not None:  # dedicated evaluation runners: they need the learners' current weights
-        sync_weights(algo.learner_group, group, eval_config)
+        WeightSync()(algo.learner_group, group, eval_config, version=iteration, wait=True)
     else:
         group = algo.env_runner_group
     settings = evaluation_settings(eval_config)

@@ -37,6 +37,8 @@ class SampledShares:
     failures: int = 0  # env runners lost while growing a share
     resampled_trees: int = 0  # trees grown again because their first runner was lost
     healthy_runners: int | None = None  # remote runners in service at the start (None: local only)
+    wait_seconds: list = field(default_factory=list)  # per share: its runner's idle time before growing it
+    sample_seconds: list = field(default_factory=list)  # per share: its runner's time growing it
 
 
 def share_sizes(total: int, num_remote: int) -> dict[int, int]:
@@ -49,15 +51,23 @@ def share_sizes(total: int, num_remote: int) -> dict[int, int]:
     return {k: n for k, n in sizes.items() if n > 0}
 
 
-def _share_call(share: int, num_prompts: int, seed: int) -> Callable[[Any], tuple]:
+def share_call(share: int, num_prompts: int, seed: int) -> Callable[[Any], tuple]:
+    """What a runner runs to grow a share: (share, trees, its metrics, seconds it waited before, seconds it
+    sampled)."""
+
     def call(runner):
-        return share, runner.sample(num_prompts=num_prompts, seed=seed), runner.get_metrics()
+        start = time.perf_counter()
+        trees = runner.sample(num_prompts=num_prompts, seed=seed)
+        return share, trees, runner.get_metrics(), runner.last_wait_seconds, time.perf_counter() - start
 
     return call
 
 
-def sample_shares(group, config, iteration: int, restore: Callable[[], list[int]]) -> SampledShares:
+def sample_shares(
+    group, config, iteration: int, restore: Callable[[], list[int]], done: dict[int, tuple] | None = None
+) -> SampledShares:
     """Grow every share of iteration ``iteration`` on ``group``'s runners; lost shares are grown again.
+    ``done``: shares already grown (share -> (trees, metrics, wait s, sampling s): rllib/pipeline.py).
 
     When no healthy remote runner is left, the local env runner grows the rest, or (without one) ``restore``
     (``Algorithm.restore_env_runners``) is polled until a restarted runner is back. Raises RuntimeError when a
@@ -67,14 +77,10 @@ def sample_shares(group, config, iteration: int, restore: Callable[[], list[int]
     seeds = {k: sampling_seed(config.seed, k, iteration) for k in sizes}
     out = SampledShares()
     if num_remote == 0:
-        [(_, trees, metrics)] = group.foreach_env_runner(
-            _share_call(0, sizes[0], seeds[0]), local_env_runner=True
-        )
-        out.trees = trees
-        out.runner_metrics = [metrics]
-        return out
+        [(_, *result)] = group.foreach_env_runner(share_call(0, sizes[0], seeds[0]), local_env_runner=True)
+        return _in_share_order(out, {0: result})
 
-    done: dict[int, tuple] = {}
+    done = dict(done or {})
     attempts = dict.fromkeys(sizes, 0)
     out.healthy_runners = len(group.healthy_env_runner_ids())
     while len(done) < len(sizes):
@@ -95,12 +101,12 @@ def sample_shares(group, config, iteration: int, restore: Callable[[], list[int]
         # A share goes to its own runner when that one is healthy, else round-robin over the healthy ones.
         assigned = [k if k in runners else runners[i % len(runners)] for i, k in enumerate(pending)]
         results = group.foreach_env_runner(
-            [_share_call(k, sizes[k], seeds[k]) for k in pending],
+            [share_call(k, sizes[k], seeds[k]) for k in pending],
             remote_worker_ids=assigned,
             local_env_runner=False,
         )
-        for share, trees, metrics in results:
-            done[share] = (trees, metrics)
+        for share, *result in results:
+            done[share] = tuple(result)
         lost = [k for k in pending if k not in done]
         if lost:
             failed = sorted({runner for k, runner in zip(pending, assigned, strict=True) if k not in done})
@@ -114,9 +120,16 @@ def sample_shares(group, config, iteration: int, restore: Callable[[], list[int]
                 lost,
                 sum(sizes[k] for k in lost),
             )
+    return _in_share_order(out, done)
+
+
+def _in_share_order(out: SampledShares, done: dict[int, tuple]) -> SampledShares:
     for k in sorted(done):
-        out.trees += done[k][0]
-        out.runner_metrics.append(done[k][1])
+        trees, metrics, wait_seconds, sample_seconds = done[k]
+        out.trees += trees
+        out.runner_metrics.append(metrics)
+        out.wait_seconds.append(wait_seconds)
+        out.sample_seconds.append(sample_seconds)
     return out
 
 
@@ -140,5 +153,5 @@ def _wait_for_a_runner(group, config, restore: Callable[[], list[int]], pending:
 def _sample_locally(runner, pending: list[int], sizes: dict, seeds: dict, done: dict) -> None:
     """Every remote runner is down: the local env runner (it holds the current weights) grows their shares."""
     for k in pending:
-        _, trees, metrics = _share_call(k, sizes[k], seeds[k])(runner)
-        done[k] = (trees, metrics)
+        _, *result = share_call(k, sizes[k], seeds[k])(runner)
+        done[k] = tuple(result)

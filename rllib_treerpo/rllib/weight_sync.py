@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import ray
 from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
+from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
 from rllib_treerpo.learner.memory import trim_heap
+from rllib_treerpo.rllib.env_runner import WEIGHTS_VERSION
 
 
 def sampler_beside_learner(env_runner_group: Any, config: Any) -> bool:
@@ -33,18 +36,61 @@ def free_sampler_for_update(env_runner_group: Any, config: Any) -> None:
         trim_heap()  # the copy and the sampling's K/V caches
 
 
-def sync_weights(learner_group: Any, env_runner_group: Any, config: Any) -> None:
-    """The learners' weights to the env runners, in the sampler's dtype.
+class WeightSync:
+    """The learners' weights to the env runners, in the sampler's dtype, with their version.
 
-    With no remote runner the local one takes them directly: RLlib's EnvRunnerGroup.sync_weights ray.put()s
-    the state even then, and the object store's pages it touched would stay in the driver's resident memory.
-    From a learner in this process the master tensors themselves go, as views."""
-    if env_runner_group.num_remote_workers() == 0 and env_runner_group.local_env_runner is not None:
+    ``version`` is the policy version (training iterations behind the weights); each runner keeps it and
+    tags every tree it grows with it (rllib/pipeline.py reads the tags). With no remote runner the local one
+    takes the state directly: RLlib's EnvRunnerGroup.sync_weights ray.put()s the state even then, and the
+    object store's pages it touched would stay in the driver's resident memory. From a learner in this
+    process the master tensors themselves go, as views.
+
+    To remote runners the state goes once through the object store, as a call queued on each runner without
+    waiting: Ray runs an actor's calls in order, so trees a runner was asked for before this sync (sampling
+    ahead, max_staleness >= 1) are grown with the weights it held, and the next ones with these. Runners
+    pick new weights up between two sample() calls, never inside one. Each sync has its own tag: RLlib
+    drops a call when a runner already has ``max_requests_in_flight_per_env_runner`` calls of one tag in
+    flight, and a runner may have several syncs queued behind its samples."""
+
+    def __init__(self) -> None:
+        self._in_flight: list[str] = []  # tags of syncs not yet answered by every runner
+
+    def __call__(
+        self,
+        learner_group: Any,
+        env_runner_group: Any,
+        config: Any,
+        version: int,
+        runner_ids: list[int] | None = None,
+        wait: bool = False,
+    ) -> None:
+        """Send the learners' weights as ``version`` to the remote runners ``runner_ids`` (all: None) and
+        the local one; ``wait``: until the remote runners have loaded them."""
+        beside = sampler_beside_learner(env_runner_group, config)
         state = learner_group.get_state(
-            components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}",
-            inference_only=not sampler_beside_learner(env_runner_group, config),
+            components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}", inference_only=not beside
         )[COMPONENT_LEARNER]
-        env_runner_group.local_env_runner.set_state(state)
-    else:
-        env_runner_group.sync_weights(from_worker_or_learner_group=learner_group, inference_only=True)
-    trim_heap()
+        state = {
+            COMPONENT_RL_MODULE: state[COMPONENT_RL_MODULE],
+            WEIGHTS_SEQ_NO: state.get(WEIGHTS_SEQ_NO, 0),
+            WEIGHTS_VERSION: version,
+        }
+        if env_runner_group.num_remote_workers() > 0:
+            self._collect_answered(env_runner_group)
+            tag = f"treerpo_weights_{version}_{len(self._in_flight)}"
+            env_runner_group.foreach_env_runner_async(
+                "set_state", tag=tag, kwargs={"state": ray.put(state)}, remote_worker_ids=runner_ids
+            )
+            self._in_flight.append(tag)
+            if wait:
+                env_runner_group.fetch_ready_async_reqs(tags=tag, timeout_seconds=None)
+        if env_runner_group.local_env_runner is not None:
+            env_runner_group.local_env_runner.set_state(state)
+        trim_heap()
+
+    def _collect_answered(self, env_runner_group: Any) -> None:
+        """Collect the replies of earlier syncs (an error marks its runner unhealthy: RLlib restores it)."""
+        for tag in list(self._in_flight):
+            env_runner_group.fetch_ready_async_reqs(tags=tag, timeout_seconds=0)
+            if env_runner_group.num_in_flight_async_reqs(tag) == 0:
+                self._in_flight.remove(tag)

@@ -217,6 +217,8 @@ def test_shares_cover_the_iteration_with_seeds_independent_of_the_runner():
 # --- the re-sampling logic on a fake runner group (no Ray): who grows which share, with which seed
 # ----------------
 class FakeRunner:
+    last_wait_seconds = 0.0
+
     def __init__(self, index):
         self.index = index
 

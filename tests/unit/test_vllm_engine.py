@@ -304,6 +304,25 @@ def test_treerpo_two_iterations_in_a_remote_env_runner(model_dir, engine_kwargs,
         algo.stop()
 
 
+def test_treerpo_grows_ahead_in_a_remote_vllm_runner(model_dir, engine_kwargs, ray_session):
+    """max_staleness 1: the vllm runner grows the next iteration's trees while the learner trains, and loads
+    the synced weights between two shares."""
+    algo = vllm_config(model_dir, engine_kwargs, num_env_runners=1, max_staleness=1).build_algo()
+    try:
+        ages = []
+        for _ in range(3):
+            result = algo.train()
+            ages.append([algo.iteration - 1 - t.weights_version for t in algo.last_trees])
+            assert result["tree/trees"] == 2 and result["perf/dropped_stale_trees"] == 0
+        assert ages == [[0, 0], [1, 1], [1, 1]]
+        versions = algo.env_runner_group.foreach_env_runner(
+            lambda r: r._weights_version, local_env_runner=False
+        )
+        assert versions == [3]  # the last sync reached the engine after the share grown ahead
+    finally:
+        algo.stop()
+
+
 def test_one_engine_per_process(vllm, model_dir, tok, engine_kwargs):
     """Asked for other settings, from_pretrained frees this process's engine before building the new one; the
     backends on the old engine then refuse to sample (one line)."""
