@@ -184,6 +184,12 @@ class TreeRPOConfig(AlgorithmConfig, TreeRPOSettings):
                 f"config field 'max_staleness' = {self.max_staleness!r}: sampling ahead of the learner needs "
                 "remote env runners (num_env_runners >= 1); with 0 the driver samples between updates"
             )
+        if self.max_staleness and self.release_after_sampling:
+            raise ValueError(
+                f"config field 'max_staleness' = {self.max_staleness!r}: release_after_sampling frees the "
+                "runners' device for the learner between samples, and sampling ahead would keep them on it "
+                "while the learner trains; set one of the two off"
+            )
         if self.backend == "vllm":
             self._check_vllm_values()
         if algorithm == "TreeRPO" and self.minibatch_size is not None:

@@ -185,4 +185,27 @@ def test_max_staleness_needs_remote_env_runners():
         TreeRPOConfig.from_yaml(None, {"max_staleness": 1})
     with pytest.raises(ValueError, match="max_staleness"):
         TreeRPOConfig.from_yaml(None, {"max_staleness": -1, "num_env_runners": 1})
+    with pytest.raises(ValueError, match="^config field 'max_staleness' = 1: release_after_sampling"):
+        TreeRPOConfig.from_yaml(
+            None, {"max_staleness": 1, "num_env_runners": 1, "release_after_sampling": True}
+        )
     assert TreeRPOConfig.from_yaml(None, {"max_staleness": 2, "num_env_runners": 1}).max_staleness == 2
+
+
+def test_two_learners_train_on_trees_grown_ahead(tiny_lm_dir, counter):  # noqa: F811
+    import ray
+
+    ray.get(counter.reset.remote({}))
+    # two learner actors (one CPU each, DDP over gloo) and one runner beside them
+    algo = build(tiny_lm_dir, max_staleness=1, num_learners=2, num_env_runners=1, num_cpus_per_env_runner=0)
+    try:
+        rows = run(algo, 3)
+        first, second = algo.learner_group.foreach_learner(
+            lambda learner: {
+                k: v.detach().clone() for k, v in learner.module[DEFAULT_MODULE_ID].state_dict().items()
+            }
+        ).result_or_errors
+    finally:
+        algo.stop()
+    assert [r["ages"] for r in rows] == [[0] * 4, [1] * 4, [1] * 4]
+    assert all(torch.equal(first.get()[k], second.get()[k]) for k in first.get())  # the learners agree
