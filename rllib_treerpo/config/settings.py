@@ -69,7 +69,7 @@ class TreeRPOSettings:
     )
     stop_at_eos: bool = setting(True, "End a branch (a leaf) when the model emits EOS.", true_or_false)
     temperature: float = setting(
-        1.0, "Sampling temperature; the learner divides logits by the same value.", positive
+        1.0, "Sampling temperature; the learner divides logits by the same value.", finite(positive)
     )
     top_p: float = setting(1.0, "Nucleus sampling mass.", unit_interval)
     top_k: int = setting(0, "Top-k sampling; 0 disables it.", non_negative_int)

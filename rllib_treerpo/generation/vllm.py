@@ -91,12 +91,12 @@ def sampling_problem(temperature: float, top_p: float, top_k: int) -> str | None
     """Why vLLM cannot sample under base.py's log-prob convention with these settings, or None."""
     if top_k or top_p != 1.0:
         return (
-            f"top_k={top_k}, top_p={top_p}: with top-k/top-p vLLM's processed log-probs are renormalised "
-            "over the kept tokens, not log_softmax(logits / T) over the full vocabulary that the learner "
-            "recomputes; use top_k=0 and top_p=1 with backend 'vllm'"
+            f"'top_k' = {top_k}, 'top_p' = {top_p}: with top-k/top-p vLLM's processed log-probs are "
+            "renormalised over the kept tokens, not log_softmax(logits / T) over the full vocabulary that"
+            " the learner recomputes; use top_k=0 and top_p=1 with backend 'vllm'"
         )
     if temperature > 2.0:
-        return f"temperature={temperature}: vLLM accepts temperatures in [0, 2]"
+        return f"'temperature' = {temperature}: vLLM accepts temperatures in [0, 2]"
     return None
 
 

@@ -67,8 +67,8 @@ def test_finish_reason_mapping():
 
 def test_top_k_top_p_and_hot_temperature_are_refused():
     assert sampling_problem(1.0, 1.0, 0) is None and sampling_problem(2.0, 1.0, 0) is None
-    assert "top_k=5" in sampling_problem(1.0, 1.0, 5)
-    assert "top_p=0.9" in sampling_problem(1.0, 0.9, 0)
+    assert "'top_k' = 5" in sampling_problem(1.0, 1.0, 5)
+    assert "'top_p' = 0.9" in sampling_problem(1.0, 0.9, 0)
     assert "[0, 2]" in sampling_problem(2.5, 1.0, 0)
 
 
