@@ -10,6 +10,8 @@ has no sampler's copy beside it (docs/real_models.md s.8).
 
 from __future__ import annotations
 
+import itertools
+import logging
 from typing import Any
 
 import ray
@@ -18,6 +20,9 @@ from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
 from rllib_treerpo.learner.memory import trim_heap
 from rllib_treerpo.rllib.env_runner import WEIGHTS_VERSION
+
+logger = logging.getLogger(__name__)
+_SYNC_IDS = itertools.count()  # one tag per sync in this process, whichever WeightSync sends it
 
 
 def sampler_beside_learner(env_runner_group: Any, config: Any) -> bool:
@@ -77,10 +82,14 @@ class WeightSync:
         }
         if env_runner_group.num_remote_workers() > 0:
             self._collect_answered(env_runner_group)
-            tag = f"treerpo_weights_{version}_{len(self._in_flight)}"
-            env_runner_group.foreach_env_runner_async(
+            tag = f"treerpo_weights_{version}_{next(_SYNC_IDS)}"
+            sent = env_runner_group.foreach_env_runner_async(
                 "set_state", tag=tag, kwargs={"state": ray.put(state)}, remote_worker_ids=runner_ids
             )
+            healthy = set(env_runner_group.healthy_env_runner_ids())
+            expected = len(healthy if runner_ids is None else healthy & set(runner_ids))
+            if sent < expected:  # not expected with a tag per sync; trees it would cost are caught as too old
+                logger.warning("weight sync %s reached %d of %d env runners", tag, sent, expected)
             self._in_flight.append(tag)
             if wait:
                 env_runner_group.fetch_ready_async_reqs(tags=tag, timeout_seconds=None)
