@@ -3,12 +3,13 @@
 Every algorithm starts from the same warm-started tiny model (one per difficulty, cached), trains on the same
 problem family (the env's train split) for the same number of GENERATED tokens, and is evaluated on the same
 held-out problems (the test split) along the way: pass@1 at temperature 1 (mean over K samples per problem),
-greedy accuracy and mean response length. Curves are reported against generated tokens (equal compute) and
-against training prompts seen (equal data; the table interpolates each curve at the fewest prompts any
-algorithm saw). Algorithms: TreeRPO = configs/tiny_arith.yaml, GRPO = configs/tiny_arith_grpo.yaml (TreeRPO
-with branching [16]), PPO = configs/tiny_arith_ppo.yaml (stock ray.rllib PPO); per-difficulty changes in
-benchmarks/compare_lib.py. Difficulties: easy = 3 operations on 1-9 (the default task), hard = 5 operations on
-1-20 (the warm start solves about 7% when sampling).
+greedy accuracy and mean response length. Curves are reported against generated tokens (equal compute),
+training wall-clock seconds (equal time) and training prompts seen (equal data; the table interpolates each
+curve at the fewest seconds and prompts any algorithm reached). Algorithms: TreeRPO = configs/tiny_arith.yaml,
+GRPO = configs/tiny_arith_grpo.yaml (TreeRPO with branching [16]), PPO = configs/tiny_arith_ppo.yaml (stock
+ray.rllib PPO); per-difficulty changes in benchmarks/compare_lib.py. Difficulties: easy = 3 operations on 1-9
+(the default task), hard = 5 operations on 1-20 (the warm start solves about 7% when sampling), plan =
+envs/plan_arithmetic.py (the first answer line picks a 2- or a 5-operation chain: docs/compare.md).
 
   .venv/bin/python -m benchmarks.compare            # 2 difficulties x 3 algorithms x 3 seeds, 300k tokens
   .venv/bin/python -m benchmarks.compare --quick    # easy only, 1 seed, 50k tokens: a few minutes
@@ -111,7 +112,7 @@ def parse_args(argv):
         "--budget", type=float, help="generated tokens per run (default 300k; quick 50k; ablate 200k)"
     )
     p.add_argument("--seeds", type=int, help="seeds per algorithm (default 3; quick 1; ablate 2)")
-    p.add_argument("--difficulties", default=None, help="comma-separated: easy,hard")
+    p.add_argument("--difficulties", default=None, help="comma-separated: easy,hard,plan")
     p.add_argument("--algorithms", default="TreeRPO,GRPO,PPO")
     p.add_argument("--evals", type=int, default=None, help="evaluations per run along the budget (default 4)")
     p.add_argument(
