@@ -8,9 +8,10 @@ prompts (the shares' seeds do not depend on k) and train the same number of iter
 evaluation (the job's before/after: 200 problems x 16 samples by default) is outside the timed iterations;
 evaluations along training and checkpoints are off.
 
-Reported per k (mean over seeds): seconds per iteration (iterations 2.., the first one is synchronous for
-both), the learner's idle share (its waits for trees / wall time) and the runner's (its waits between two
-shares / wall time), the trained trees' staleness, and held-out pass@1 and greedy accuracy after training
+Reported per k (mean over seeds): seconds per iteration (the whole loop of ``treerpo train``: training,
+saving and the progress plot, metrics.jsonl's ``wall_s``; iterations 3..: the first is sequential for all k),
+the learner's idle share (its waits for trees / wall time) and the runner's (its waits between two shares /
+wall time), the trained trees' staleness, and held-out pass@1 and greedy accuracy after training
 (mean +- std over seeds). The last line is JSON with ``sync_seconds_per_iteration`` and
 ``async_seconds_per_iteration``.
 
@@ -44,8 +45,9 @@ def run_one(config: str, seed: int, k: int, iterations: int, sets: list[str], ou
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     subprocess.run(command, cwd=ROOT, check=True, env=env)
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "time_s" in r][1:]  # the first iteration is synchronous for every k
-    wall = sum(r["time_s"] for r in rows)
+    # the first iteration is sequential for every k, the second carries the first's saving and plot
+    rows = [r for r in rows if "time_s" in r][2:]
+    wall = sum(r["wall_s"] for r in rows)  # the whole loop: training, saving, the progress plot
     summary = json.loads((folder / "summary.json").read_text())
     return {
         "k": k,

@@ -315,7 +315,7 @@ def _iterate(algo, pieces: JobParts, job: JobConfig, folder: RunFolder, monitor:
     from rllib_treerpo.jobs.plots import plot_learning_curve
     from rllib_treerpo.jobs.trees import save_trees
 
-    times = []
+    times, walls, last_row = [], [], time.perf_counter()
     while algo.iteration < job.iterations:
         t0 = time.perf_counter()
         result = algo.train()
@@ -324,14 +324,19 @@ def _iterate(algo, pieces: JobParts, job: JobConfig, folder: RunFolder, monitor:
         if monitor.due(it):
             row.update(monitor.evaluate(algo, result))
         times.append(time.perf_counter() - t0)
-        row["time_s"] = round(times[-1], 3)
+        row["time_s"] = round(times[-1], 3)  # training (and evaluation when due)
+        # the whole loop since the previous row: also the saving and the plot, which the runners (sampling
+        # ahead: max_staleness) overlap with too
+        walls.append(time.perf_counter() - last_row)
+        last_row = time.perf_counter()
+        row["wall_s"] = round(walls[-1], 3)
         folder.append(row)
         monitor.record(row)
         if job.save_trees and getattr(algo, "last_trees", None):
             save_trees(folder.path / "trees", it, algo.last_trees[: job.save_trees], algo.config)
         if (job.checkpoint_every and it % job.checkpoint_every == 0) or it == job.iterations:
             folder.save_checkpoint(algo, it)
-        eta = (job.iterations - it) * sum(times[-5:]) / len(times[-5:])
+        eta = (job.iterations - it) * sum(walls[-5:]) / len(walls[-5:])
         log(
             f"iter {it:3d}/{job.iterations}  {pieces.progress(row)}{monitor.progress()}  "
             f"{times[-1]:.1f}s/it  ETA {eta / 60:.1f} min"
