@@ -42,6 +42,28 @@ def evaluate_left_to_right(operands: list[int], ops: str) -> list[int]:
     return values
 
 
+def check_chain_settings(integers: dict[str, Any], ops: Any, split: Any, seed: Any) -> None:
+    """The settings every arithmetic-chain env shares: integer counts and operands (``operand_min`` <=
+    ``operand_max``), the operators, the split, the seed; one ValueError naming the first bad one."""
+    for name, value in integers.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise ValueError(f"seed must be an integer >= 0 or null, got {seed!r}")
+    if not 0 <= integers["operand_min"] <= integers["operand_max"]:
+        raise ValueError(
+            f"need 0 <= operand_min <= operand_max, got {integers['operand_min']}, {integers['operand_max']}"
+        )
+    try:
+        bad_ops = not ops or bool(set(ops) - set("+-*"))
+    except TypeError:  # not a collection of operator characters
+        bad_ops = True
+    if bad_ops:
+        raise ValueError(f"ops must be a non-empty subset of '+-*', got {ops!r}")
+    if not isinstance(split, str) or split not in _SPLITS:
+        raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
+
+
 def _is_test(expr: str) -> bool:
     digest = hashlib.blake2b(expr.encode("ascii"), digest_size=8).digest()
     return int.from_bytes(digest, "little") % 10 == 0
@@ -79,24 +101,16 @@ class ArithmeticEnv(ReasoningEnv):
         charset: str | None = None,
         render_mode: str | None = None,
     ) -> None:
-        for name, value in (("num_ops", num_ops), ("operand_min", operand_min), ("operand_max", operand_max)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-            raise ValueError(f"seed must be an integer >= 0 or null, got {seed!r}")
+        check_chain_settings(
+            {"num_ops": num_ops, "operand_min": operand_min, "operand_max": operand_max}, ops, split, seed
+        )
         if num_ops < 1:
             raise ValueError(f"num_ops must be >= 1, got {num_ops}")
-        if not 0 <= operand_min <= operand_max:
-            raise ValueError(f"need 0 <= operand_min <= operand_max, got {operand_min}, {operand_max}")
         longest = (num_ops + 1) * (len(str(operand_max)) + 1) + 3  # "a+b-...=?\n", the widest operands
         if not isinstance(max_chars, int) or longest > max_chars:
             raise ValueError(
                 f"num_ops = {num_ops} with operand_max = {operand_max}: a prompt exceeds max_chars"
             )
-        if not ops or set(ops) - set("+-*"):
-            raise ValueError(f"ops must be a non-empty subset of '+-*', got {ops!r}")
-        if not isinstance(split, str) or split not in _SPLITS:
-            raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
         self.num_ops = int(num_ops)
         self.operand_min, self.operand_max = int(operand_min), int(operand_max)
         self.ops = "".join(sorted(set(ops), key=ops.index))

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from envs.arithmetic import _SPLITS, _is_test, evaluate_left_to_right
+from envs.arithmetic import _SPLITS, _is_test, check_chain_settings, evaluate_left_to_right
 from envs.base import ReasoningEnv
 from envs.rewards import has_closed_boxed, last_boxed
 
@@ -73,26 +73,21 @@ class PlanArithmeticEnv(ReasoningEnv):
         charset: str | None = None,
         render_mode: str | None = None,
     ) -> None:
-        for name, value in (
-            ("short_ops", short_ops),
-            ("long_ops", long_ops),
-            ("operand_min", operand_min),
-            ("operand_max", operand_max),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
+        check_chain_settings(
+            {
+                "short_ops": short_ops,
+                "long_ops": long_ops,
+                "operand_min": operand_min,
+                "operand_max": operand_max,
+            },
+            ops,
+            split,
+            seed,
+        )
         if short_ops < 1:
             raise ValueError(f"short_ops must be >= 1, got {short_ops}")
         if long_ops <= short_ops:
             raise ValueError(f"long_ops must be > short_ops = {short_ops}, got {long_ops}")
-        if not 0 <= operand_min <= operand_max:
-            raise ValueError(f"need 0 <= operand_min <= operand_max, got {operand_min}, {operand_max}")
-        if not isinstance(ops, str) or not ops or set(ops) - set("+-*"):
-            raise ValueError(f"ops must be a non-empty subset of '+-*', got {ops!r}")
-        if not isinstance(split, str) or split not in _SPLITS:
-            raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-            raise ValueError(f"seed must be an integer >= 0 or null, got {seed!r}")
         longest = (short_ops + long_ops + 2) * (len(str(operand_max)) + 1) + 8
         if not isinstance(max_chars, int) or longest > max_chars:
             raise ValueError(f"max_chars = {max_chars!r}: a prompt of these chains needs {longest}")
